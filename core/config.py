@@ -1,0 +1,153 @@
+"""Settings from the environment and .env, validated once at start."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from core.errors import ConfigError
+from core.schemas import MODEL_NAME_PATTERN
+
+VERSION = "0.1.0"
+
+ModelName = Annotated[str | None, Field(default=None, pattern=MODEL_NAME_PATTERN)]
+
+# What each variable allows, for the one-line error at start.
+_ALLOWED = {
+    "PROVIDER": "auto, openai or local",
+    "LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
+    "REQUEST_TIMEOUT": "a number of seconds from 1 to 600",
+    "PORT": "a port number from 1 to 65535",
+    "MAX_CONCURRENCY": "a whole number from 1 to 1000",
+    "UPSTREAM_MAX_RETRIES": "a whole number from 0 to 10",
+    "OPENAI_BASE_URL": "an http:// or https:// URL, usually ending in /v1",
+    "ACCESS_KEY": "at least 8 characters",
+    "LOCAL_MODEL_PATH": "the path of an existing .gguf file",
+    "LOCAL_CONTEXT_SIZE": "a whole number from 256 to 131072",
+    "LOCAL_THREADS": "a whole number from 1 to 256",
+    "LOGIN_MAX_FAILURES": "a whole number from 1 to 1000",
+    "LOGIN_LOCKOUT_SECONDS": "a number of seconds from 1 to 86400",
+}
+for _name in ("CHAT_MODEL", "COMPLETION_MODEL", "IMAGE_MODEL", "EMBEDDING_MODEL"):
+    _ALLOWED[_name] = "a model name of letters, digits and . _ - : / @ + (at most 128)"
+
+
+class Settings(BaseModel):
+    """Everything the app reads from the environment; field aliases are the variable names."""
+
+    model_config = ConfigDict(populate_by_name=True, frozen=True, extra="ignore")
+
+    access_key: SecretStr | None = Field(default=None, alias="ACCESS_KEY", min_length=8)
+    openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
+    provider: Literal["auto", "openai", "local"] = Field(default="auto", alias="PROVIDER")
+    chat_model: ModelName = Field(default=None, alias="CHAT_MODEL")
+    completion_model: ModelName = Field(default=None, alias="COMPLETION_MODEL")
+    image_model: ModelName = Field(default=None, alias="IMAGE_MODEL")
+    embedding_model: ModelName = Field(default=None, alias="EMBEDDING_MODEL")
+    request_timeout: float = Field(default=60.0, ge=1, le=600, alias="REQUEST_TIMEOUT")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", alias="LOG_LEVEL"
+    )
+    host: str = Field(default="0.0.0.0", alias="GRADIO_SERVER_NAME")
+    port: int = Field(default=8000, ge=1, le=65535, alias="PORT")
+    upstream_max_retries: int = Field(default=2, ge=0, le=10, alias="UPSTREAM_MAX_RETRIES")
+    max_concurrency: int = Field(default=64, ge=1, le=1000, alias="MAX_CONCURRENCY")
+    local_model_path: Path | None = Field(default=None, alias="LOCAL_MODEL_PATH")
+    local_context_size: int = Field(default=2048, ge=256, le=131072, alias="LOCAL_CONTEXT_SIZE")
+    local_threads: int | None = Field(default=None, ge=1, le=256, alias="LOCAL_THREADS")
+    login_max_failures: int = Field(default=5, ge=1, le=1000, alias="LOGIN_MAX_FAILURES")
+    login_lockout_seconds: float = Field(default=900, ge=1, le=86400, alias="LOGIN_LOCKOUT_SECONDS")
+    # True when ACCESS_KEY was not set and we made one up for this run.
+    access_key_generated: bool = False
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("provider", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")) or len(value) < 10:
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("local_model_path")
+    @classmethod
+    def _check_model_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"no file at {value}")
+        return value.expanduser() if value is not None else None
+
+    @property
+    def active_provider(self) -> Literal["openai", "local"]:
+        """Which backend serves: auto picks OpenAI-compatible when a key or URL is set."""
+        if self.provider != "auto":
+            return self.provider
+        return "openai" if (self.openai_api_key or self.openai_base_url) else "local"
+
+    def status(self) -> dict[str, object]:
+        """The public, secret-free view of the configuration (for /health and the header)."""
+        return {
+            "version": VERSION,
+            "provider": self.active_provider,
+            "base_url": self.openai_base_url if self.active_provider == "openai" else None,
+            "upstream_key_set": self.openai_api_key is not None,
+        }
+
+
+def _env_values(environ: Mapping[str, str] | None, env_file: str | Path | None) -> dict[str, str]:
+    """Merge .env and the environment (the environment wins); blank values count as unset."""
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    # Gradio's own variable is the fallback for PORT (Hugging Face Spaces sets it).
+    if not merged.get("PORT", "").strip() and merged.get("GRADIO_SERVER_PORT", "").strip():
+        merged["PORT"] = merged["GRADIO_SERVER_PORT"]
+    return {k: v.strip() for k, v in merged.items() if k in _FIELDS and v.strip()}
+
+
+_FIELDS = {f.alias for f in Settings.model_fields.values() if f.alias} | {"GRADIO_SERVER_PORT"}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+) -> Settings:
+    """Read and validate settings; raise ConfigError naming the variable on anything wrong."""
+    values = _env_values(environ, env_file)
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_input=False, include_url=False):
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            got = "" if "KEY" in name else f" (got {values.get(name, '')!r})"
+            reason = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}{got}: {reason}; allowed: {_ALLOWED.get(name, 'see README')}")
+        raise ConfigError("Invalid configuration: " + " | ".join(lines)) from None
+    if settings.access_key is None:
+        key = SecretStr(secrets.token_urlsafe(24))
+        settings = settings.model_copy(update={"access_key": key, "access_key_generated": True})
+    return settings

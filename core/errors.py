@@ -1,0 +1,112 @@
+"""The error tree every layer speaks; the edges turn it into gr.Error or an HTTP status."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A failure the user should see: a readable message, an HTTP-like status, a request id."""
+
+    status: int = 500
+    default_message = "The request failed."
+
+    def __init__(self, message: str | None = None, *, request_id: str | None = None) -> None:
+        self.message = message or self.default_message
+        self.request_id = request_id
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        if self.request_id:
+            return f"{self.message} (request id: {self.request_id})"
+        return self.message
+
+
+class ConfigError(ServiceError):
+    """Configuration is invalid; raised at start, before anything serves."""
+
+
+class InvalidRequest(ServiceError):
+    """The input broke a bound or a rule; nothing was sent upstream."""
+
+    status = 400
+    default_message = "The request is invalid."
+
+
+class NotConfigured(ServiceError):
+    """The active provider lacks something it needs (a key, a model)."""
+
+    status = 503
+    default_message = "The upstream is not configured."
+
+
+class Unsupported(ServiceError):
+    """The active provider cannot do this function at all."""
+
+    status = 501
+    default_message = "This backend does not support that function."
+
+
+class UpstreamAuthError(ServiceError):
+    """The upstream refused our credentials (401/403)."""
+
+    status = 502
+    default_message = (
+        "The upstream rejected the API key. Check OPENAI_API_KEY (and OPENAI_BASE_URL)."
+    )
+
+
+class ModelNotFound(ServiceError):
+    """The upstream does not know the model, or the key has no access to it."""
+
+    status = 404
+    default_message = "The model does not exist or this key has no access to it."
+
+
+class RateLimited(ServiceError):
+    """The upstream (or a quota) refused for now; try again later."""
+
+    status = 429
+    default_message = "The upstream is rate limiting requests. Wait a moment and try again."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+        self.retry_after = retry_after
+
+
+class UpstreamRejected(ServiceError):
+    """The upstream said the request itself is bad (a 4xx other than the ones above)."""
+
+    status = 400
+    default_message = "The upstream rejected the request."
+
+
+class UpstreamError(ServiceError):
+    """The upstream failed on its side (5xx) or sent something we cannot read."""
+
+    status = 502
+    default_message = "The upstream failed. Try again in a moment."
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within REQUEST_TIMEOUT."""
+
+    status = 504
+    default_message = "The upstream did not answer in time (REQUEST_TIMEOUT)."
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be reached at all."""
+
+    status = 503
+    default_message = "Could not connect to the upstream. Check OPENAI_BASE_URL and the network."
+
+
+class StreamInterrupted(UpstreamError):
+    """A streamed reply stopped before it was complete."""
+
+    default_message = "The reply stream was cut off before it finished. Try again."

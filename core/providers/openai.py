@@ -1,0 +1,269 @@
+"""OpenAI and any OpenAI-compatible server, through the official SDK (AsyncOpenAI)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import openai
+
+from core import errors
+from core.config import Settings
+from core.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResult,
+    ImageRequest,
+    ImageResult,
+    ModelInfo,
+    StreamChunk,
+    Usage,
+    guess_kinds,
+)
+
+log = logging.getLogger(__name__)
+
+OPENAI_URL = "https://api.openai.com/v1"
+DEFAULT_MODELS = {
+    "chat": "gpt-4.1-mini",
+    "completion": "gpt-3.5-turbo-instruct",
+    "image": "gpt-image-1",
+    "embedding": "text-embedding-3-small",
+}
+# Keyless servers (Ollama, llama.cpp, vLLM) still need some api_key for the SDK.
+PLACEHOLDER_KEY = "not-needed"
+
+
+def map_error(exc: Exception, *, model: str | None = None) -> errors.ServiceError:
+    """Translate an SDK exception into the service's error tree (never echoing credentials)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return errors.UpstreamTimeout()
+    if isinstance(exc, openai.APIConnectionError):
+        return errors.UpstreamUnavailable()
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        # OpenAI's 401 message quotes part of the key: never pass it on.
+        return errors.UpstreamAuthError()
+    if isinstance(exc, openai.NotFoundError):
+        return errors.ModelNotFound(
+            f"The upstream has no model {model!r}, or this key has no access to it. "
+            "Pick one from the Models tab."
+            if model
+            else None
+        )
+    if isinstance(exc, openai.RateLimitError):
+        retry_after = exc.response.headers.get("retry-after")
+        try:
+            seconds = float(retry_after) if retry_after else None
+        except ValueError:
+            seconds = None
+        return errors.RateLimited(retry_after=seconds)
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code >= 500:
+            return errors.UpstreamError(f"The upstream failed with status {exc.status_code}.")
+        return errors.UpstreamRejected(f"The upstream rejected the request: {_message(exc)}")
+    if isinstance(exc, openai.APIError):
+        # An error event inside a stream arrives as a plain APIError.
+        return errors.StreamInterrupted(f"The upstream reported an error: {_message(exc)}")
+    return errors.UpstreamError()
+
+
+def _message(exc: openai.APIError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"][:500]
+    return str(exc.message)[:500]
+
+
+def _usage(raw: Any) -> Usage | None:
+    if raw is None:
+        return None
+    return Usage(
+        prompt_tokens=raw.prompt_tokens or 0,
+        completion_tokens=getattr(raw, "completion_tokens", 0) or 0,
+        total_tokens=raw.total_tokens or 0,
+    )
+
+
+class OpenAIProvider:
+    """The OpenAI-compatible backend: one AsyncOpenAI client shared by every call."""
+
+    name = "openai"
+    supports_images = True
+    supports_embeddings = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.base_url = settings.openai_base_url or OPENAI_URL
+        self.configured = (
+            settings.openai_api_key is not None or settings.openai_base_url is not None
+        )
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        self.default_models = {
+            "chat": settings.chat_model or DEFAULT_MODELS["chat"],
+            "completion": settings.completion_model or DEFAULT_MODELS["completion"],
+            "image": settings.image_model or DEFAULT_MODELS["image"],
+            "embedding": settings.embedding_model or DEFAULT_MODELS["embedding"],
+        }
+        # api.openai.com wants max_completion_tokens; compatible servers know max_tokens.
+        self._tokens_param = (
+            "max_completion_tokens" if "api.openai.com" in self.base_url else "max_tokens"
+        )
+        self._client = openai.AsyncOpenAI(
+            api_key=key or PLACEHOLDER_KEY,
+            base_url=self.base_url,
+            timeout=settings.request_timeout,
+            max_retries=settings.upstream_max_retries,
+        )
+
+    def describe(self) -> str:
+        return f"OpenAI-compatible at {self.base_url}"
+
+    def _check_configured(self) -> None:
+        if not self.configured:
+            raise errors.NotConfigured(
+                "No upstream key found - set OPENAI_API_KEY (or OPENAI_BASE_URL for a keyless "
+                "server such as Ollama), or PROVIDER=local for the embedded model."
+            )
+
+    async def _call(self, fn: Callable[..., Any], model: str | None, /, **kwargs: Any) -> Any:
+        self._check_configured()
+        try:
+            return await fn(**kwargs)
+        except openai.APIError as exc:
+            log.info("upstream error %s upstream_request_id=%s", type(exc).__name__, _rid(exc))
+            raise map_error(exc, model=model) from None
+
+    async def _stream(
+        self, stream: Any, model: str, text_of: Callable[[Any], str | None]
+    ) -> AsyncIterator[StreamChunk]:
+        finished = False
+        try:
+            async for chunk in stream:
+                usage = _usage(chunk.usage)
+                if not chunk.choices:
+                    if usage:
+                        yield StreamChunk(usage=usage)
+                    continue
+                choice = chunk.choices[0]
+                finished = finished or choice.finish_reason is not None
+                text = text_of(choice) or ""
+                if text or choice.finish_reason or usage:
+                    yield StreamChunk(text=text, finish_reason=choice.finish_reason, usage=usage)
+        except openai.APIError as exc:
+            log.info(
+                "upstream stream error %s upstream_request_id=%s", type(exc).__name__, _rid(exc)
+            )
+            if type(exc) is openai.APIConnectionError:
+                # Mid-stream, a dropped connection is a cut reply, not an unreachable server.
+                raise errors.StreamInterrupted() from None
+            raise map_error(exc, model=model) from None
+        finally:
+            await stream.close()
+        if not finished:
+            # The SDK ends quietly when the connection drops before [DONE].
+            raise errors.StreamInterrupted()
+
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "messages": [m.model_dump() for m in request.messages],
+            "temperature": request.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.max_tokens:
+            kwargs[self._tokens_param] = request.max_tokens
+        if request.stop:
+            kwargs["stop"] = request.stop
+        stream = await self._call(self._client.chat.completions.create, request.model, **kwargs)
+        async for chunk in self._stream(stream, request.model or "", lambda c: c.delta.content):
+            yield chunk
+
+    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "prompt": request.prompt,
+            "temperature": request.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.max_tokens:
+            kwargs["max_tokens"] = request.max_tokens
+        if request.stop:
+            kwargs["stop"] = request.stop
+        stream = await self._call(self._client.completions.create, request.model, **kwargs)
+        async for chunk in self._stream(stream, request.model or "", lambda c: c.text):
+            yield chunk
+
+    async def generate_images(self, request: ImageRequest) -> ImageResult:
+        model = request.model or self.default_models["image"]
+        kwargs: dict[str, Any] = {"model": model, "prompt": request.prompt, "n": request.n}
+        if request.size != "auto":
+            kwargs["size"] = request.size
+        if request.quality != "auto":
+            kwargs["quality"] = request.quality
+        if not model.startswith("gpt-image"):
+            # gpt-image models always answer b64_json; other servers must be asked for it.
+            kwargs["response_format"] = "b64_json"
+        result = await self._call(self._client.images.generate, model, **kwargs)
+        images, revised = [], []
+        for item in result.data or []:
+            if not item.b64_json:
+                raise errors.UpstreamError(
+                    "The upstream returned image URLs instead of image data."
+                )
+            images.append(base64.b64decode(item.b64_json))
+            revised.append(item.revised_prompt)
+        if not images:
+            raise errors.UpstreamError("The upstream returned no images.")
+        return ImageResult(model=model, images=images, revised_prompts=revised)
+
+    async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResult:
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "input": request.texts,
+            "encoding_format": "float",
+        }
+        if request.dimensions:
+            kwargs["dimensions"] = request.dimensions
+        result = await self._call(self._client.embeddings.create, request.model, **kwargs)
+        vectors = [item.embedding for item in sorted(result.data, key=lambda d: d.index)]
+        if len(vectors) != len(request.texts):
+            raise errors.UpstreamError("The upstream returned the wrong number of vectors.")
+        usage = _usage(result.usage) or Usage()
+        return EmbeddingResult(
+            model=result.model or request.model or "",
+            dimensions=len(vectors[0]) if vectors else 0,
+            vectors=vectors,
+            usage=usage,
+        )
+
+    async def list_models(self) -> list[ModelInfo]:
+        page = await self._call(self._client.models.list, None)
+        models = [
+            ModelInfo(
+                id=m.id, owned_by=m.owned_by or "", created=m.created, kinds=guess_kinds(m.id)
+            )
+            async for m in page
+        ]
+        return sorted(models, key=lambda m: m.id)
+
+    async def ping(self) -> bool:
+        if not self.configured:
+            return False
+        try:
+            await self._client.with_options(timeout=3, max_retries=0).models.list()
+        except openai.APIError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _rid(exc: openai.APIError) -> str | None:
+    return getattr(exc, "request_id", None)
