@@ -1,0 +1,1 @@
+"""The Gradio dashboard and API; talks to core.service only, never to a provider SDK."""

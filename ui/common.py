@@ -1,0 +1,79 @@
+"""What every tab shares: turning service errors into gr.Error, and small parsing helpers."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from core.errors import ServiceError
+from core.service import Service
+
+log = logging.getLogger("ui")
+
+# Events that call the backend share one concurrency group with a real limit, so users don't
+# queue behind each other (Gradio's default is one at a time per event).
+LLM_GROUP = "llm"
+
+
+def to_gr_error(exc: ServiceError) -> gr.Error:
+    """The user-facing form of a service error (message and request id, nothing internal)."""
+    return gr.Error(str(exc), title=_title(exc), print_exception=False)
+
+
+def _title(exc: ServiceError) -> str:
+    if exc.status == 400:
+        return "Check your input"
+    if exc.status in (501, 503) and type(exc).__name__ in ("Unsupported", "NotConfigured"):
+        return "Not available"
+    return "Upstream error"
+
+
+def model_choices(
+    service: Service, models: list[Any], kind: str, *, current: str | None = None
+) -> gr.Dropdown:
+    """A model picker update: the backend's models of one kind, free text still allowed."""
+    default = current or service.default_model(kind)
+    ids = [m.id for m in models if kind in m.kinds]
+    if default not in ids:
+        ids.insert(0, default)
+    return gr.Dropdown(choices=ids, value=default)
+
+
+def parse_stop(text: str) -> list[str]:
+    """Stop sequences typed one per line; escapes such as \\n are understood."""
+    lines = (text or "").splitlines()
+    return [line.replace("\\n", "\n").replace("\\t", "\t") for line in lines if line]
+
+
+def optional_int(value: float | int | None) -> int | None:
+    """Gradio numbers arrive as floats, and 0 or empty means 'use the default'."""
+    return int(value) if value else None
+
+
+def save_images(images: list[bytes], *, prefix: str = "image") -> list[str]:
+    """Write PNG bytes to files Gradio may serve (its temp area), one fresh folder per call."""
+    folder = Path(tempfile.mkdtemp(prefix="ai-dashboard-", dir=_media_root()))
+    paths = []
+    for i, data in enumerate(images, start=1):
+        path = folder / f"{prefix}-{i}.png"
+        path.write_bytes(data)
+        paths.append(str(path))
+    return paths
+
+
+def save_text(text: str, *, name: str) -> str:
+    """Write a text download (CSV) to a fresh file Gradio may serve."""
+    folder = Path(tempfile.mkdtemp(prefix="ai-dashboard-", dir=_media_root()))
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _media_root() -> str:
+    root = Path(tempfile.gettempdir()) / "ai-dashboard"
+    root.mkdir(exist_ok=True)
+    return str(root)

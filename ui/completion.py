@@ -1,0 +1,91 @@
+"""The Completion tab: a prompt in, streamed text out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from core.errors import ServiceError
+from core.service import Service
+from ui.chat import usage_line
+from ui.common import LLM_GROUP, optional_int, parse_stop, to_gr_error
+
+
+@dataclass
+class CompletionTab:
+    model: gr.Dropdown
+
+
+def build(service: Service) -> CompletionTab:
+    """Build the tab's components and events inside the caller's Blocks."""
+    default_model = service.default_model("completion")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(
+                label="Prompt", lines=6, max_lines=20, placeholder="Once upon a time"
+            )
+            with gr.Row():
+                run = gr.Button("Complete", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+            output = gr.Textbox(
+                label="Completion",
+                lines=8,
+                max_lines=30,
+                interactive=False,
+                buttons=["copy"],
+            )
+            usage = gr.Markdown(elem_classes="usage-line")
+        with gr.Column(scale=1, min_width=260):
+            model = gr.Dropdown(
+                label="Model",
+                choices=[default_model],
+                value=default_model,
+                allow_custom_value=True,
+                info="A completions model (for OpenAI: gpt-3.5-turbo-instruct).",
+            )
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+            max_tokens = gr.Number(
+                label="Max tokens",
+                value=256,
+                precision=0,
+                minimum=0,
+                maximum=32768,
+                info="0 lets the model decide.",
+            )
+            stop_text = gr.Textbox(
+                label="Stop sequences", lines=2, placeholder="One per line (\\n for a newline)"
+            )
+
+    async def complete(
+        text: str, model_name: str, temp: float, max_toks: float | None, stops: str
+    ) -> AsyncIterator[tuple[Any, Any]]:
+        request = {
+            "prompt": text or "",
+            "model": (model_name or "").strip() or None,
+            "temperature": temp,
+            "max_tokens": optional_int(max_toks),
+            "stop": parse_stop(stops),
+        }
+        result, last_usage = "", None
+        yield "", "Generating…"
+        try:
+            async for chunk in service.completion_stream(request):
+                last_usage = chunk.usage or last_usage
+                if chunk.text:
+                    result += chunk.text
+                    yield result, gr.skip()
+        except ServiceError as exc:
+            yield result, ""
+            raise to_gr_error(exc) from None
+        model_used = request["model"] or service.default_model("completion")
+        yield result, usage_line(last_usage, model_used)
+
+    inputs = [prompt, model, temperature, max_tokens, stop_text]
+    event = run.click(
+        complete, inputs, [output, usage], api_visibility="private", concurrency_id=LLM_GROUP
+    )
+    stop.click(None, cancels=[event], api_visibility="private")
+    return CompletionTab(model=model)

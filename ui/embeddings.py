@@ -1,0 +1,115 @@
+"""The Embeddings tab: vectors for texts, a summary table, a similarity heatmap, CSV export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from core import tables
+from core.errors import InvalidRequest, ServiceError
+from core.service import Service
+from ui.common import LLM_GROUP, optional_int, save_text, to_gr_error
+
+
+@dataclass
+class EmbeddingsTab:
+    model: gr.Dropdown
+
+
+def heat(value: float) -> str:
+    """Cell colour for a cosine similarity: white at 0, deep blue at 1, red below 0."""
+    v = max(-1.0, min(1.0, float(value)))
+    if v >= 0:
+        r, g, b = (int(255 - v * (255 - c)) for c in (37, 99, 235))
+    else:
+        r, g, b = (int(255 + v * (255 - c)) for c in (220, 38, 38))
+    text = "#ffffff" if abs(v) > 0.6 else "#111827"
+    return f"background-color: rgb({r},{g},{b}); color: {text}"
+
+
+def styled_similarity(frame: pd.DataFrame) -> pd.io.formats.style.Styler:
+    return frame.style.map(heat).format("{:.3f}")
+
+
+def build(service: Service) -> EmbeddingsTab:
+    """Build the tab's components and events inside the caller's Blocks."""
+    default_model = service.default_model("embedding")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            texts = gr.Textbox(
+                label="Texts, one per line",
+                lines=6,
+                max_lines=20,
+                placeholder="The cat sat on the mat.\nA cat is on the mat.\nStocks fell.",
+            )
+            upload = gr.File(
+                label="…or upload a .txt (one text per line) or .csv (a 'text' column)",
+                file_types=[".txt", ".csv"],
+                height=100,
+            )
+            with gr.Row():
+                model = gr.Dropdown(
+                    label="Model",
+                    choices=[default_model],
+                    value=default_model,
+                    allow_custom_value=True,
+                    scale=2,
+                )
+                dimensions = gr.Number(
+                    label="Dimensions",
+                    value=0,
+                    precision=0,
+                    minimum=0,
+                    maximum=8192,
+                    info="0 = the model's own size",
+                    scale=1,
+                )
+            run = gr.Button("Embed", variant="primary")
+            summary = gr.Markdown(elem_classes="usage-line")
+            download = gr.File(label="Vectors as CSV", interactive=False, height=80)
+        with gr.Column(scale=3):
+            table = gr.Dataframe(label="Vectors", interactive=False, wrap=True)
+            similarity = gr.Dataframe(
+                label="Cosine similarity (darker = more similar)", interactive=False
+            )
+
+    async def embed(text: str, file: str | None, model_name: str, dims: float | None):
+        items = [line.strip() for line in (text or "").splitlines() if line.strip()]
+        if file:
+            try:
+                items += tables.texts_from_file(file)
+            except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+                raise to_gr_error(InvalidRequest(f"Could not read the upload: {exc}")) from None
+        if not items:
+            raise to_gr_error(InvalidRequest("Enter at least one text, or upload a file."))
+        request = {
+            "texts": items,
+            "model": (model_name or "").strip() or None,
+            "dimensions": optional_int(dims),
+        }
+        try:
+            result = await service.embeddings(request)
+        except ServiceError as exc:
+            raise to_gr_error(exc) from None
+        csv_path = save_text(tables.vectors_csv(items, result), name="embeddings.csv")
+        line = (
+            f"{len(items)} texts · `{result.model}` · {result.dimensions} dimensions · "
+            f"{result.usage.total_tokens} tokens"
+        )
+        return (
+            line,
+            tables.embeddings_frame(items, result),
+            styled_similarity(tables.similarity_frame(items, result)),
+            csv_path,
+        )
+
+    run.click(
+        embed,
+        [texts, upload, model, dimensions],
+        [summary, table, similarity, download],
+        api_visibility="private",
+        concurrency_id=LLM_GROUP,
+    )
+    return EmbeddingsTab(model=model)

@@ -1,0 +1,78 @@
+"""The Image tab: prompt, model, size, quality, count; a gallery with downloads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from core.errors import ServiceError
+from core.schemas import IMAGE_QUALITIES, IMAGE_SIZES, MAX_IMAGES
+from core.service import Service
+from ui.common import LLM_GROUP, save_images, to_gr_error
+
+
+@dataclass
+class ImageTab:
+    model: gr.Dropdown
+
+
+def build(service: Service) -> ImageTab:
+    """Build the tab's components and events inside the caller's Blocks."""
+    default_model = service.default_model("image")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(
+                label="Prompt", lines=4, placeholder="A watercolor lighthouse at dawn"
+            )
+            run = gr.Button("Generate", variant="primary")
+            model = gr.Dropdown(
+                label="Model",
+                choices=[default_model],
+                value=default_model,
+                allow_custom_value=True,
+            )
+            with gr.Row():
+                size = gr.Dropdown(label="Size", choices=list(IMAGE_SIZES), value="auto")
+                quality = gr.Dropdown(label="Quality", choices=list(IMAGE_QUALITIES), value="auto")
+            count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(
+                label="Images",
+                columns=2,
+                height=520,
+                object_fit="contain",
+                buttons=["download", "fullscreen"],
+                format="png",
+            )
+            status = gr.Markdown(elem_classes="usage-line")
+
+    async def generate(
+        text: str, model_name: str, size_value: str, quality_value: str, n: float
+    ) -> tuple[list[str], str]:
+        request = {
+            "prompt": text or "",
+            "model": (model_name or "").strip() or None,
+            "size": size_value,
+            "quality": quality_value,
+            "n": int(n),
+        }
+        try:
+            result = await service.generate_images(request)
+        except ServiceError as exc:
+            raise to_gr_error(exc) from None
+        paths = save_images(result.images)
+        noun = "image" if len(paths) == 1 else "images"
+        return (
+            paths,
+            f"{len(paths)} {noun} from `{result.model}`. Click one to enlarge or download.",
+        )
+
+    run.click(
+        generate,
+        [prompt, model, size, quality, count],
+        [gallery, status],
+        api_visibility="private",
+        concurrency_id=LLM_GROUP,
+    )
+    return ImageTab(model=model)

@@ -1,0 +1,69 @@
+"""The Blocks: a header line, one tab per function, and the named API endpoints."""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from core.auth import display_name
+from core.errors import ServiceError
+from core.service import Service
+from ui import api, chat, completion, embeddings, images, models
+from ui.common import model_choices
+
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+CSS = """
+.app-header { display: flex; flex-wrap: wrap; gap: .25rem 1rem; align-items: baseline; }
+.app-header h1 { font-size: 1.35rem; margin: 0; }
+.app-header .meta { color: var(--body-text-color-subdued); font-size: .9rem; }
+.usage-line { color: var(--body-text-color-subdued); font-size: .85rem; min-height: 1.2em; }
+"""
+
+
+def header_html(username: str | None, upstream: str) -> str:
+    """The header line: product, upstream, user, logout (all escaped)."""
+    user = html.escape(display_name(username))
+    return (
+        '<div class="app-header"><h1>AI dashboard</h1>'
+        f'<span class="meta">Upstream: {html.escape(upstream)}</span>'
+        f'<span class="meta">Signed in as <b>{user}</b> · <a href="logout">Log out</a></span></div>'
+    )
+
+
+def build_demo(service: Service) -> gr.Blocks:
+    """Compose the dashboard; importable and testable without launching."""
+    with gr.Blocks(title="AI dashboard", fill_width=True) as demo:
+        header = gr.HTML(header_html(None, service.describe()))
+        with gr.Tab("Chat"):
+            chat_tab = chat.build(service)
+        with gr.Tab("Completion"):
+            completion_tab = completion.build(service)
+        with gr.Tab("Images"):
+            image_tab = images.build(service)
+        with gr.Tab("Embeddings"):
+            embeddings_tab = embeddings.build(service)
+        with gr.Tab("Models"):
+            models.build(service, demo)
+        api.register(service)
+
+        pickers = {
+            "chat": chat_tab.model,
+            "completion": completion_tab.model,
+            "image": image_tab.model,
+            "embedding": embeddings_tab.model,
+        }
+
+        async def on_load(request: gr.Request):
+            """Fill the header with the signed-in user, and the model pickers from the backend."""
+            head = header_html(request.username, service.describe())
+            try:
+                listed = await service.list_models()
+            except ServiceError:
+                # The pickers keep their defaults and accept free text; the Models tab says why.
+                return head, *(gr.skip() for _ in pickers)
+            return head, *(model_choices(service, listed, kind) for kind in pickers)
+
+        demo.load(on_load, None, [header, *pickers.values()], api_visibility="private")
+    demo.queue(default_concurrency_limit=service.settings.max_concurrency)
+    return demo

@@ -1,0 +1,53 @@
+"""The Models tab: the backend's models as a searchable, filterable table."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from core import tables
+from core.errors import ServiceError
+from core.service import Service
+from ui.common import to_gr_error
+
+KINDS = ["all", "chat", "completion", "embedding", "image", "audio", "other"]
+
+
+def build(service: Service, demo: gr.Blocks) -> None:
+    """Build the tab's components and events; the table fills when the page loads."""
+    with gr.Row():
+        search = gr.Textbox(
+            label="Search", placeholder="Filter by id or owner, e.g. gpt 4", scale=3
+        )
+        kind = gr.Dropdown(label="Kind", choices=KINDS, value="all", scale=1)
+        refresh = gr.Button("Refresh", scale=0, min_width=120)
+    count = gr.Markdown(elem_classes="usage-line")
+    table = gr.Dataframe(
+        label="Models",
+        headers=["id", "owned_by", "created", "kind"],
+        interactive=False,
+        wrap=True,
+        max_height=560,
+    )
+    # The full list lives per browser session, so filtering needs no new upstream call.
+    full = gr.State(pd.DataFrame(columns=["id", "owned_by", "created", "kind"]))
+
+    def show(frame: pd.DataFrame, text: str, chosen: str) -> tuple[pd.DataFrame, str]:
+        shown = tables.filter_models(frame, search=text or "", kind=chosen or "all")
+        return shown, f"{len(shown)} of {len(frame)} models · {service.describe()}"
+
+    async def load(text: str, chosen: str, force: bool = False):
+        try:
+            models = await service.list_models(refresh=force)
+        except ServiceError as exc:
+            raise to_gr_error(exc) from None
+        frame = tables.models_frame(models)
+        return frame, *show(frame, text, chosen)
+
+    async def reload(text: str, chosen: str):
+        return await load(text, chosen, force=True)
+
+    refresh.click(reload, [search, kind], [full, table, count], api_visibility="private")
+    for trigger in (search.change, kind.change):
+        trigger(show, [full, search, kind], [table, count], api_visibility="private", queue=False)
+    demo.load(load, [search, kind], [full, table, count], api_visibility="private")
