@@ -11,7 +11,7 @@ import gradio as gr
 from core.errors import ServiceError
 from core.schemas import Usage
 from core.service import Service
-from ui.common import LLM_GROUP, optional_int, parse_stop, to_gr_error
+from ui.common import LLM_GROUP, optional_int, parse_stop, report
 
 
 @dataclass
@@ -64,8 +64,8 @@ def build(service: Service) -> ChatTab:
             message = gr.Textbox(
                 label="Message",
                 placeholder="Type a message; Enter sends, Shift+Enter adds a line",
-                lines=2,
-                max_lines=10,
+                lines=1,
+                max_lines=8,
                 autofocus=True,
             )
             with gr.Row():
@@ -134,8 +134,8 @@ def build(service: Service) -> ChatTab:
                     yield shown, "", gr.skip()
         except ServiceError as exc:
             # Nothing is lost: the conversation returns to before the send, the message to the box.
-            yield before, text, ""
-            raise to_gr_error(exc) from None
+            yield before, text, report(exc)
+            return
         yield shown, "", usage_line(last_usage, request["model"] or service.default_model("chat"))
 
     inputs = [message, chatbot, system, model, temperature, max_tokens, stop_text]

@@ -20,8 +20,18 @@ LLM_GROUP = "llm"
 
 
 def to_gr_error(exc: ServiceError) -> gr.Error:
-    """The user-facing form of a service error (message and request id, nothing internal)."""
+    """The API form of a service error (message and request id, nothing internal)."""
     return gr.Error(str(exc), title=_title(exc), print_exception=False)
+
+
+def report(exc: ServiceError) -> str:
+    """The dashboard form: a toast, plus a status line to show under the tab's output.
+
+    Raising gr.Error would cover every output with an error badge and hide the conversation;
+    this leaves the outputs as they were.
+    """
+    gr.Warning(str(exc), title=_title(exc))
+    return f"⚠️ **{_title(exc)}:** {exc}"
 
 
 def _title(exc: ServiceError) -> str:

@@ -11,7 +11,7 @@ import gradio as gr
 from core.errors import ServiceError
 from core.service import Service
 from ui.chat import usage_line
-from ui.common import LLM_GROUP, optional_int, parse_stop, to_gr_error
+from ui.common import LLM_GROUP, optional_int, parse_stop, report
 
 
 @dataclass
@@ -78,8 +78,8 @@ def build(service: Service) -> CompletionTab:
                     result += chunk.text
                     yield result, gr.skip()
         except ServiceError as exc:
-            yield result, ""
-            raise to_gr_error(exc) from None
+            yield result, report(exc)
+            return
         model_used = request["model"] or service.default_model("completion")
         yield result, usage_line(last_usage, model_used)
 

@@ -10,7 +10,7 @@ import pandas as pd
 from core import tables
 from core.errors import InvalidRequest, ServiceError
 from core.service import Service
-from ui.common import LLM_GROUP, optional_int, save_text, to_gr_error
+from ui.common import LLM_GROUP, optional_int, report, save_text
 
 
 @dataclass
@@ -76,14 +76,15 @@ def build(service: Service) -> EmbeddingsTab:
             )
 
     async def embed(text: str, file: str | None, model_name: str, dims: float | None):
+        unchanged = (gr.skip(), gr.skip(), gr.skip())
         items = [line.strip() for line in (text or "").splitlines() if line.strip()]
         if file:
             try:
                 items += tables.texts_from_file(file)
             except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-                raise to_gr_error(InvalidRequest(f"Could not read the upload: {exc}")) from None
+                return report(InvalidRequest(f"Could not read the upload: {exc}")), *unchanged
         if not items:
-            raise to_gr_error(InvalidRequest("Enter at least one text, or upload a file."))
+            return report(InvalidRequest("Enter at least one text, or upload a file.")), *unchanged
         request = {
             "texts": items,
             "model": (model_name or "").strip() or None,
@@ -92,7 +93,7 @@ def build(service: Service) -> EmbeddingsTab:
         try:
             result = await service.embeddings(request)
         except ServiceError as exc:
-            raise to_gr_error(exc) from None
+            return report(exc), *unchanged
         csv_path = save_text(tables.vectors_csv(items, result), name="embeddings.csv")
         line = (
             f"{len(items)} texts · `{result.model}` · {result.dimensions} dimensions · "

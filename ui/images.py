@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
 from core.errors import ServiceError
 from core.schemas import IMAGE_QUALITIES, IMAGE_SIZES, MAX_IMAGES
 from core.service import Service
-from ui.common import LLM_GROUP, save_images, to_gr_error
+from ui.common import LLM_GROUP, report, save_images
 
 
 @dataclass
@@ -49,7 +50,7 @@ def build(service: Service) -> ImageTab:
 
     async def generate(
         text: str, model_name: str, size_value: str, quality_value: str, n: float
-    ) -> tuple[list[str], str]:
+    ) -> tuple[Any, str]:
         request = {
             "prompt": text or "",
             "model": (model_name or "").strip() or None,
@@ -60,7 +61,7 @@ def build(service: Service) -> ImageTab:
         try:
             result = await service.generate_images(request)
         except ServiceError as exc:
-            raise to_gr_error(exc) from None
+            return gr.skip(), report(exc)
         paths = save_images(result.images)
         noun = "image" if len(paths) == 1 else "images"
         return (

@@ -8,7 +8,7 @@ import pandas as pd
 from core import tables
 from core.errors import ServiceError
 from core.service import Service
-from ui.common import to_gr_error
+from ui.common import report
 
 KINDS = ["all", "chat", "completion", "embedding", "image", "audio", "other"]
 
@@ -40,7 +40,7 @@ def build(service: Service, demo: gr.Blocks) -> None:
         try:
             models = await service.list_models(refresh=force)
         except ServiceError as exc:
-            raise to_gr_error(exc) from None
+            return gr.skip(), gr.skip(), report(exc)
         frame = tables.models_frame(models)
         return frame, *show(frame, text, chosen)
 
