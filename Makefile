@@ -1,0 +1,45 @@
+# Two commands do all the set-up: `make run` and `make test` (each creates .venv and installs).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# llama-cpp-python compiles llama.cpp. A native build uses AMX instructions on these Xeons and
+# dies with SIGILL at the first generation, so pin a portable AVX2 build. pip caches the wheel,
+# so a second install on the same machine does not rebuild.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
+.PHONY: run test lint format bench install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(PY)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+run: install ## start the dashboard (python app.py)
+	$(PY) app.py
+
+test: install-dev lint ## lint, then the whole test suite
+	$(PY) -m pytest
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install-dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install-dev ## local model tokens/s vs llama-cpp-python directly
+	$(PY) bench/local_tokens.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,111 @@
+"""Auth and health: nothing but the login page and /health without the access key."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, Served, app_settings, serve
+
+ENDPOINTS = ["chat", "completion", "generate_image", "embeddings", "models"]
+
+
+def test_health_is_public_and_secret_free(running_app: Served) -> None:
+    response = httpx.get(f"{running_app.url}/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["provider"] == "openai"
+    assert body["reachable"] is True
+    assert body["version"]
+    text = response.text
+    assert UPSTREAM_KEY not in text and ACCESS_KEY not in text
+    # Not even a fragment of either key.
+    assert UPSTREAM_KEY[-8:] not in text and ACCESS_KEY[:8] not in text
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/config"),
+        ("GET", "/gradio_api/info"),
+        ("GET", "/gradio_api/info?all_endpoints=true"),
+        ("POST", "/gradio_api/queue/join"),
+        ("GET", "/gradio_api/queue/data?session_hash=x"),
+        ("POST", "/gradio_api/upload"),
+        ("GET", "/gradio_api/file=/etc/hostname"),
+        ("GET", "/monitoring"),
+        *[("POST", f"/gradio_api/call/{name}") for name in ENDPOINTS],
+        *[("POST", f"/gradio_api/run/{name}") for name in ENDPOINTS],
+    ],
+)
+def test_everything_that_runs_code_or_serves_data_needs_login(running_app, method, path):
+    response = httpx.request(method, running_app.url + path, json={"data": []})
+    assert response.status_code == 401, response.text[:200]
+
+
+def test_the_page_itself_is_only_the_login_form(running_app: Served) -> None:
+    response = httpx.get(running_app.url + "/")
+    assert response.status_code == 200
+    assert "gpt-4.1-mini" not in response.text  # no app config leaks into the login page
+    assert httpx.get(running_app.url + "/docs").status_code in (401, 404)
+    assert httpx.get(running_app.url + "/openapi.json").status_code in (401, 404)
+
+
+def test_a_wrong_key_is_refused(running_app: Served) -> None:
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(running_app.url, auth=("tester", "not-the-key"), verbose=False)
+
+
+def test_raw_http_with_a_login_cookie_works(running_app: Served) -> None:
+    with httpx.Client(base_url=running_app.url) as http:
+        login = http.post("/login", data={"username": "alice", "password": ACCESS_KEY})
+        assert login.status_code == 200
+        job = http.post("/gradio_api/call/models", json={"data": []})
+        assert job.status_code == 200
+        event_id = job.json()["event_id"]
+        stream = http.get(f"/gradio_api/call/models/{event_id}")
+        assert "gpt-4.1-mini" in stream.text
+
+
+def test_login_lockout_after_five_failures(upstream) -> None:
+    """A separate app, so locking 127.0.0.1 out does not disturb the other tests."""
+    from ui.server import create_app
+
+    served = serve(create_app(app_settings(upstream, LOGIN_LOCKOUT_SECONDS="900")))
+    try:
+        with httpx.Client(base_url=served.url) as http:
+            for _ in range(5):
+                bad = http.post("/login", data={"username": "mallory", "password": "guess"})
+                assert bad.status_code == 400
+            # Now even the right key is refused for a while, with a clear reason.
+            locked = http.post("/login", data={"username": "mallory", "password": ACCESS_KEY})
+            assert locked.status_code == 429
+            assert "Too many failed logins" in locked.json()["detail"]
+            assert int(locked.headers["retry-after"]) > 0
+            # The rest of the app is unaffected: health still answers.
+            assert http.get("/health").status_code == 200
+    finally:
+        served.stop()
+    from tests.conftest import logged
+
+    assert "login locked for client 127.0.0.1" in logged()
+
+
+def test_a_successful_login_resets_the_failure_count(upstream) -> None:
+    from ui.server import create_app
+
+    served = serve(create_app(app_settings(upstream)))
+    try:
+        with httpx.Client(base_url=served.url) as http:
+            for _ in range(3):
+                http.post("/login", data={"username": "bob", "password": "typo"})
+            assert http.post("/login", data={"username": "bob", "password": ACCESS_KEY}).is_success
+            for _ in range(4):
+                assert (
+                    http.post("/login", data={"username": "bob", "password": "typo"}).status_code
+                    == 400
+                )
+    finally:
+        served.stop()

@@ -1,0 +1,95 @@
+"""Every upstream failure becomes a typed, readable error with a request id (over real HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from core import errors
+from core.service import Service
+from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, app_settings, free_port
+
+
+def chat(service: Service, model: str, **extra) -> str:
+    async def run() -> str:
+        text = ""
+        request = {"messages": [{"role": "user", "content": "hello there"}], "model": model}
+        async for chunk in service.chat_stream({**request, **extra}):
+            text += chunk.text
+        return text
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "words"),
+    [
+        ("error-401", errors.UpstreamAuthError, "OPENAI_API_KEY"),
+        ("error-403", errors.UpstreamAuthError, "rejected the API key"),
+        ("no-such-model", errors.ModelNotFound, "no-such-model"),
+        ("error-429", errors.RateLimited, "rate limiting"),
+        ("error-500", errors.UpstreamError, "500"),
+        ("error-503", errors.UpstreamError, "503"),
+        ("error-400", errors.UpstreamRejected, "temperature"),
+        ("cut-stream", errors.StreamInterrupted, "cut off"),
+        ("error-stream", errors.StreamInterrupted, "error"),
+    ],
+)
+def test_upstream_failures_are_mapped(service: Service, model: str, error, words: str) -> None:
+    with pytest.raises(error) as info:
+        chat(service, model)
+    message = str(info.value)
+    assert words in message
+    assert info.value.request_id and info.value.request_id.startswith("req_")
+    assert f"(request id: {info.value.request_id})" in message
+    assert UPSTREAM_KEY not in message and ACCESS_KEY not in message
+
+
+def test_rate_limit_carries_retry_after(service: Service) -> None:
+    with pytest.raises(errors.RateLimited) as info:
+        chat(service, "error-429")
+    assert info.value.retry_after == 1.0
+
+
+def test_timeout_is_mapped(upstream) -> None:
+    service = Service(app_settings(upstream, REQUEST_TIMEOUT="1"))
+    with pytest.raises(errors.UpstreamTimeout) as info:
+        chat(service, "slow-3")
+    assert "REQUEST_TIMEOUT" in str(info.value)
+
+
+def test_connection_refused_is_mapped(upstream) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    service = Service(app_settings(upstream, OPENAI_BASE_URL=dead))
+    with pytest.raises(errors.UpstreamUnavailable) as info:
+        chat(service, "gpt-4.1-mini")
+    assert "OPENAI_BASE_URL" in str(info.value)
+    assert asyncio.run(service.health())["reachable"] is False
+
+
+def test_validation_happens_before_the_upstream(service: Service, upstream) -> None:
+    upstream.reset()
+    with pytest.raises(errors.InvalidRequest) as info:
+        chat(service, "gpt-4.1-mini", temperature=5)
+    assert "temperature" in str(info.value)
+    assert upstream.requests == []
+
+
+def test_missing_key_gives_a_clear_message_not_a_crash() -> None:
+    from core.config import load_settings
+
+    service = Service(load_settings(environ={"PROVIDER": "openai"}, env_file=None))
+    with pytest.raises(errors.NotConfigured) as info:
+        chat(service, "gpt-4.1-mini")
+    assert "OPENAI_API_KEY" in str(info.value)
+    health = asyncio.run(service.health())
+    assert health["reachable"] is False and health["status"] == "degraded"
+
+
+def test_upstream_request_errors_are_logged_with_the_request_id(service: Service) -> None:
+    from tests.conftest import logged
+
+    with pytest.raises(errors.ModelNotFound) as info:
+        chat(service, "no-such-model")
+    assert f"request_id={info.value.request_id} function=chat" in logged()

@@ -1,0 +1,31 @@
+"""The README's example script runs as written against a running server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ACCESS_KEY, Served
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gradio_client_example_runs(running_app: Served) -> None:
+    env = {**os.environ, "DASHBOARD_URL": running_app.url, "ACCESS_KEY": ACCESS_KEY}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gradio_client_example.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "chat: Echo: What is a vector embedding?" in out
+    assert "completion:  completion of: The three primary colors are" in out
+    assert "embeddings: text-embedding-3-small" in out
+    assert "gpt-4.1-mini (chat)" in out or "models:" in out
+    assert "images saved to:" in out and ".png" in out

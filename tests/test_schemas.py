@@ -1,0 +1,85 @@
+"""Schema bounds: every request model refuses out-of-range input with a readable message."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import InvalidRequest
+from core.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ImageRequest,
+    guess_kinds,
+    parse,
+)
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "field"),
+    [
+        (ChatRequest, {"messages": HI, "temperature": 2.5}, "temperature"),
+        (ChatRequest, {"messages": HI, "temperature": -0.1}, "temperature"),
+        (ChatRequest, {"messages": HI, "max_tokens": 0}, "max_tokens"),
+        (ChatRequest, {"messages": HI, "max_tokens": 10**6}, "max_tokens"),
+        (ChatRequest, {"messages": []}, "messages"),
+        (ChatRequest, {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        (ChatRequest, {"messages": [{"role": "system", "content": "x"}]}, "user message"),
+        (ChatRequest, {"messages": HI, "model": "bad model!"}, "model"),
+        (ChatRequest, {"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        (CompletionRequest, {"prompt": ""}, "prompt"),
+        (CompletionRequest, {"prompt": "x" * 100_001}, "prompt"),
+        (ImageRequest, {"prompt": "cat", "n": 11}, "n"),
+        (ImageRequest, {"prompt": "cat", "n": 0}, "n"),
+        (ImageRequest, {"prompt": "cat", "size": "512x512"}, "size"),
+        (ImageRequest, {"prompt": "cat", "quality": "ultra"}, "quality"),
+        (EmbeddingRequest, {"texts": ["a"] * 2049}, "texts"),
+        (EmbeddingRequest, {"texts": []}, "texts"),
+        (EmbeddingRequest, {"texts": ["ok", "  "]}, "blank"),
+        (EmbeddingRequest, {"texts": ["a"], "dimensions": 0}, "dimensions"),
+        (ChatRequest, {"messages": HI, "unexpected": 1}, "unexpected"),
+    ],
+)
+def test_out_of_bounds_input_is_refused_with_the_field_named(model, data, field) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(model, data)
+    assert field in str(info.value)
+    assert info.value.status == 400
+
+
+def test_valid_input_passes_with_defaults() -> None:
+    req = parse(ChatRequest, {"messages": HI})
+    assert req.temperature == 0.7 and req.max_tokens is None and req.model is None
+    assert parse(EmbeddingRequest, {"texts": ["a"] * 2048}).texts[0] == "a"
+    image = parse(ImageRequest, {"prompt": "cat", "n": 10, "size": "1536x1024"})
+    assert image.n == 10
+    assert parse(ChatRequest, {"messages": HI, "model": "llama3.1:8b-instruct-q4_K_M"}).model
+
+
+def test_error_message_does_not_echo_the_input() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(ChatRequest, {"messages": HI, "model": "sk-secret key"})
+    assert "sk-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "kind"),
+    [
+        ("gpt-4.1-mini", "chat"),
+        ("text-embedding-3-small", "embedding"),
+        ("nomic-embed-text:latest", "embedding"),
+        ("gpt-image-1", "image"),
+        ("dall-e-3", "image"),
+        ("whisper-1", "audio"),
+        ("tts-1", "audio"),
+        ("gpt-4o-transcribe", "audio"),
+        ("omni-moderation-latest", "other"),
+        ("gpt-3.5-turbo-instruct", "completion"),
+        ("llama3.2:3b", "chat"),
+        ("Qwen2.5-7B-Instruct", "chat"),
+    ],
+)
+def test_model_kinds(model_id: str, kind: str) -> None:
+    assert guess_kinds(model_id)[0] == kind
