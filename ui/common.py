@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,18 @@ def save_text(text: str, *, name: str) -> str:
     return str(path)
 
 
+MEDIA_MAX_AGE = 3600.0
+
+
 def _media_root() -> str:
+    """Our temp folder for outputs; Gradio copies them into its cache, so old ones can go."""
     root = Path(tempfile.gettempdir()) / "ai-dashboard"
     root.mkdir(exist_ok=True)
+    cutoff = time.time() - MEDIA_MAX_AGE
+    for folder in root.iterdir():
+        try:
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except FileNotFoundError:  # another request removed it first
+            pass
     return str(root)

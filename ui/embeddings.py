@@ -47,7 +47,6 @@ def build(service: Service) -> EmbeddingsTab:
             upload = gr.File(
                 label="…or upload a .txt (one text per line) or .csv (a 'text' column)",
                 file_types=[".txt", ".csv"],
-                height=100,
             )
             with gr.Row():
                 model = gr.Dropdown(
@@ -68,11 +67,18 @@ def build(service: Service) -> EmbeddingsTab:
                 )
             run = gr.Button("Embed", variant="primary")
             summary = gr.Markdown(elem_classes="usage-line")
-            download = gr.File(label="Vectors as CSV", interactive=False, height=80)
+            download = gr.DownloadButton("Download vectors (CSV)", visible=False)
         with gr.Column(scale=3):
-            table = gr.Dataframe(label="Vectors", interactive=False, wrap=True)
+            table = gr.Dataframe(
+                label="Vectors",
+                value=pd.DataFrame(columns=["text", "dimensions", "norm", "first values"]),
+                interactive=False,
+                wrap=True,
+            )
             similarity = gr.Dataframe(
-                label="Cosine similarity (darker = more similar)", interactive=False
+                label="Cosine similarity (darker = more similar)",
+                interactive=False,
+                visible=False,
             )
 
     async def embed(text: str, file: str | None, model_name: str, dims: float | None):
@@ -102,8 +108,10 @@ def build(service: Service) -> EmbeddingsTab:
         return (
             line,
             tables.embeddings_frame(items, result),
-            styled_similarity(tables.similarity_frame(items, result)),
-            csv_path,
+            gr.Dataframe(
+                value=styled_similarity(tables.similarity_frame(items, result)), visible=True
+            ),
+            gr.DownloadButton(value=csv_path, visible=True),
         )
 
     run.click(

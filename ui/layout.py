@@ -33,7 +33,8 @@ def header_html(username: str | None, upstream: str) -> str:
 
 def build_demo(service: Service) -> gr.Blocks:
     """Compose the dashboard; importable and testable without launching."""
-    with gr.Blocks(title="AI dashboard", fill_width=True) as demo:
+    # delete_cache: Gradio's copies of generated files go after an hour, checked hourly.
+    with gr.Blocks(title="AI dashboard", fill_width=True, delete_cache=(3600, 3600)) as demo:
         header = gr.HTML(header_html(None, service.describe()))
         with gr.Tab("Chat"):
             chat_tab = chat.build(service)
