@@ -7,7 +7,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -72,9 +72,11 @@ class Service:
         call = Call("chat")
         async with self._track(call):
             req = self._prepare(ChatRequest, request, call)
-            async for chunk in self.provider.chat_stream(req):
-                call.usage = chunk.usage or call.usage
-                yield chunk
+            # aclosing: a consumer that leaves early stops the provider now, not at GC time.
+            async with aclosing(self.provider.chat_stream(req)) as stream:
+                async for chunk in stream:
+                    call.usage = chunk.usage or call.usage
+                    yield chunk
 
     async def completion_stream(
         self, request: CompletionRequest | Mapping[str, Any]
@@ -83,9 +85,11 @@ class Service:
         call = Call("completion")
         async with self._track(call):
             req = self._prepare(CompletionRequest, request, call)
-            async for chunk in self.provider.completion_stream(req):
-                call.usage = chunk.usage or call.usage
-                yield chunk
+            # aclosing: a consumer that leaves early stops the provider now, not at GC time.
+            async with aclosing(self.provider.completion_stream(req)) as stream:
+                async for chunk in stream:
+                    call.usage = chunk.usage or call.usage
+                    yield chunk
 
     async def generate_images(self, request: ImageRequest | Mapping[str, Any]) -> ImageResult:
         """Generate one or more images (PNG bytes)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import openai
@@ -180,8 +181,9 @@ class OpenAIProvider:
         if request.stop:
             kwargs["stop"] = request.stop
         stream = await self._call(self._client.chat.completions.create, request.model, **kwargs)
-        async for chunk in self._stream(stream, request.model or "", lambda c: c.delta.content):
-            yield chunk
+        async with aclosing(self._stream(stream, request.model or "", _delta_text)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         kwargs: dict[str, Any] = {
@@ -196,8 +198,9 @@ class OpenAIProvider:
         if request.stop:
             kwargs["stop"] = request.stop
         stream = await self._call(self._client.completions.create, request.model, **kwargs)
-        async for chunk in self._stream(stream, request.model or "", lambda c: c.text):
-            yield chunk
+        async with aclosing(self._stream(stream, request.model or "", _choice_text)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def generate_images(self, request: ImageRequest) -> ImageResult:
         model = request.model or self.default_models["image"]
@@ -263,6 +266,14 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _delta_text(choice: Any) -> str | None:
+    return choice.delta.content if choice.delta else None
+
+
+def _choice_text(choice: Any) -> str | None:
+    return choice.text
 
 
 def _rid(exc: openai.APIError) -> str | None:
