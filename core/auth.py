@@ -8,24 +8,113 @@ import re
 import threading
 import time
 from collections import deque
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Literal
 
 from core.config import Settings
+from core.errors import ServiceError
+from core.ledger import Limits
+from core.users import User, UserStore
 
 log = logging.getLogger("core.auth")
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._@+\-]")
 
 
-class AccessKeyAuth:
-    """Gradio's auth hook: any username, the configured access key as the password."""
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a database user, or the owner (ACCESS_KEY, an admin with no quotas)."""
 
-    def __init__(self, settings: Settings) -> None:
+    name: str
+    role: Literal["admin", "user"]
+    limits: Limits = field(default_factory=Limits)
+    user_id: int | None = None
+    key_version: int | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+# Set by the web edge around POST /login; the hook fills it in, so the edge learns which key
+# (user and key version) the new session belongs to without parsing the form itself.
+LOGIN_CAPTURE: ContextVar[dict[str, Principal] | None] = ContextVar("login_capture")
+
+SYSTEM = Principal(name="system", role="admin")  # core used from a script, without a login
+
+
+class Authenticator:
+    """Checks keys (the owner's ACCESS_KEY and users' own keys) and resolves sessions to callers.
+
+    Also Gradio's auth hook: `auth=authenticator` calls it with (username, key).
+    """
+
+    def __init__(self, settings: Settings, users: UserStore | None = None) -> None:
         assert settings.access_key is not None, "load_settings always sets an access key"
         self._key = settings.access_key.get_secret_value().encode()
+        self.users = users
+        self.defaults = Limits(
+            daily_tokens=settings.default_daily_tokens or None, rpm=settings.default_rpm or None
+        )
 
     def __call__(self, username: str, password: str) -> bool:
-        ok = hmac.compare_digest((password or "").encode(), self._key)
-        log.info("login %s for user %r", "accepted" if ok else "refused", display_name(username))
-        return ok
+        principal = self.authenticate(username, password)
+        log.info(
+            "login %s for user %r", "accepted" if principal else "refused", display_name(username)
+        )
+        holder = LOGIN_CAPTURE.get(None)
+        if principal is not None and holder is not None:
+            holder["principal"] = principal  # the web edge binds the new session to this key
+        return principal is not None
+
+    def authenticate(self, username: str, key: str) -> Principal | None:
+        """The caller for this name and key, or None."""
+        if hmac.compare_digest((key or "").encode(), self._key):
+            return self.resolve(username)
+        if self.users is None:
+            return None
+        user = self.users.authenticate(username, key or "")
+        return self._principal(user) if user else None
+
+    def resolve(self, username: str | None) -> Principal:
+        """The caller behind a logged-in session's user name.
+
+        A name that is a database user is that user (so the owner key cannot hide a user's
+        usage under their name); any other logged-in name was let in by the owner key.
+        """
+        name = display_name(username)
+        user = self.users.get(name) if self.users else None
+        if user is None:
+            return Principal(name=name, role="admin")
+        return self._principal(user)
+
+    def check_active(self, principal: Principal) -> None:
+        """Refuse a caller whose key was disabled or rotated since they signed in."""
+        if principal.user_id is None or self.users is None:
+            return
+        user = self.users.get(principal.name)
+        if user is None or user.disabled or user.key_version != principal.key_version:
+            raise Revoked()
+
+    def _principal(self, user: User) -> Principal:
+        limits = Limits(
+            daily_tokens=user.daily_tokens or self.defaults.daily_tokens,
+            rpm=user.rpm or self.defaults.rpm,
+        )
+        return Principal(
+            name=user.name,
+            role=user.role,
+            limits=limits,
+            user_id=user.id,
+            key_version=user.key_version,
+        )
+
+
+class Revoked(ServiceError):
+    """The key behind this session was disabled or rotated."""
+
+    status = 401
+    default_message = "Your access key was disabled or replaced. Sign in again."
 
 
 def display_name(username: str | None) -> str:

@@ -39,6 +39,11 @@ _ALLOWED = {
     "LOCAL_CONTEXT_SIZE": "a whole number from 256 to 131072",
     "LOCAL_THREADS": "a whole number from 1 to 256",
     "LOGIN_MAX_FAILURES": "a whole number from 1 to 1000",
+    "DATABASE_URL": "sqlite:///path.db or postgresql://user:password@host/db",
+    "LOG_CONTENT": "true or false",
+    "DEFAULT_DAILY_TOKENS": "a whole number of tokens per user per day (0: no limit)",
+    "DEFAULT_RPM": "a whole number of requests per user per minute (0: no limit)",
+    "PRICES_JSON": 'JSON like {"model": {"input": 0.4, "output": 1.6}} (USD per 1M tokens)',
     "LOGIN_LOCKOUT_SECONDS": "a number of seconds from 1 to 86400",
 }
 for _name in ("CHAT_MODEL", "COMPLETION_MODEL", "IMAGE_MODEL", "EMBEDDING_MODEL"):
@@ -69,6 +74,12 @@ class Settings(BaseModel):
     local_model_path: Path | None = Field(default=None, alias="LOCAL_MODEL_PATH")
     local_context_size: int = Field(default=2048, ge=256, le=131072, alias="LOCAL_CONTEXT_SIZE")
     local_threads: int | None = Field(default=None, ge=1, le=256, alias="LOCAL_THREADS")
+    data_dir: Path = Field(default=Path("data"), alias="DATA_DIR")
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    log_content: bool = Field(default=False, alias="LOG_CONTENT")
+    default_daily_tokens: int = Field(default=0, ge=0, le=10**12, alias="DEFAULT_DAILY_TOKENS")
+    default_rpm: int = Field(default=0, ge=0, le=100_000, alias="DEFAULT_RPM")
+    prices_json: str | None = Field(default=None, alias="PRICES_JSON")
     login_max_failures: int = Field(default=5, ge=1, le=1000, alias="LOGIN_MAX_FAILURES")
     login_lockout_seconds: float = Field(default=900, ge=1, le=86400, alias="LOGIN_LOCKOUT_SECONDS")
     # True when ACCESS_KEY was not set and we made one up for this run.
@@ -99,6 +110,22 @@ class Settings(BaseModel):
         if value is not None and not value.expanduser().is_file():
             raise ValueError(f"no file at {value}")
         return value.expanduser() if value is not None else None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must start with sqlite:// or postgresql://")
+        return value
+
+    @field_validator("prices_json")
+    @classmethod
+    def _check_prices(cls, value: str | None) -> str | None:
+        if value is not None:
+            from core.pricing import parse_prices
+
+            parse_prices(value)
+        return value
 
     @property
     def active_provider(self) -> Literal["openai", "local"]:
@@ -143,7 +170,8 @@ def load_settings(
         lines = []
         for err in exc.errors(include_input=False, include_url=False):
             name = str(err["loc"][0]) if err["loc"] else "?"
-            got = "" if "KEY" in name else f" (got {values.get(name, '')!r})"
+            secret = "KEY" in name or name == "DATABASE_URL"
+            got = "" if secret else f" (got {values.get(name, '')!r})"
             reason = err["msg"].removeprefix("Value error, ")
             lines.append(f"{name}{got}: {reason}; allowed: {_ALLOWED.get(name, 'see README')}")
         raise ConfigError("Invalid configuration: " + " | ".join(lines)) from None

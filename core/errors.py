@@ -110,3 +110,16 @@ class StreamInterrupted(UpstreamError):
     """A streamed reply stopped before it was complete."""
 
     default_message = "The reply stream was cut off before it finished. Try again."
+
+
+class QuotaExceeded(RateLimited):
+    """The caller's own quota (requests per minute or tokens per day) is used up."""
+
+    default_message = "You reached your usage limit. Try again later."
+
+
+class Forbidden(ServiceError):
+    """The caller's role does not allow this."""
+
+    status = 403
+    default_message = "Only admins may do that."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -14,7 +15,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from core import errors
+from core.auth import SYSTEM, Principal
 from core.config import Settings
+from core.ledger import Ledger, Reservation
 from core.providers import build_provider
 from core.providers.base import Provider
 from core.schemas import (
@@ -33,6 +36,7 @@ from core.schemas import (
 log = logging.getLogger("core.service")
 RequestT = TypeVar("RequestT", bound=BaseModel)
 MODELS_TTL = 60.0
+DEFAULT_HOLD = 1024  # tokens a reply without max_tokens holds against the quota while running
 PING_TTL = 15.0
 
 
@@ -42,21 +46,37 @@ def new_request_id() -> str:
 
 @dataclass
 class Call:
-    """One call through the service, as it will be logged (and later recorded)."""
+    """One call through the service, as it is logged and recorded in the ledger."""
 
     function: str
+    caller: Principal
+    source: str
     request_id: str = field(default_factory=new_request_id)
     model: str | None = None
     started: float = field(default_factory=time.perf_counter)
     usage: Usage | None = None
+    reservation: Reservation | None = None
+    refused: bool = False
+    images: int = 0
+    prompt_chars: int = 0
+    reply_chars: int = 0
+    prompt_text: str | None = None  # only with LOG_CONTENT
+    reply: list[str] = field(default_factory=list)  # only with LOG_CONTENT
 
 
 class Service:
     """One instance per app; every method is safe to call concurrently."""
 
-    def __init__(self, settings: Settings, provider: Provider | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        provider: Provider | None = None,
+        *,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.settings = settings
         self.provider = provider or build_provider(settings)
+        self.ledger = ledger
         self._secrets = [
             s.get_secret_value() for s in (settings.openai_api_key, settings.access_key) if s
         ]
@@ -66,59 +86,77 @@ class Service:
     # ---- the functions -------------------------------------------------------------------
 
     async def chat_stream(
-        self, request: ChatRequest | Mapping[str, Any]
+        self,
+        request: ChatRequest | Mapping[str, Any],
+        *,
+        caller: Principal = SYSTEM,
+        source: str = "core",
     ) -> AsyncIterator[StreamChunk]:
         """Stream a chat reply; the last chunk carries the usage when the backend reports it."""
-        call = Call("chat")
+        call = Call("chat", caller, source)
         async with self._track(call):
-            req = self._prepare(ChatRequest, request, call)
-            # aclosing: a consumer that leaves early stops the provider now, not at GC time.
-            async with aclosing(self.provider.chat_stream(req)) as stream:
-                async for chunk in stream:
-                    call.usage = chunk.usage or call.usage
-                    yield chunk
+            req = await self._prepare(ChatRequest, request, call)
+            async for chunk in self._relay(self.provider.chat_stream(req), call):
+                yield chunk
 
     async def completion_stream(
-        self, request: CompletionRequest | Mapping[str, Any]
+        self,
+        request: CompletionRequest | Mapping[str, Any],
+        *,
+        caller: Principal = SYSTEM,
+        source: str = "core",
     ) -> AsyncIterator[StreamChunk]:
         """Stream a text completion of a prompt."""
-        call = Call("completion")
+        call = Call("completion", caller, source)
         async with self._track(call):
-            req = self._prepare(CompletionRequest, request, call)
-            # aclosing: a consumer that leaves early stops the provider now, not at GC time.
-            async with aclosing(self.provider.completion_stream(req)) as stream:
-                async for chunk in stream:
-                    call.usage = chunk.usage or call.usage
-                    yield chunk
+            req = await self._prepare(CompletionRequest, request, call)
+            async for chunk in self._relay(self.provider.completion_stream(req), call):
+                yield chunk
 
-    async def generate_images(self, request: ImageRequest | Mapping[str, Any]) -> ImageResult:
+    async def generate_images(
+        self,
+        request: ImageRequest | Mapping[str, Any],
+        *,
+        caller: Principal = SYSTEM,
+        source: str = "core",
+    ) -> ImageResult:
         """Generate one or more images (PNG bytes)."""
-        call = Call("image")
+        call = Call("image", caller, source)
         async with self._track(call):
-            req = self._prepare(ImageRequest, request, call)
+            req = await self._prepare(ImageRequest, request, call)
             if not self.provider.supports_images:
                 raise errors.Unsupported(
                     f"The {self.provider.name} backend has no image model. To generate images, "
                     "set OPENAI_API_KEY (and IMAGE_MODEL), or OPENAI_BASE_URL to a server "
                     "that serves /v1/images/generations."
                 )
-            return await self.provider.generate_images(req)
+            result = await self.provider.generate_images(req)
+            call.images = len(result.images)
+            return result
 
-    async def embeddings(self, request: EmbeddingRequest | Mapping[str, Any]) -> EmbeddingResult:
+    async def embeddings(
+        self,
+        request: EmbeddingRequest | Mapping[str, Any],
+        *,
+        caller: Principal = SYSTEM,
+        source: str = "core",
+    ) -> EmbeddingResult:
         """Embed a list of texts, one vector per text."""
-        call = Call("embedding")
+        call = Call("embedding", caller, source)
         async with self._track(call):
-            req = self._prepare(EmbeddingRequest, request, call)
+            req = await self._prepare(EmbeddingRequest, request, call)
             result = await self.provider.embeddings(req)
             call.usage = result.usage
             return result
 
-    async def list_models(self, *, refresh: bool = False) -> list[ModelInfo]:
+    async def list_models(
+        self, *, refresh: bool = False, caller: Principal = SYSTEM, source: str = "core"
+    ) -> list[ModelInfo]:
         """The backend's models, cached for a minute (refresh=True forces a new list)."""
         now = time.monotonic()
         if not refresh and self._models and now - self._models[0] < MODELS_TTL:
             return self._models[1]
-        call = Call("models")
+        call = Call("models", caller, source)
         async with self._track(call):
             models = await self.provider.list_models()
         self._models = (now, models)
@@ -148,14 +186,54 @@ class Service:
 
     # ---- the plumbing --------------------------------------------------------------------
 
-    def _prepare(
+    async def _prepare(
         self, model: type[RequestT], request: RequestT | Mapping[str, Any], call: Call
     ) -> RequestT:
+        """Validate, fill in the default model, and reserve against the caller's quota."""
         req = request if isinstance(request, model) else parse(model, dict(request))  # type: ignore[arg-type]
-        if getattr(req, "model", "x") is None:
+        if req.model is None:  # type: ignore[attr-defined]
             req = req.model_copy(update={"model": self.default_model(call.function)})
-        call.model = getattr(req, "model", None)
+        call.model = req.model  # type: ignore[attr-defined]
+        if self.ledger is None:
+            return req
+        prompt = _prompt_text(req)
+        call.prompt_chars = len(prompt)
+        call.prompt_text = prompt if self.settings.log_content else None
+        needed = len(prompt) // 4 + 1  # a rough token count; the ledger settles the real one
+        wanted = getattr(req, "max_tokens", None) or (
+            DEFAULT_HOLD if call.function in ("chat", "completion") else 0
+        )
+        call.reservation = await asyncio.to_thread(
+            self.ledger.reserve,
+            user=call.caller.name,
+            limits=call.caller.limits,
+            function=call.function,
+            model=call.model,
+            provider=self.provider.name,
+            source=call.source,
+            request_id=call.request_id,
+            estimate=needed + wanted,
+            minimum=needed,
+        )
+        budget = call.reservation.token_budget
+        if budget is not None and call.function in ("chat", "completion"):
+            # Cap the reply at what today's quota has left, so concurrent calls cannot overshoot.
+            cap = max(1, budget - needed)
+            req = req.model_copy(update={"max_tokens": min(wanted, cap)})
         return req
+
+    async def _relay(
+        self, stream: AsyncIterator[StreamChunk], call: Call
+    ) -> AsyncIterator[StreamChunk]:
+        """Pass a provider's stream on, noting usage (and the text, if content is logged)."""
+        # aclosing: a consumer that leaves early stops the provider now, not at GC time.
+        async with aclosing(stream) as chunks:
+            async for chunk in chunks:
+                call.usage = chunk.usage or call.usage
+                call.reply_chars += len(chunk.text)
+                if call.prompt_text is not None and chunk.text:
+                    call.reply.append(chunk.text)
+                yield chunk
 
     @asynccontextmanager
     async def _track(self, call: Call) -> AsyncIterator[Call]:
@@ -165,6 +243,7 @@ class Service:
             yield call
         except errors.ServiceError as exc:
             status = type(exc).__name__
+            call.refused = isinstance(exc, errors.QuotaExceeded)
             exc.request_id = call.request_id
             exc.message = self._scrub(exc.message)
             raise
@@ -178,6 +257,9 @@ class Service:
                 "Something went wrong on our side.", request_id=call.request_id
             ) from None
         finally:
+            if self.ledger is not None and not call.refused:
+                # Shielded: a cancelled call is still settled in the ledger.
+                await asyncio.shield(asyncio.to_thread(self._settle, call, status))
             usage = call.usage
             log.info(
                 "request_id=%s function=%s provider=%s model=%s status=%s latency_ms=%.0f "
@@ -192,7 +274,44 @@ class Service:
                 usage.completion_tokens if usage else "-",
             )
 
+    def _settle(self, call: Call, status: str) -> None:
+        assert self.ledger is not None
+        if call.reservation is None:  # failed before reserving: invalid input, bad config
+            self.ledger.record(
+                user=call.caller.name, function=call.function, model=call.model,
+                provider=self.provider.name, source=call.source, request_id=call.request_id,
+                status=status,
+            )  # fmt: skip
+            return
+        usage = call.usage
+        reply = "".join(call.reply)
+        if usage is None and call.function in ("chat", "completion"):
+            # Some servers report no usage when streaming: estimate, so quotas still count.
+            usage = Usage(
+                prompt_tokens=call.prompt_chars // 4, completion_tokens=call.reply_chars // 4
+            )
+        self.ledger.finish(
+            call.reservation,
+            status=status,
+            model=call.model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            latency_ms=(time.perf_counter() - call.started) * 1000,
+            images=call.images,
+            prompt_text=call.prompt_text,
+            completion_text=reply or None,
+        )
+
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
+
+
+def _prompt_text(request: BaseModel) -> str:
+    """The input of a request as one text (for token estimates and LOG_CONTENT)."""
+    if isinstance(request, ChatRequest):
+        return json.dumps([m.model_dump() for m in request.messages], ensure_ascii=False)
+    if isinstance(request, EmbeddingRequest):
+        return "\n".join(request.texts)
+    return getattr(request, "prompt", "")

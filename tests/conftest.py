@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ ACCESS_KEY = "test-access-key-9f8e7d6c5b4a"
 UPSTREAM_KEY = "sk-test-upstream-key-0123456789abcdef0123456789"
 # Everything the app logs during the session, through its own handler and secret filter.
 LOG_STREAM = io.StringIO()
+# One database for the session's apps (each test that needs its own passes DATA_DIR).
+DATA_DIR = tempfile.mkdtemp(prefix="dashboard-test-data-")
 
 
 def free_port() -> int:
@@ -76,6 +79,7 @@ def app_settings(upstream: FakeUpstream, **overrides: str) -> Settings:
         "COMPLETION_MODEL": "gpt-3.5-turbo-instruct",
         "IMAGE_MODEL": "gpt-image-1",
         "EMBEDDING_MODEL": "text-embedding-3-small",
+        "DATA_DIR": DATA_DIR,
         **overrides,
     }
     return load_settings(environ=environ, env_file=None)

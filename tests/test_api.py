@@ -13,7 +13,15 @@ from gradio_client.exceptions import AppError
 from tests.upstream import FakeUpstream
 
 HELLO = [{"role": "user", "content": "one two three four five"}]
-ENDPOINTS = {"/chat", "/completion", "/generate_image", "/embeddings", "/models"}
+ENDPOINTS = {
+    "/chat",
+    "/completion",
+    "/generate_image",
+    "/embeddings",
+    "/models",
+    "/usage",
+    "/users",
+}
 
 
 def test_the_api_lists_exactly_the_named_endpoints(client: Client) -> None:

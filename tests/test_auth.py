@@ -8,7 +8,7 @@ from gradio_client import Client
 
 from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, Served, app_settings, serve
 
-ENDPOINTS = ["chat", "completion", "generate_image", "embeddings", "models"]
+ENDPOINTS = ["chat", "completion", "generate_image", "embeddings", "models", "usage", "users"]
 
 
 def test_health_is_public_and_secret_free(running_app: Served) -> None:

@@ -9,13 +9,18 @@ from typing import Any
 
 import gradio as gr
 
-from core.errors import ServiceError
-from core.service import Service
+from core import reports
+from core.context import Core
+from core.errors import Forbidden, ServiceError
 from ui.common import LLM_GROUP, save_images, to_gr_error
 
 
-def register(service: Service) -> None:
-    """Add /chat, /completion, /generate_image, /embeddings and /models to the current Blocks."""
+def register(core: Core) -> None:
+    """Add the named endpoints (/chat, /completion, ..., /usage, /users) to the current Blocks."""
+    service = core.service
+
+    def who(request: gr.Request) -> dict[str, Any]:
+        return {"caller": core.auth.resolve(request.username), "source": "api"}
 
     async def chat(
         messages: list[dict[str, str]],
@@ -23,6 +28,7 @@ def register(service: Service) -> None:
         temperature: float = 0.7,
         max_tokens: int = 0,
         stop: list[str] | None = None,
+        request: gr.Request = None,  # type: ignore[assignment]
     ) -> AsyncIterator[str]:
         """Chat with a model; streams the reply.
 
@@ -31,7 +37,7 @@ def register(service: Service) -> None:
         temperature: 0 to 2. max_tokens: 0 lets the model decide. stop: up to 4 strings.
         Each streamed value is the reply so far; predict() returns the whole reply.
         """
-        request = {
+        body = {
             "messages": messages,
             "model": model or None,
             "temperature": temperature,
@@ -40,7 +46,7 @@ def register(service: Service) -> None:
         }
         reply = ""
         try:
-            async for chunk in service.chat_stream(request):
+            async for chunk in service.chat_stream(body, **who(request)):
                 if chunk.text:
                     reply += chunk.text
                     yield reply
@@ -55,12 +61,13 @@ def register(service: Service) -> None:
         temperature: float = 0.7,
         max_tokens: int = 0,
         stop: list[str] | None = None,
+        request: gr.Request = None,  # type: ignore[assignment]
     ) -> AsyncIterator[str]:
         """Complete a prompt with a completions model; streams the text.
 
         Each streamed value is the completion so far; predict() returns all of it.
         """
-        request = {
+        body = {
             "prompt": prompt,
             "model": model or None,
             "temperature": temperature,
@@ -69,7 +76,7 @@ def register(service: Service) -> None:
         }
         text = ""
         try:
-            async for chunk in service.completion_stream(request):
+            async for chunk in service.completion_stream(body, **who(request)):
                 if chunk.text:
                     text += chunk.text
                     yield text
@@ -84,12 +91,13 @@ def register(service: Service) -> None:
         size: str = "auto",
         quality: str = "auto",
         n: int = 1,
+        request: gr.Request = None,  # type: ignore[assignment]
     ) -> list[gr.FileData]:
         """Generate n (1 to 10) images; returns PNG files the client downloads.
 
         size: auto, 1024x1024, 1536x1024 or 1024x1536. quality: auto, low, medium or high.
         """
-        request = {
+        body = {
             "prompt": prompt,
             "model": model or None,
             "size": size,
@@ -97,7 +105,7 @@ def register(service: Service) -> None:
             "n": n,
         }
         try:
-            result = await service.generate_images(request)
+            result = await service.generate_images(body, **who(request))
         except ServiceError as exc:
             raise to_gr_error(exc) from None
         return [
@@ -105,26 +113,68 @@ def register(service: Service) -> None:
             for p in save_images(result.images)
         ]
 
-    async def embeddings(texts: list[str], model: str = "", dimensions: int = 0) -> dict[str, Any]:
+    async def embeddings(
+        texts: list[str],
+        model: str = "",
+        dimensions: int = 0,
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> dict[str, Any]:
         """Embed up to 2,048 texts; returns model, dimensions, vectors (one per text), usage.
 
         dimensions: 0 for the model's own size (only some models can shorten vectors).
         """
-        request = {"texts": texts, "model": model or None, "dimensions": dimensions or None}
+        body = {"texts": texts, "model": model or None, "dimensions": dimensions or None}
         try:
-            result = await service.embeddings(request)
+            result = await service.embeddings(body, **who(request))
         except ServiceError as exc:
             raise to_gr_error(exc) from None
         return result.model_dump()
 
-    async def models() -> list[dict[str, Any]]:
+    async def models(request: gr.Request = None) -> list[dict[str, Any]]:  # type: ignore[assignment]
         """The backend's models: id, owned_by, created (unix time), kind and kinds."""
         try:
-            listed = await service.list_models()
+            listed = await service.list_models(**who(request))
         except ServiceError as exc:
             raise to_gr_error(exc) from None
         return [{**m.model_dump(), "kind": m.kind} for m in listed]
 
+    async def usage(
+        start: str = "",
+        end: str = "",
+        user: str = "",
+        model: str = "",
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> dict[str, Any]:
+        """Usage aggregates: totals, daily (per day and model), by_user, by_function.
+
+        start/end: YYYY-MM-DD (UTC, inclusive; empty for no bound). Admins see everyone and may
+        filter by user; other users see only their own usage.
+        """
+        try:
+            rows = reports.usage_rows(
+                core.ledger, who(request)["caller"], start=start, end=end, user=user, model=model
+            )
+        except ServiceError as exc:
+            raise to_gr_error(exc) from None
+        return reports.usage_report(rows)
+
+    async def users(request: gr.Request = None) -> list[dict[str, Any]]:  # type: ignore[assignment]
+        """Admins only: the users, their role, status and limits (never keys)."""
+        if not who(request)["caller"].is_admin:
+            raise to_gr_error(Forbidden("Only admins may list users."))
+        return [
+            {
+                "name": u.name,
+                "role": u.role,
+                "disabled": u.disabled,
+                "daily_tokens": u.daily_tokens,
+                "rpm": u.rpm,
+                "created": u.created_at.isoformat(),
+            }
+            for u in core.users.list()
+        ]
+
     for fn in (chat, completion, generate_image, embeddings):
         gr.api(fn, api_name=fn.__name__, concurrency_id=LLM_GROUP)
-    gr.api(models, api_name="models")
+    for fn in (models, usage, users):
+        gr.api(fn, api_name=fn.__name__)

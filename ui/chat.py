@@ -8,10 +8,10 @@ from typing import Any
 
 import gradio as gr
 
+from core.context import Core
 from core.errors import ServiceError
 from core.schemas import Usage
-from core.service import Service
-from ui.common import LLM_GROUP, optional_int, parse_stop, report
+from ui.common import LLM_GROUP, caller_of, optional_int, parse_stop, report
 
 
 @dataclass
@@ -49,8 +49,9 @@ def usage_line(usage: Usage | None, model: str) -> str:
     )
 
 
-def build(service: Service) -> ChatTab:
+def build(core: Core) -> ChatTab:
     """Build the tab's components and events inside the caller's Blocks."""
+    service = core.service
     default_model = service.default_model("chat")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -105,6 +106,7 @@ def build(service: Service) -> ChatTab:
         temp: float,
         max_toks: float | None,
         stops: str,
+        request: gr.Request,
     ) -> AsyncIterator[tuple[Any, Any, Any]]:
         if not (text or "").strip():
             gr.Warning("Type a message first.")
@@ -118,7 +120,7 @@ def build(service: Service) -> ChatTab:
         shown = [*before, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield shown, "", "Generating…"
         reply, last_usage = "", None
-        request = {
+        body = {
             "messages": messages,
             "model": (model_name or "").strip() or None,
             "temperature": temp,
@@ -126,7 +128,7 @@ def build(service: Service) -> ChatTab:
             "stop": parse_stop(stops),
         }
         try:
-            async for chunk in service.chat_stream(request):
+            async for chunk in service.chat_stream(body, **caller_of(core, request)):
                 last_usage = chunk.usage or last_usage
                 if chunk.text:
                     reply += chunk.text
@@ -136,7 +138,7 @@ def build(service: Service) -> ChatTab:
             # Nothing is lost: the conversation returns to before the send, the message to the box.
             yield before, text, report(exc)
             return
-        yield shown, "", usage_line(last_usage, request["model"] or service.default_model("chat"))
+        yield shown, "", usage_line(last_usage, body["model"] or service.default_model("chat"))
 
     inputs = [message, chatbot, system, model, temperature, max_tokens, stop_text]
     outputs = [chatbot, message, usage]

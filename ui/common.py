@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from core.context import Core
 from core.errors import ServiceError
 from core.service import Service
 
@@ -42,6 +43,12 @@ def _title(exc: ServiceError) -> str:
     if exc.status in (501, 503) and type(exc).__name__ in ("Unsupported", "NotConfigured"):
         return "Not available"
     return "Upstream error"
+
+
+def caller_of(core: Core, request: gr.Request | None) -> dict[str, Any]:
+    """The service keyword arguments for the signed-in user behind a dashboard event."""
+    username = request.username if request is not None else None
+    return {"caller": core.auth.resolve(username), "source": "ui"}
 
 
 def model_choices(

@@ -8,10 +8,10 @@ from typing import Any
 
 import gradio as gr
 
+from core.context import Core
 from core.errors import ServiceError
-from core.service import Service
 from ui.chat import usage_line
-from ui.common import LLM_GROUP, optional_int, parse_stop, report
+from ui.common import LLM_GROUP, caller_of, optional_int, parse_stop, report
 
 
 @dataclass
@@ -19,8 +19,9 @@ class CompletionTab:
     model: gr.Dropdown
 
 
-def build(service: Service) -> CompletionTab:
+def build(core: Core) -> CompletionTab:
     """Build the tab's components and events inside the caller's Blocks."""
+    service = core.service
     default_model = service.default_model("completion")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -60,9 +61,14 @@ def build(service: Service) -> CompletionTab:
             )
 
     async def complete(
-        text: str, model_name: str, temp: float, max_toks: float | None, stops: str
+        text: str,
+        model_name: str,
+        temp: float,
+        max_toks: float | None,
+        stops: str,
+        request: gr.Request,
     ) -> AsyncIterator[tuple[Any, Any]]:
-        request = {
+        body = {
             "prompt": text or "",
             "model": (model_name or "").strip() or None,
             "temperature": temp,
@@ -72,7 +78,7 @@ def build(service: Service) -> CompletionTab:
         result, last_usage = "", None
         yield "", "Generating…"
         try:
-            async for chunk in service.completion_stream(request):
+            async for chunk in service.completion_stream(body, **caller_of(core, request)):
                 last_usage = chunk.usage or last_usage
                 if chunk.text:
                     result += chunk.text
@@ -80,7 +86,7 @@ def build(service: Service) -> CompletionTab:
         except ServiceError as exc:
             yield result, report(exc)
             return
-        model_used = request["model"] or service.default_model("completion")
+        model_used = body["model"] or service.default_model("completion")
         yield result, usage_line(last_usage, model_used)
 
     inputs = [prompt, model, temperature, max_tokens, stop_text]

@@ -8,9 +8,9 @@ import gradio as gr
 import pandas as pd
 
 from core import tables
+from core.context import Core
 from core.errors import InvalidRequest, ServiceError
-from core.service import Service
-from ui.common import LLM_GROUP, optional_int, report, save_text
+from ui.common import LLM_GROUP, caller_of, optional_int, report, save_text
 
 
 @dataclass
@@ -33,8 +33,9 @@ def styled_similarity(frame: pd.DataFrame) -> pd.io.formats.style.Styler:
     return frame.style.map(heat).format("{:.3f}")
 
 
-def build(service: Service) -> EmbeddingsTab:
+def build(core: Core) -> EmbeddingsTab:
     """Build the tab's components and events inside the caller's Blocks."""
+    service = core.service
     default_model = service.default_model("embedding")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
@@ -81,7 +82,9 @@ def build(service: Service) -> EmbeddingsTab:
                 visible=False,
             )
 
-    async def embed(text: str, file: str | None, model_name: str, dims: float | None):
+    async def embed(
+        text: str, file: str | None, model_name: str, dims: float | None, request: gr.Request
+    ):
         unchanged = (gr.skip(), gr.skip(), gr.skip())
         items = [line.strip() for line in (text or "").splitlines() if line.strip()]
         if file:
@@ -91,13 +94,13 @@ def build(service: Service) -> EmbeddingsTab:
                 return report(InvalidRequest(f"Could not read the upload: {exc}")), *unchanged
         if not items:
             return report(InvalidRequest("Enter at least one text, or upload a file.")), *unchanged
-        request = {
+        body = {
             "texts": items,
             "model": (model_name or "").strip() or None,
             "dimensions": optional_int(dims),
         }
         try:
-            result = await service.embeddings(request)
+            result = await service.embeddings(body, **caller_of(core, request))
         except ServiceError as exc:
             return report(exc), *unchanged
         csv_path = save_text(tables.vectors_csv(items, result), name="embeddings.csv")

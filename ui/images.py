@@ -7,10 +7,10 @@ from typing import Any
 
 import gradio as gr
 
+from core.context import Core
 from core.errors import ServiceError
 from core.schemas import IMAGE_QUALITIES, IMAGE_SIZES, MAX_IMAGES
-from core.service import Service
-from ui.common import LLM_GROUP, report, save_images
+from ui.common import LLM_GROUP, caller_of, report, save_images
 
 
 @dataclass
@@ -18,8 +18,9 @@ class ImageTab:
     model: gr.Dropdown
 
 
-def build(service: Service) -> ImageTab:
+def build(core: Core) -> ImageTab:
     """Build the tab's components and events inside the caller's Blocks."""
+    service = core.service
     default_model = service.default_model("image")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
@@ -49,9 +50,14 @@ def build(service: Service) -> ImageTab:
             status = gr.Markdown(elem_classes="usage-line")
 
     async def generate(
-        text: str, model_name: str, size_value: str, quality_value: str, n: float
+        text: str,
+        model_name: str,
+        size_value: str,
+        quality_value: str,
+        n: float,
+        request: gr.Request,
     ) -> tuple[Any, str]:
-        request = {
+        body = {
             "prompt": text or "",
             "model": (model_name or "").strip() or None,
             "size": size_value,
@@ -59,7 +65,7 @@ def build(service: Service) -> ImageTab:
             "n": int(n),
         }
         try:
-            result = await service.generate_images(request)
+            result = await service.generate_images(body, **caller_of(core, request))
         except ServiceError as exc:
             return gr.skip(), report(exc)
         paths = save_images(result.images)

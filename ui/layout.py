@@ -7,10 +7,10 @@ import html
 import gradio as gr
 
 from core.auth import display_name
+from core.context import Core
 from core.errors import ServiceError
-from core.service import Service
 from ui import api, chat, completion, embeddings, images, models
-from ui.common import model_choices
+from ui.common import caller_of, model_choices
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 CSS = """
@@ -31,22 +31,23 @@ def header_html(username: str | None, upstream: str) -> str:
     )
 
 
-def build_demo(service: Service) -> gr.Blocks:
+def build_demo(core: Core) -> gr.Blocks:
     """Compose the dashboard; importable and testable without launching."""
+    service = core.service
     # delete_cache: Gradio's copies of generated files go after an hour, checked hourly.
     with gr.Blocks(title="AI dashboard", fill_width=True, delete_cache=(3600, 3600)) as demo:
         header = gr.HTML(header_html(None, service.describe()))
         with gr.Tab("Chat"):
-            chat_tab = chat.build(service)
+            chat_tab = chat.build(core)
         with gr.Tab("Completion"):
-            completion_tab = completion.build(service)
+            completion_tab = completion.build(core)
         with gr.Tab("Images"):
-            image_tab = images.build(service)
+            image_tab = images.build(core)
         with gr.Tab("Embeddings"):
-            embeddings_tab = embeddings.build(service)
+            embeddings_tab = embeddings.build(core)
         with gr.Tab("Models"):
-            models.build(service, demo)
-        api.register(service)
+            models.build(core, demo)
+        api.register(core)
 
         pickers = {
             "chat": chat_tab.model,
@@ -59,7 +60,7 @@ def build_demo(service: Service) -> gr.Blocks:
             """Fill the header with the signed-in user, and the model pickers from the backend."""
             head = header_html(request.username, service.describe())
             try:
-                listed = await service.list_models()
+                listed = await service.list_models(**caller_of(core, request))
             except ServiceError:
                 # The pickers keep their defaults and accept free text; the Models tab says why.
                 return head, *(gr.skip() for _ in pickers)

@@ -6,15 +6,16 @@ import gradio as gr
 import pandas as pd
 
 from core import tables
+from core.context import Core
 from core.errors import ServiceError
-from core.service import Service
-from ui.common import report
+from ui.common import caller_of, report
 
 KINDS = ["all", "chat", "completion", "embedding", "image", "audio", "other"]
 
 
-def build(service: Service, demo: gr.Blocks) -> None:
+def build(core: Core, demo: gr.Blocks) -> None:
     """Build the tab's components and events; the table fills when the page loads."""
+    service = core.service
     with gr.Row():
         search = gr.Textbox(
             label="Search", placeholder="Filter by id or owner, e.g. gpt 4", scale=3
@@ -36,16 +37,16 @@ def build(service: Service, demo: gr.Blocks) -> None:
         shown = tables.filter_models(frame, search=text or "", kind=chosen or "all")
         return shown, f"{len(shown)} of {len(frame)} models · {service.describe()}"
 
-    async def load(text: str, chosen: str, force: bool = False):
+    async def load(text: str, chosen: str, request: gr.Request, force: bool = False):
         try:
-            models = await service.list_models(refresh=force)
+            models = await service.list_models(refresh=force, **caller_of(core, request))
         except ServiceError as exc:
             return gr.skip(), gr.skip(), report(exc)
         frame = tables.models_frame(models)
         return frame, *show(frame, text, chosen)
 
-    async def reload(text: str, chosen: str):
-        return await load(text, chosen, force=True)
+    async def reload(text: str, chosen: str, request: gr.Request):
+        return await load(text, chosen, request, force=True)
 
     refresh.click(reload, [search, kind], [full, table, count], api_visibility="private")
     for trigger in (search.change, kind.change):

@@ -1,100 +1,153 @@
-"""The web edge: a FastAPI app with /health and the login guard, and the dashboard mounted on it."""
+"""The web edge: FastAPI with /health and the session guard, and the dashboard mounted on it."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from http.cookies import SimpleCookie
 from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from core.auth import AccessKeyAuth, LoginLimiter
+from core.auth import LOGIN_CAPTURE, LoginLimiter, Principal, Revoked
 from core.config import Settings
-from core.service import Service
+from core.context import Core, open_core
 from ui.layout import CSS, THEME, build_demo
 
 log = logging.getLogger("ui.server")
+SESSION_COOKIE = "access-token"
 
 
-class LoginGuard:
-    """ASGI middleware: lock a client out of POST /login after repeated failures (Gradio has none).
+async def _send_json(send: Any, status: int, body: dict, headers: list | None = None) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
-    Pure ASGI, so every other request (streams included) passes through untouched.
+
+class SessionGuard:
+    """ASGI middleware around Gradio's login and sessions (pure ASGI: streams pass untouched).
+
+    - POST /login: lock a client out after repeated failures (Gradio has no limit), and bind
+      each new session to the key that opened it.
+    - Every other request: a session whose user was disabled, or whose key was rotated since,
+      is ended at once (Gradio's own sessions never expire).
     """
 
-    def __init__(self, app: Any, limiter: LoginLimiter) -> None:
+    def __init__(
+        self,
+        app: Any,
+        core: Core,
+        limiter: LoginLimiter,
+        gradio_tokens: Callable[[], dict[str, str]],
+    ) -> None:
         self.app = app
+        self.core = core
         self.limiter = limiter
+        self.sessions: dict[str, Principal] = {}
+        self.gradio_tokens = gradio_tokens  # Gradio's own session table (token -> user name)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"].rstrip("/") != "/login"
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
+        elif scope["method"] == "POST" and scope["path"].rstrip("/") == "/login":
+            await self._login(scope, receive, send)
+        elif (token := _session_token(scope)) and not self._still_valid(token):
+            await _send_json(send, 401, {"detail": Revoked.default_message})
+        else:
+            await self.app(scope, receive, send)
+
+    async def _login(self, scope: dict, receive: Any, send: Any) -> None:
         client = scope["client"][0] if scope.get("client") else "unknown"
         wait = self.limiter.retry_after(client)
         if wait > 0:
             minutes = max(1, round(wait / 60))
-            body = json.dumps(
-                {"detail": f"Too many failed logins. Try again in about {minutes} minute(s)."}
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 429,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"retry-after", str(int(wait) + 1).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            detail = f"Too many failed logins. Try again in about {minutes} minute(s)."
+            retry = [(b"retry-after", str(int(wait) + 1).encode())]
+            await _send_json(send, 429, {"detail": detail}, retry)
             return
         status: list[int] = []
+        new_tokens: list[str] = []
 
         async def send_and_watch(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"set-cookie" and value.startswith(SESSION_COOKIE.encode()):
+                        new_tokens.append(value.decode().split(";", 1)[0].split("=", 1)[1])
             await send(message)
 
-        await self.app(scope, receive, send_and_watch)
+        holder: dict[str, Principal] = {}
+        reset = LOGIN_CAPTURE.set(holder)
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            LOGIN_CAPTURE.reset(reset)
         if status and status[0] == 200:
             self.limiter.success(client)
+            if principal := holder.get("principal"):
+                for token in new_tokens:
+                    self.sessions[token] = principal
         elif status and 400 <= status[0] < 500:
             self.limiter.failure(client)
 
+    def _still_valid(self, token: str) -> bool:
+        principal = self.sessions.get(token)
+        if principal is None:
+            return True  # not ours to judge (Gradio itself refuses unknown tokens)
+        try:
+            self.core.auth.check_active(principal)
+        except Revoked:
+            log.info("session of %r ended: its key was disabled or rotated", principal.name)
+            self.sessions.pop(token, None)
+            self.gradio_tokens().pop(token, None)
+            return False
+        return True
 
-def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
+
+def _session_token(scope: dict) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"cookie" and SESSION_COOKIE.encode() in value:
+            cookie = SimpleCookie()
+            cookie.load(value.decode("latin-1"))
+            for key, morsel in cookie.items():
+                if key.startswith(SESSION_COOKIE):
+                    return morsel.value
+    return None
+
+
+def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     """The whole server: /health, then Gradio behind its login, mounted at the root."""
-    service = service or Service(settings)
-    demo = build_demo(service)
+    core = core or open_core(settings)
+    demo = build_demo(core)
     app = FastAPI(title="AI dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
+    app.state.core = core
+    limiter = LoginLimiter(
+        max_failures=settings.login_max_failures, window=settings.login_lockout_seconds
+    )
     app.add_middleware(
-        LoginGuard,
-        limiter=LoginLimiter(
-            max_failures=settings.login_max_failures, window=settings.login_lockout_seconds
-        ),
+        SessionGuard, core=core, limiter=limiter, gradio_tokens=lambda: _gradio_tokens(app)
     )
 
     # Registered before the mount, or Gradio's catch-all would shadow it.
     @app.get("/health")
     async def health() -> JSONResponse:
         """Public liveness and upstream status; no secret, no key fragment."""
-        status = await service.health()
-        return JSONResponse(status)
+        return JSONResponse(await core.service.health())
 
     gr.mount_gradio_app(
         app,
         demo,
         path="/",
-        auth=AccessKeyAuth(settings),
-        auth_message="Sign in with any name and the access key (ACCESS_KEY).",
+        auth=core.auth,
+        auth_message="Sign in with your user name and access key.",
         # Never together with auth: Gradio's MCP server is not behind the login.
         mcp_server=False,
         footer_links=["api", "settings"],
@@ -107,3 +160,12 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         app_kwargs={"openapi_url": None, "docs_url": None, "redoc_url": None},
     )
     return app
+
+
+def _gradio_tokens(app: FastAPI) -> dict[str, str]:
+    """The session table of the Gradio app mounted on `app`."""
+    for route in app.routes:
+        tokens = getattr(getattr(route, "app", None), "tokens", None)
+        if isinstance(tokens, dict):
+            return tokens
+    return {}

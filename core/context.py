@@ -1,0 +1,50 @@
+"""Wiring: from Settings to the database, users, ledger, authenticator and service."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from core import db
+from core.auth import Authenticator
+from core.config import Settings
+from core.ledger import Ledger
+from core.pricing import PriceTable
+from core.providers.base import Provider
+from core.service import Service
+from core.users import UserStore
+
+log = logging.getLogger("core.context")
+
+
+@dataclass
+class Core:
+    """Everything the edges (dashboard, APIs, CLI) need, built once per process."""
+
+    settings: Settings
+    service: Service
+    users: UserStore
+    ledger: Ledger
+    auth: Authenticator
+
+
+def open_core(settings: Settings, provider: Provider | None = None) -> Core:
+    """Open (and migrate) the database, then build the service on top of it."""
+    engine = db.make_engine(db.database_url(settings.data_dir, settings.database_url))
+    version = db.migrate(engine)
+    log.info("database %s at schema version %d", engine.dialect.name, version)
+    ledger = Ledger(
+        engine, prices=PriceTable(settings.prices_json), log_content=settings.log_content
+    )
+    # Rows a crashed process left pending must not hold quota forever.
+    ledger.release_stale(timedelta(seconds=settings.request_timeout * 3 + 60))
+    users = UserStore(engine)
+    service = Service(settings, provider, ledger=ledger)
+    return Core(
+        settings=settings,
+        service=service,
+        users=users,
+        ledger=ledger,
+        auth=Authenticator(settings, users),
+    )

@@ -1,0 +1,125 @@
+"""The project's database: SQLAlchemy Core on SQLite (embedded default) or PostgreSQL.
+
+Migrations are an append-only list; each runs once, in order, recorded in schema_version.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger("core.db")
+
+metadata = sa.MetaData()
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("key_hash", sa.String(128), nullable=False),
+    sa.Column("key_version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("daily_tokens", sa.Integer, nullable=True),
+    sa.Column("rpm", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("function", sa.String(16), nullable=False),
+    sa.Column("model", sa.String(128), nullable=True),
+    sa.Column("provider", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+    # Tokens held by a call still running, so concurrent calls see each other's budget.
+    sa.Column("reserved_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("latency_ms", sa.Float, nullable=True),
+    sa.Column("cost_usd", sa.Float, nullable=False, server_default="0"),
+    sa.Column("request_id", sa.String(40), nullable=False),
+    sa.Column("prompt_text", sa.Text, nullable=True),
+    sa.Column("completion_text", sa.Text, nullable=True),
+    sa.Index("ix_usage_user_ts", "user", "ts"),
+    sa.Index("ix_usage_ts", "ts"),
+)
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("description", sa.String(200), nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    users.create(conn)
+    usage.create(conn)
+
+
+# Append only: never edit or reorder a released migration; add a new one.
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "users and usage ledger", _v1),
+]
+
+
+def database_url(data_dir: Path, url: str | None) -> str:
+    """DATABASE_URL if set, else SQLite in DATA_DIR."""
+    if url:
+        return url
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(data_dir / 'dashboard.db').resolve()}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine whose transactions serialize writers, so quota checks are atomic."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        # Let SQLAlchemy's BEGIN below, not the driver, open transactions.
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+        dbapi_conn.execute("PRAGMA busy_timeout=30000")
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front: check-then-insert cannot interleave.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def migrate(engine: Engine) -> int:
+    """Apply pending migrations; return the schema version now in force."""
+    with engine.begin() as conn:
+        schema_version.create(conn, checkfirst=True)
+        done = set(conn.execute(sa.select(schema_version.c.version)).scalars())
+        for version, description, apply in MIGRATIONS:
+            if version in done:
+                continue
+            log.info("applying migration %d: %s", version, description)
+            apply(conn)
+            conn.execute(schema_version.insert().values(version=version, description=description))
+        return max([v for v, _, _ in MIGRATIONS if v in done] + [v for v, _, _ in MIGRATIONS])
+
+
+def lock_user(conn: Connection, name: str) -> None:
+    """Serialize quota checks for one user (SQLite's BEGIN IMMEDIATE already serializes all)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": name})

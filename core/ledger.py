@@ -1,0 +1,255 @@
+"""The usage ledger: one row per call, and per-user quotas enforced in the same transaction."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from core import db
+from core.errors import QuotaExceeded
+from core.pricing import PriceTable
+
+log = logging.getLogger("core.ledger")
+QUOTA_FUNCTIONS = ("chat", "completion", "image", "embedding")
+COLUMNS = [
+    "ts",
+    "user",
+    "source",
+    "function",
+    "model",
+    "provider",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "cost_usd",
+    "request_id",
+]
+
+
+@dataclass(frozen=True)
+class Limits:
+    daily_tokens: int | None = None
+    rpm: int | None = None
+
+
+@dataclass
+class Reservation:
+    """A pending ledger row, holding its tokens against the daily budget until it finishes."""
+
+    row_id: int
+    token_budget: int | None  # what this call may still spend today (None: no limit)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Ledger:
+    def __init__(self, engine: Engine, *, prices: PriceTable, log_content: bool = False) -> None:
+        self.engine = engine
+        self.prices = prices
+        self.log_content = log_content
+
+    def reserve(
+        self,
+        *,
+        user: str,
+        limits: Limits,
+        function: str,
+        model: str | None,
+        provider: str,
+        source: str,
+        request_id: str,
+        estimate: int,
+        minimum: int = 1,
+    ) -> Reservation:
+        """Check the user's quotas and insert a pending row, atomically; refuse with a row too.
+
+        `estimate` is what the call may use at most; `minimum` what it needs at least (its
+        prompt), so a call that cannot fit in today's budget is refused up front.
+        """
+        now = _now()
+        with self.engine.begin() as conn:
+            db.lock_user(conn, user)  # SQLite's BEGIN IMMEDIATE already serializes writers
+            refusal = self._check(conn, user, limits, now, minimum)
+            row = {
+                "ts": now,
+                "user": user,
+                "source": source,
+                "function": function,
+                "model": model,
+                "provider": provider,
+                "status": "refused" if refusal else "pending",
+                "request_id": request_id,
+            }
+            if refusal:
+                conn.execute(db.usage.insert().values(**row, latency_ms=0.0))
+            else:
+                budget = self._budget(conn, user, limits, now)
+                held = estimate if budget is None else min(estimate, budget)
+                result = conn.execute(db.usage.insert().values(**row, reserved_tokens=held))
+                row_id = result.inserted_primary_key[0]
+        if refusal:
+            log.info("request_id=%s quota refused for %s: %s", request_id, user, refusal.message)
+            refusal.request_id = request_id
+            raise refusal
+        return Reservation(row_id=row_id, token_budget=budget)
+
+    def _check(
+        self, conn: sa.Connection, user: str, limits: Limits, now: datetime, minimum: int
+    ) -> QuotaExceeded | None:
+        u = db.usage.c
+        if limits.rpm:
+            since = now - timedelta(minutes=1)
+            recent = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(u.ts)).where(
+                    u.user == user,
+                    u.ts >= since,
+                    u.status != "refused",
+                    u.function.in_(QUOTA_FUNCTIONS),
+                )
+            ).one()
+            if recent[0] >= limits.rpm:
+                oldest = _aware(recent[1])
+                wait = max(1, math.ceil((oldest + timedelta(minutes=1) - now).total_seconds()))
+                return QuotaExceeded(
+                    f"You reached your limit of {limits.rpm} requests per minute. "
+                    f"Try again in {wait} s.",
+                    retry_after=wait,
+                )
+        if limits.daily_tokens:
+            budget = self._budget(conn, user, limits, now)
+            if budget is not None and budget < minimum:
+                midnight = datetime.combine(
+                    now.date() + timedelta(days=1), datetime.min.time(), UTC
+                )
+                wait = math.ceil((midnight - now).total_seconds())
+                return QuotaExceeded(
+                    f"Your daily quota of {limits.daily_tokens} tokens is used up "
+                    f"({max(budget, 0)} left, not enough for this request). It resets at "
+                    f"00:00 UTC, in {wait // 3600} h {wait % 3600 // 60} min.",
+                    retry_after=wait,
+                )
+        return None
+
+    def _budget(self, conn: sa.Connection, user: str, limits: Limits, now: datetime) -> int | None:
+        """Tokens the user may still spend today, counting what running calls hold."""
+        if not limits.daily_tokens:
+            return None
+        u = db.usage.c
+        start = datetime.combine(now.date(), datetime.min.time(), UTC)
+        spent = conn.execute(
+            sa.select(
+                sa.func.coalesce(
+                    sa.func.sum(u.prompt_tokens + u.completion_tokens + u.reserved_tokens), 0
+                )
+            ).where(u.user == user, u.ts >= start)
+        ).scalar_one()
+        return limits.daily_tokens - int(spent)
+
+    def finish(
+        self,
+        reservation: Reservation,
+        *,
+        status: str,
+        model: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_ms: float,
+        images: int = 0,
+        prompt_text: str | None = None,
+        completion_text: str | None = None,
+    ) -> None:
+        """Settle a pending row with what the call really used."""
+        cost = self.prices.cost(
+            model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, images=images
+        )
+        values = {
+            "status": status,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "reserved_tokens": 0,
+            "latency_ms": round(latency_ms, 1),
+            "cost_usd": cost,
+        }
+        if self.log_content:
+            values |= {"prompt_text": prompt_text, "completion_text": completion_text}
+        with self.engine.begin() as conn:
+            conn.execute(
+                db.usage.update().where(db.usage.c.id == reservation.row_id).values(**values)
+            )
+
+    def record(
+        self,
+        *,
+        user: str,
+        function: str,
+        model: str | None,
+        provider: str,
+        source: str,
+        request_id: str,
+        status: str,
+    ) -> None:
+        """A row for a call that failed before it could reserve (invalid input)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                db.usage.insert().values(
+                    ts=_now(),
+                    user=user,
+                    source=source,
+                    function=function,
+                    model=model,
+                    provider=provider,
+                    status=status,
+                    request_id=request_id,
+                    latency_ms=0.0,
+                )
+            )
+
+    def release_stale(self, older_than: timedelta) -> int:
+        """Rows left pending by a process that died no longer hold tokens."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                db.usage.update()
+                .where(db.usage.c.status == "pending", db.usage.c.ts < _now() - older_than)
+                .values(status="interrupted", reserved_tokens=0)
+            )
+        return done.rowcount
+
+    def rows(
+        self,
+        *,
+        start: date | None = None,
+        end: date | None = None,
+        users: list[str] | None = None,
+        models: list[str] | None = None,
+    ) -> pd.DataFrame:
+        """Ledger rows (no content columns) in a date range, as a DataFrame."""
+        u = db.usage.c
+        query = sa.select(*(getattr(u, c) for c in COLUMNS)).order_by(u.ts)
+        if start:
+            query = query.where(u.ts >= datetime.combine(start, datetime.min.time(), UTC))
+        if end:
+            query = query.where(
+                u.ts < datetime.combine(end + timedelta(days=1), datetime.min.time(), UTC)
+            )
+        if users:
+            query = query.where(u.user.in_(users))
+        if models:
+            query = query.where(u.model.in_(models))
+        with self.engine.connect() as conn:
+            frame = pd.DataFrame(conn.execute(query).all(), columns=COLUMNS)
+        frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
+        return frame
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; they were stored as UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -1,0 +1,255 @@
+"""Users with their own access keys (only salted hashes are stored), and a CLI to manage them.
+
+python -m core.users add NAME [--admin] [--daily-tokens N] [--rpm N]
+python -m core.users list | disable NAME | enable NAME | rotate NAME | limits NAME ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import re
+import secrets
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from core import db
+from core.errors import InvalidRequest
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}$")
+KEY_PREFIX = "dk_"
+Role = Literal["admin", "user"]
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    name: str
+    role: Role
+    disabled: bool
+    daily_tokens: int | None
+    rpm: int | None
+    key_version: int
+    created_at: datetime
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str, salt: str | None = None) -> str:
+    """A salted SHA-256 of the key. Keys are 256 random bits, so a slow KDF adds nothing."""
+    salt = salt or secrets.token_hex(16)
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()
+    return f"sha256${salt}${digest}"
+
+
+def key_matches(key: str, stored: str) -> bool:
+    try:
+        _, salt, _ = stored.split("$", 2)
+    except ValueError:
+        return False
+    return hmac.compare_digest(hash_key(key, salt), stored)
+
+
+def _check_limit(value: int | None, what: str) -> int | None:
+    if value is not None and not 0 <= value <= 10**12:
+        raise InvalidRequest(f"{what} must be between 0 and 10^12 (0 or empty: the default)")
+    return value or None
+
+
+class UserStore:
+    """Users in the project's database; every change takes effect on the next request."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def add(
+        self,
+        name: str,
+        *,
+        role: Role = "user",
+        daily_tokens: int | None = None,
+        rpm: int | None = None,
+    ) -> tuple[User, str]:
+        """Create a user; returns the user and their key (shown once, never stored)."""
+        if not NAME_PATTERN.match(name or ""):
+            raise InvalidRequest(
+                "A user name is 1 to 64 letters, digits or . _ @ + - (starting with a letter "
+                "or digit)."
+            )
+        if role not in ("admin", "user"):
+            raise InvalidRequest("role must be admin or user")
+        key = new_key()
+        values = {
+            "name": name,
+            "role": role,
+            "key_hash": hash_key(key),
+            "key_version": 1,
+            "disabled": False,
+            "daily_tokens": _check_limit(daily_tokens, "daily tokens"),
+            "rpm": _check_limit(rpm, "requests per minute"),
+            "created_at": datetime.now(UTC),
+        }
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(db.users.c.id).where(db.users.c.name == name)).first():
+                raise InvalidRequest(f"A user named {name!r} already exists.")
+            conn.execute(db.users.insert().values(**values))
+        user = self.get(name)
+        assert user is not None
+        return user, key
+
+    def get(self, name: str) -> User | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(db.users).where(db.users.c.name == name)).first()
+        return _user(row) if row else None
+
+    def list(self) -> list[User]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(db.users).order_by(db.users.c.name)).all()
+        return [_user(r) for r in rows]
+
+    def authenticate(self, name: str, key: str) -> User | None:
+        """The enabled user with this name and key, else None (constant-time comparison)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(db.users).where(db.users.c.name == name)).first()
+        if row is None:
+            key_matches(key, hash_key("dummy"))  # same work either way: no timing oracle
+            return None
+        if not key_matches(key, row.key_hash) or row.disabled:
+            return None
+        return _user(row)
+
+    def set_disabled(self, name: str, disabled: bool) -> User:
+        return self._update(name, disabled=disabled)
+
+    def rotate(self, name: str) -> tuple[User, str]:
+        """A new key for the user; the old one (and its sessions) stop working at once."""
+        key = new_key()
+        self._update(name, key_hash=hash_key(key), key_version=db.users.c.key_version + 1)
+        user = self.get(name)
+        assert user is not None
+        return user, key
+
+    def set_limits(self, name: str, *, daily_tokens: int | None, rpm: int | None) -> User:
+        return self._update(
+            name,
+            daily_tokens=_check_limit(daily_tokens, "daily tokens"),
+            rpm=_check_limit(rpm, "requests per minute"),
+        )
+
+    def set_role(self, name: str, role: Role) -> User:
+        if role not in ("admin", "user"):
+            raise InvalidRequest("role must be admin or user")
+        return self._update(name, role=role)
+
+    def _update(self, name: str, **values: object) -> User:
+        with self.engine.begin() as conn:
+            done = conn.execute(db.users.update().where(db.users.c.name == name).values(**values))
+        if done.rowcount == 0:
+            raise InvalidRequest(f"No user named {name!r}.")
+        user = self.get(name)
+        assert user is not None
+        return user
+
+
+def _user(row: sa.Row) -> User:
+    return User(
+        id=row.id,
+        name=row.name,
+        role=row.role,
+        disabled=bool(row.disabled),
+        daily_tokens=row.daily_tokens,
+        rpm=row.rpm,
+        key_version=row.key_version,
+        created_at=row.created_at,
+    )
+
+
+def open_store() -> UserStore:
+    """The store of the configured database (DATA_DIR / DATABASE_URL), migrated."""
+    from core.config import load_settings
+
+    settings = load_settings()
+    engine = db.make_engine(db.database_url(settings.data_dir, settings.database_url))
+    db.migrate(engine)
+    return UserStore(engine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m core.users", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="create a user and print their key once")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="may see all usage and manage users")
+    add.add_argument(
+        "--daily-tokens", type=int, help="tokens per day (default: DEFAULT_DAILY_TOKENS)"
+    )
+    add.add_argument("--rpm", type=int, help="requests per minute (default: DEFAULT_RPM)")
+    sub.add_parser("list", help="list users (never keys)")
+    for name, text in (("disable", "stop a user's key at once"), ("enable", "allow it again")):
+        sub.add_parser(name, help=text).add_argument("name")
+    sub.add_parser("rotate", help="replace a user's key; prints the new one once").add_argument(
+        "name"
+    )
+    limits = sub.add_parser("limits", help="set a user's limits (0: back to the defaults)")
+    limits.add_argument("name")
+    limits.add_argument("--daily-tokens", type=int, default=0)
+    limits.add_argument("--rpm", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    try:
+        store = open_store()
+        if args.command == "add":
+            role: Role = "admin" if args.admin else "user"
+            user, key = store.add(
+                args.name, role=role, daily_tokens=args.daily_tokens, rpm=args.rpm
+            )
+            _print_key(user, key, "created")
+        elif args.command == "list":
+            print(
+                f"{'name':<24} {'role':<6} {'status':<9} {'daily tokens':>12} {'rpm':>6}  created"
+            )
+            for u in store.list():
+                status = "disabled" if u.disabled else "active"
+                print(
+                    f"{u.name:<24} {u.role:<6} {status:<9} {u.daily_tokens or 'default':>12} "
+                    f"{u.rpm or 'default':>6}  {u.created_at:%Y-%m-%d}"
+                )
+        elif args.command in ("disable", "enable"):
+            user = store.set_disabled(args.name, args.command == "disable")
+            print(f"{user.name}: {'disabled' if user.disabled else 'enabled'}")
+        elif args.command == "rotate":
+            user, key = store.rotate(args.name)
+            _print_key(user, key, "rotated; the old key no longer works")
+        elif args.command == "limits":
+            user = store.set_limits(args.name, daily_tokens=args.daily_tokens, rpm=args.rpm)
+            print(
+                f"{user.name}: daily tokens {user.daily_tokens or 'default'}, "
+                f"rpm {user.rpm or 'default'}"
+            )
+    except InvalidRequest as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_key(user: User, key: str, what: str) -> None:
+    print(f"{user.name} ({user.role}) {what}. Their key, shown only this once:\n\n    {key}\n")
+    print("Sign in with that user name and key; scripts use the same pair.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
