@@ -41,6 +41,7 @@ def totals(rows: pd.DataFrame) -> dict[str, Any]:
 def daily_by_model(rows: pd.DataFrame) -> pd.DataFrame:
     """Tokens and cost per UTC day and model (for the plots)."""
     frame = _with_tokens(rows)
+    frame = frame[frame["model"] != ""]  # model listings have no model and no tokens
     frame["day"] = frame["ts"].dt.tz_convert("UTC").dt.strftime("%Y-%m-%d")
     grouped = frame.groupby(["day", "model"], as_index=False).agg(
         requests=("status", "size"), tokens=("tokens", "sum"), cost_usd=("cost_usd", "sum")

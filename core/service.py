@@ -285,7 +285,7 @@ class Service:
             return
         usage = call.usage
         reply = "".join(call.reply)
-        if usage is None and call.function in ("chat", "completion"):
+        if usage is None and status == "ok" and call.function in ("chat", "completion"):
             # Some servers report no usage when streaming: estimate, so quotas still count.
             usage = Usage(
                 prompt_tokens=call.prompt_chars // 4, completion_tokens=call.reply_chars // 4

@@ -9,7 +9,7 @@ import gradio as gr
 from core.auth import display_name
 from core.context import Core
 from core.errors import ServiceError
-from ui import api, chat, completion, embeddings, images, models
+from ui import api, chat, completion, embeddings, images, models, usage
 from ui.common import caller_of, model_choices
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
@@ -47,6 +47,8 @@ def build_demo(core: Core) -> gr.Blocks:
             embeddings_tab = embeddings.build(core)
         with gr.Tab("Models"):
             models.build(core, demo)
+        with gr.Tab("Usage"):
+            usage.build(core, demo)
         api.register(core)
 
         pickers = {
