@@ -76,6 +76,13 @@ class Authenticator:
         user = self.users.authenticate(username, key or "")
         return self._principal(user) if user else None
 
+    def authenticate_bearer(self, key: str) -> Principal | None:
+        """The caller for an `Authorization: Bearer` key alone (the /v1 API)."""
+        if hmac.compare_digest((key or "").encode(), self._key):
+            return Principal(name="owner", role="admin")
+        user = self.users.authenticate_key(key) if self.users else None
+        return self._principal(user) if user else None
+
     def resolve(self, username: str | None) -> Principal:
         """The caller behind a logged-in session's user name.
 

@@ -41,6 +41,7 @@ _ALLOWED = {
     "LOGIN_MAX_FAILURES": "a whole number from 1 to 1000",
     "DATABASE_URL": "sqlite:///path.db or postgresql://user:password@host/db",
     "LOG_CONTENT": "true or false",
+    "METRICS_PUBLIC": "true or false",
     "DEFAULT_DAILY_TOKENS": "a whole number of tokens per user per day (0: no limit)",
     "DEFAULT_RPM": "a whole number of requests per user per minute (0: no limit)",
     "PRICES_JSON": 'JSON like {"model": {"input": 0.4, "output": 1.6}} (USD per 1M tokens)',
@@ -79,6 +80,7 @@ class Settings(BaseModel):
     log_content: bool = Field(default=False, alias="LOG_CONTENT")
     default_daily_tokens: int = Field(default=0, ge=0, le=10**12, alias="DEFAULT_DAILY_TOKENS")
     default_rpm: int = Field(default=0, ge=0, le=100_000, alias="DEFAULT_RPM")
+    metrics_public: bool = Field(default=False, alias="METRICS_PUBLIC")
     prices_json: str | None = Field(default=None, alias="PRICES_JSON")
     login_max_failures: int = Field(default=5, ge=1, le=1000, alias="LOGIN_MAX_FAILURES")
     login_lockout_seconds: float = Field(default=900, ge=1, le=86400, alias="LOGIN_LOCKOUT_SECONDS")

@@ -8,6 +8,7 @@ class ServiceError(Exception):
 
     status: int = 500
     default_message = "The request failed."
+    param: str | None = None  # the input field at fault, when there is one
 
     def __init__(self, message: str | None = None, *, request_id: str | None = None) -> None:
         self.message = message or self.default_message

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -56,6 +59,14 @@ class Ledger:
         self.engine = engine
         self.prices = prices
         self.log_content = log_content
+        # SQLite allows one writer; waiting writers poll with sleeps of up to 100 ms. Queueing
+        # this process's writers on a lock instead hands the database over at once.
+        self._write = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+
+    @contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        with self._write, self.engine.begin() as conn:
+            yield conn
 
     def reserve(
         self,
@@ -76,7 +87,7 @@ class Ledger:
         prompt), so a call that cannot fit in today's budget is refused up front.
         """
         now = _now()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             db.lock_user(conn, user)  # SQLite's BEGIN IMMEDIATE already serializes writers
             refusal = self._check(conn, user, limits, now, minimum)
             row = {
@@ -181,7 +192,7 @@ class Ledger:
         }
         if self.log_content:
             values |= {"prompt_text": prompt_text, "completion_text": completion_text}
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 db.usage.update().where(db.usage.c.id == reservation.row_id).values(**values)
             )
@@ -198,7 +209,7 @@ class Ledger:
         status: str,
     ) -> None:
         """A row for a call that failed before it could reserve (invalid input)."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 db.usage.insert().values(
                     ts=_now(),
@@ -215,7 +226,7 @@ class Ledger:
 
     def release_stale(self, older_than: timedelta) -> int:
         """Rows left pending by a process that died no longer hold tokens."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             done = conn.execute(
                 db.usage.update()
                 .where(db.usage.c.status == "pending", db.usage.c.ts < _now() - older_than)

@@ -33,7 +33,7 @@ class _Request(BaseModel):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
@@ -150,7 +150,10 @@ def parse(model: type[RequestT], data: dict[str, object]) -> RequestT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
+        error = InvalidRequest(describe_validation_error(exc))
+        first = exc.errors(include_input=False, include_url=False)[0]["loc"]
+        error.param = str(first[0]) if first else None
+        raise error from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:

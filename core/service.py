@@ -12,12 +12,14 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel
 
-from core import errors
+from core import errors, metrics
 from core.auth import SYSTEM, Principal
 from core.config import Settings
 from core.ledger import Ledger, Reservation
+from core.passthrough import DONE, error_in, is_usage_only, sse_events, usage_in
 from core.providers import build_provider
 from core.providers.base import Provider
 from core.schemas import (
@@ -36,6 +38,18 @@ from core.schemas import (
 log = logging.getLogger("core.service")
 RequestT = TypeVar("RequestT", bound=BaseModel)
 MODELS_TTL = 60.0
+PATHS = {
+    "chat": "chat/completions",
+    "completion": "completions",
+    "embedding": "embeddings",
+    "image": "images/generations",
+}
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "chat": ChatRequest,
+    "completion": CompletionRequest,
+    "embedding": EmbeddingRequest,
+    "image": ImageRequest,
+}
 DEFAULT_HOLD = 1024  # tokens a reply without max_tokens holds against the quota while running
 PING_TTL = 15.0
 
@@ -149,6 +163,65 @@ class Service:
             call.usage = result.usage
             return result
 
+    # ---- passthrough for the /v1 gateway -----------------------------------------------------
+
+    @property
+    def passthrough(self) -> bool:
+        """True when the backend takes OpenAI-shaped bytes as they are (OpenAI-compatible)."""
+        return getattr(self.provider, "supports_passthrough", False)
+
+    async def forward_json(
+        self,
+        function: str,
+        request: Mapping[str, Any],
+        body: dict[str, Any],
+        *,
+        caller: Principal = SYSTEM,
+        source: str = "v1",
+    ) -> bytes:
+        """Validate, reserve, send `body` upstream as it is, account for the answer's usage."""
+        call = Call(function, caller, source)
+        async with self._track(call):
+            req = await self._prepare(REQUEST_MODELS[function], request, call)
+            payload = _payload(body, req, stream=False)
+            content = await self.provider.forward_json(PATHS[function], payload, call.model)  # type: ignore[attr-defined]
+            call.usage = usage_in(content)
+            if function == "image":
+                call.images = content.count(b'"b64_json"')
+            return content
+
+    async def forward_stream(
+        self,
+        function: str,
+        request: Mapping[str, Any],
+        body: dict[str, Any],
+        *,
+        caller: Principal = SYSTEM,
+        source: str = "v1",
+        include_usage: bool = False,
+    ) -> AsyncIterator[bytes]:
+        """Stream SSE events from upstream as they arrive; usage is always asked for (the
+        ledger needs it) and its chunk is passed on only when the client asked for it too."""
+        call = Call(function, caller, source)
+        async with self._track(call):
+            req = await self._prepare(REQUEST_MODELS[function], request, call)
+            payload = _payload(body, req, stream=True)
+            upstream = self.provider.forward_stream(PATHS[function], payload, call.model)  # type: ignore[attr-defined]
+            finished = False
+            async with aclosing(sse_events(upstream)) as events:
+                async for event in events:
+                    if event.startswith(DONE):
+                        finished = True
+                    elif b'"usage"' in event:
+                        call.usage = usage_in(event) or call.usage
+                        if not include_usage and is_usage_only(event):
+                            continue
+                    elif b'"error"' in event and (message := error_in(event)):
+                        raise errors.StreamInterrupted(f"The upstream reported an error: {message}")
+                    yield event
+            if not finished:
+                raise errors.StreamInterrupted()
+
     async def list_models(
         self, *, refresh: bool = False, caller: Principal = SYSTEM, source: str = "core"
     ) -> list[ModelInfo]:
@@ -237,8 +310,9 @@ class Service:
 
     @asynccontextmanager
     async def _track(self, call: Call) -> AsyncIterator[Call]:
-        """Log the outcome of a call, stamp errors with its request id, hide internal failures."""
+        """Log, meter and record a call; stamp errors with its request id; hide internal ones."""
         status = "ok"
+        metrics.IN_FLIGHT.labels(call.function).inc()
         try:
             yield call
         except errors.ServiceError as exc:
@@ -257,19 +331,32 @@ class Service:
                 "Something went wrong on our side.", request_id=call.request_id
             ) from None
         finally:
+            metrics.IN_FLIGHT.labels(call.function).dec()
             if self.ledger is not None and not call.refused:
                 # Shielded: a cancelled call is still settled in the ledger.
                 await asyncio.shield(asyncio.to_thread(self._settle, call, status))
             usage = call.usage
+            seconds = time.perf_counter() - call.started
+            metrics.observe(
+                function=call.function,
+                model=call.model,
+                source=call.source,
+                status="refused" if call.refused else status,
+                seconds=seconds,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+            )
             log.info(
-                "request_id=%s function=%s provider=%s model=%s status=%s latency_ms=%.0f "
-                "prompt_tokens=%s completion_tokens=%s",
+                "request_id=%s user=%s source=%s function=%s provider=%s model=%s status=%s "
+                "latency_ms=%.0f prompt_tokens=%s completion_tokens=%s",
                 call.request_id,
+                call.caller.name,
+                call.source,
                 call.function,
                 self.provider.name,
                 call.model,
                 status,
-                (time.perf_counter() - call.started) * 1000,
+                seconds * 1000,
                 usage.prompt_tokens if usage else "-",
                 usage.completion_tokens if usage else "-",
             )
@@ -306,6 +393,18 @@ class Service:
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
+
+
+def _payload(body: dict[str, Any], req: BaseModel, *, stream: bool) -> bytes:
+    """The client's body with what the service decided: the model, streaming, a quota cap."""
+    out = {**body, "model": req.model}  # type: ignore[attr-defined]
+    if stream:
+        out["stream"] = True
+        out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    cap = getattr(req, "max_tokens", None)
+    if cap is not None and cap != (body.get("max_completion_tokens") or body.get("max_tokens")):
+        out["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = cap
+    return orjson.dumps(out)
 
 
 def _prompt_text(request: BaseModel) -> str:

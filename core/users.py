@@ -43,8 +43,17 @@ class User:
         return self.role == "admin"
 
 
-def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+def new_key(user_id: int) -> str:
+    """dk_<user id>_<256 random bits>: the id finds the row, the salted hash checks the rest."""
+    return f"{KEY_PREFIX}{user_id}_{secrets.token_urlsafe(32)}"
+
+
+def key_user_id(key: str) -> int | None:
+    """The user id a key names, or None if it is not one of ours."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    user_id, _, rest = key[len(KEY_PREFIX) :].partition("_")
+    return int(user_id) if user_id.isdigit() and rest else None
 
 
 def hash_key(key: str, salt: str | None = None) -> str:
@@ -90,11 +99,10 @@ class UserStore:
             )
         if role not in ("admin", "user"):
             raise InvalidRequest("role must be admin or user")
-        key = new_key()
         values = {
             "name": name,
             "role": role,
-            "key_hash": hash_key(key),
+            "key_hash": "",  # set below, once the id that the key embeds is known
             "key_version": 1,
             "disabled": False,
             "daily_tokens": _check_limit(daily_tokens, "daily tokens"),
@@ -104,7 +112,11 @@ class UserStore:
         with self.engine.begin() as conn:
             if conn.execute(sa.select(db.users.c.id).where(db.users.c.name == name)).first():
                 raise InvalidRequest(f"A user named {name!r} already exists.")
-            conn.execute(db.users.insert().values(**values))
+            user_id = conn.execute(db.users.insert().values(**values)).inserted_primary_key[0]
+            key = new_key(user_id)
+            conn.execute(
+                db.users.update().where(db.users.c.id == user_id).values(key_hash=hash_key(key))
+            )
         user = self.get(name)
         assert user is not None
         return user, key
@@ -130,12 +142,26 @@ class UserStore:
             return None
         return _user(row)
 
+    def authenticate_key(self, key: str) -> User | None:
+        """The enabled user a bearer key belongs to, else None (no user name needed)."""
+        user_id = key_user_id(key or "")
+        if user_id is None:
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
+        if row is None or row.disabled or not key_matches(key, row.key_hash):
+            return None
+        return _user(row)
+
     def set_disabled(self, name: str, disabled: bool) -> User:
         return self._update(name, disabled=disabled)
 
     def rotate(self, name: str) -> tuple[User, str]:
         """A new key for the user; the old one (and its sessions) stop working at once."""
-        key = new_key()
+        current = self.get(name)
+        if current is None:
+            raise InvalidRequest(f"No user named {name!r}.")
+        key = new_key(current.id)
         self._update(name, key_hash=hash_key(key), key_version=db.users.c.key_version + 1)
         user = self.get(name)
         assert user is not None

@@ -92,4 +92,4 @@ def test_upstream_request_errors_are_logged_with_the_request_id(service: Service
 
     with pytest.raises(errors.ModelNotFound) as info:
         chat(service, "no-such-model")
-    assert f"request_id={info.value.request_id} function=chat" in logged()
+    assert f"request_id={info.value.request_id} user=system source=core function=chat" in logged()

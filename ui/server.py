@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from core.auth import LOGIN_CAPTURE, LoginLimiter, Principal, Revoked
 from core.config import Settings
 from core.context import Core, open_core
+from gateway.routes import build_router
 from ui.layout import CSS, THEME, build_demo
 
 log = logging.getLogger("ui.server")
@@ -136,7 +137,9 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
         SessionGuard, core=core, limiter=limiter, gradio_tokens=lambda: _gradio_tokens(app)
     )
 
-    # Registered before the mount, or Gradio's catch-all would shadow it.
+    # Registered before the mount, or Gradio's catch-all would shadow them.
+    app.include_router(build_router(core))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         """Public liveness and upstream status; no secret, no key fragment."""

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
+import httpx2
 import openai
+import orjson
 
 from core import errors
 from core.config import Settings
@@ -38,46 +40,52 @@ DEFAULT_MODELS = {
 PLACEHOLDER_KEY = "not-needed"
 
 
-def map_error(exc: Exception, *, model: str | None = None) -> errors.ServiceError:
-    """Translate an SDK exception into the service's error tree (never echoing credentials)."""
-    if isinstance(exc, openai.APITimeoutError):
-        return errors.UpstreamTimeout()
-    if isinstance(exc, openai.APIConnectionError):
-        return errors.UpstreamUnavailable()
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+def map_status(
+    status: int, body: object, *, retry_after: str | None = None, model: str | None = None
+) -> errors.ServiceError:
+    """Translate an upstream HTTP error into the service's error tree (never echoing keys)."""
+    if status in (401, 403):
         # OpenAI's 401 message quotes part of the key: never pass it on.
         return errors.UpstreamAuthError()
-    if isinstance(exc, openai.NotFoundError):
+    if status == 404:
         return errors.ModelNotFound(
             f"The upstream has no model {model!r}, or this key has no access to it. "
             "Pick one from the Models tab."
             if model
             else None
         )
-    if isinstance(exc, openai.RateLimitError):
-        retry_after = exc.response.headers.get("retry-after")
+    if status == 429:
         try:
             seconds = float(retry_after) if retry_after else None
         except ValueError:
             seconds = None
         return errors.RateLimited(retry_after=seconds)
+    if status >= 500:
+        return errors.UpstreamError(f"The upstream failed with status {status}.")
+    return errors.UpstreamRejected(f"The upstream rejected the request: {_message(body)}")
+
+
+def map_error(exc: Exception, *, model: str | None = None) -> errors.ServiceError:
+    """Translate an SDK exception into the service's error tree."""
+    if isinstance(exc, openai.APITimeoutError):
+        return errors.UpstreamTimeout()
+    if isinstance(exc, openai.APIConnectionError):
+        return errors.UpstreamUnavailable()
     if isinstance(exc, openai.APIStatusError):
-        if exc.status_code >= 500:
-            return errors.UpstreamError(f"The upstream failed with status {exc.status_code}.")
-        return errors.UpstreamRejected(f"The upstream rejected the request: {_message(exc)}")
+        retry_after = exc.response.headers.get("retry-after")
+        return map_status(exc.status_code, exc.body, retry_after=retry_after, model=model)
     if isinstance(exc, openai.APIError):
         # An error event inside a stream arrives as a plain APIError.
-        return errors.StreamInterrupted(f"The upstream reported an error: {_message(exc)}")
+        return errors.StreamInterrupted(f"The upstream reported an error: {_message(exc.body)}")
     return errors.UpstreamError()
 
 
-def _message(exc: openai.APIError) -> str:
-    body = exc.body
+def _message(body: object) -> str:
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
             return inner["message"][:500]
-    return str(exc.message)[:500]
+    return "no details"
 
 
 def _usage(raw: Any) -> Usage | None:
@@ -91,11 +99,16 @@ def _usage(raw: Any) -> Usage | None:
 
 
 class OpenAIProvider:
-    """The OpenAI-compatible backend: one AsyncOpenAI client shared by every call."""
+    """The OpenAI-compatible backend: one AsyncOpenAI client shared by every call.
+
+    The /v1 gateway's calls skip the SDK and pass the bytes through (forward_*): they are
+    already in OpenAI's shape, so parsing and re-serialising them would only add latency.
+    """
 
     name = "openai"
     supports_images = True
     supports_embeddings = True
+    supports_passthrough = True
 
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.openai_base_url or OPENAI_URL
@@ -112,6 +125,17 @@ class OpenAIProvider:
         # api.openai.com wants max_completion_tokens; compatible servers know max_tokens.
         self._tokens_param = (
             "max_completion_tokens" if "api.openai.com" in self.base_url else "max_tokens"
+        )
+        self._http = httpx2.AsyncClient(
+            base_url=self.base_url + "/",
+            headers={
+                "Authorization": f"Bearer {key or PLACEHOLDER_KEY}",
+                "Content-Type": "application/json",
+                # Raw bytes are relayed as they are: they must not arrive compressed.
+                "Accept-Encoding": "identity",
+            },
+            timeout=httpx2.Timeout(settings.request_timeout, connect=10.0),
+            limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=200),
         )
         self._client = openai.AsyncOpenAI(
             api_key=key or PLACEHOLDER_KEY,
@@ -266,6 +290,61 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+        await self._http.aclose()
+
+    # ---- passthrough for the /v1 gateway ---------------------------------------------------
+
+    async def _send(self, path: str, payload: bytes, model: str | None) -> httpx2.Response:
+        self._check_configured()
+        request = self._http.build_request("POST", path, content=payload)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx2.TimeoutException:
+            raise errors.UpstreamTimeout() from None
+        except httpx2.TransportError:
+            raise errors.UpstreamUnavailable() from None
+        if response.status_code >= 400:
+            raw = await response.aread()
+            await response.aclose()
+            log.info(
+                "upstream status %d upstream_request_id=%s",
+                response.status_code,
+                response.headers.get("x-request-id"),
+            )
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                body = None
+            retry_after = response.headers.get("retry-after")
+            raise map_status(response.status_code, body, retry_after=retry_after, model=model)
+        return response
+
+    async def forward_json(self, path: str, payload: bytes, model: str | None) -> bytes:
+        """POST an OpenAI-shaped JSON body; return the upstream's JSON bytes untouched."""
+        response = await self._send(path, payload, model)
+        try:
+            return await response.aread()
+        except httpx2.TimeoutException:
+            raise errors.UpstreamTimeout() from None
+        except httpx2.TransportError:
+            raise errors.UpstreamError("The upstream's answer was cut off.") from None
+        finally:
+            await response.aclose()
+
+    async def forward_stream(
+        self, path: str, payload: bytes, model: str | None
+    ) -> AsyncIterator[bytes]:
+        """POST a streaming request; yield the SSE bytes as they arrive."""
+        response = await self._send(path, payload, model)
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx2.TimeoutException:
+            raise errors.UpstreamTimeout() from None
+        except httpx2.TransportError:
+            raise errors.StreamInterrupted() from None
+        finally:
+            await response.aclose()
 
 
 def _delta_text(choice: Any) -> str | None:

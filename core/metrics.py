@@ -1,0 +1,52 @@
+"""Prometheus metrics of every call through the service (exposed at /metrics by the gateway)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "dashboard_requests",
+    "Calls through the service, by function, model, source and outcome.",
+    ["function", "model", "source", "status"],
+)
+ERRORS = Counter(
+    "dashboard_errors",
+    "Failed or refused calls, by function, model and error.",
+    ["function", "model", "error"],
+)
+LATENCY = Histogram(
+    "dashboard_request_duration_seconds",
+    "Time from the call's start to its last byte, by function and source.",
+    ["function", "source"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+TOKENS = Counter(
+    "dashboard_tokens",
+    "Tokens used, by function, model and kind (prompt or completion).",
+    ["function", "model", "kind"],
+)
+IN_FLIGHT = Gauge(
+    "dashboard_in_flight_requests", "Calls being served right now, by function.", ["function"]
+)
+
+
+def observe(
+    *,
+    function: str,
+    model: str | None,
+    source: str,
+    status: str,
+    seconds: float,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> None:
+    """Record one finished call."""
+    model = model or ""
+    REQUESTS.labels(function, model, source, status).inc()
+    if status != "ok":
+        ERRORS.labels(function, model, status).inc()
+    LATENCY.labels(function, source).observe(seconds)
+    if prompt_tokens:
+        TOKENS.labels(function, model, "prompt").inc(prompt_tokens)
+    if completion_tokens:
+        TOKENS.labels(function, model, "completion").inc(completion_tokens)

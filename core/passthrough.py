@@ -1,0 +1,73 @@
+"""Reading just enough of OpenAI-shaped bytes to account for them, without re-serialising."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import orjson
+
+from core.schemas import Usage
+
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+DONE = b"data: [DONE]"
+
+
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Regroup raw bytes into whole SSE events (each ending in a blank line), as they complete."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        while (end := _event_end(buffer)) is not None:
+            event, buffer = buffer[:end], buffer[end:]
+            yield event
+    if buffer.strip():
+        yield buffer
+
+
+def _event_end(buffer: bytes) -> int | None:
+    for separator in (b"\n\n", b"\r\n\r\n"):
+        i = buffer.find(separator)
+        if i >= 0:
+            return i + len(separator)
+    return None
+
+
+def usage_in(raw: bytes) -> Usage | None:
+    """The last "usage" object in a JSON body or SSE event, parsed on its own."""
+    at = raw.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = raw.find(b"{", at)
+    if start < 0 or raw[at + 7 : start].strip(b" :\t\r\n"):
+        return None  # "usage": null
+    depth = 0
+    for end in range(start, len(raw)):
+        depth += {123: 1, 125: -1}.get(raw[end], 0)  # { and }
+        if depth == 0:
+            try:
+                data = orjson.loads(raw[start : end + 1])
+            except orjson.JSONDecodeError:
+                return None
+            prompt = int(data.get("prompt_tokens") or 0)
+            completion = int(data.get("completion_tokens") or 0)
+            total = int(data.get("total_tokens") or prompt + completion)
+            return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+    return None
+
+
+def is_usage_only(event: bytes) -> bool:
+    """The final chunk that carries only usage (choices == [])."""
+    return _EMPTY_CHOICES.search(event) is not None
+
+
+def error_in(event: bytes) -> str | None:
+    """The message of an error event inside a stream, if this is one."""
+    payload = event.strip().removeprefix(b"data:").strip()
+    if not payload.startswith(b'{"error"'):
+        return None
+    try:
+        error = orjson.loads(payload)["error"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "unreadable error event"
+    return str(error.get("message", "unknown error"))[:300] if isinstance(error, dict) else None

@@ -1,0 +1,221 @@
+"""The OpenAI-compatible /v1 API and /metrics: bearer keys, the same service, bytes passed on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from core import errors
+from core.auth import Principal
+from core.context import Core
+from core.service import new_request_id
+from gateway import shapes
+
+log = logging.getLogger("gateway")
+JSON = "application/json"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def json_error(body: dict[str, Any], status: int, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(exc: errors.ServiceError) -> Response:
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if exc.status == 429 and retry_after:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return json_error(shapes.service_error_body(exc), exc.status, headers)
+
+
+class Refusal(Exception):
+    """A response decided before the service is called (no key, bad JSON)."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+def build_router(core: Core) -> APIRouter:
+    """Routes for /v1/* and /metrics, served by the same process as the dashboard."""
+    router = APIRouter()
+    service = core.service
+
+    def caller_of(request: Request) -> Principal:
+        key = _bearer(request)
+        if not key:
+            body = shapes.error_body(
+                "Missing API key: send 'Authorization: Bearer <your access key>'.",
+                status=401,
+                code="invalid_api_key",
+            )
+            raise Refusal(json_error(body, 401))
+        principal = core.auth.authenticate_bearer(key)
+        if principal is None:
+            body = shapes.error_body(
+                "Incorrect API key provided, or the key was disabled.",
+                status=401,
+                code="invalid_api_key",
+            )
+            raise Refusal(json_error(body, 401))
+        return principal
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            message = f"The request body is not valid JSON: {exc}"
+            raise Refusal(json_error(shapes.error_body(message, status=400), 400)) from None
+        if not isinstance(body, dict):
+            message = "The request body must be a JSON object."
+            raise Refusal(json_error(shapes.error_body(message, status=400), 400))
+        return body
+
+    async def handle(function: str, request: Request) -> Response:
+        try:
+            caller = caller_of(request)
+            body = await json_body(request)
+        except Refusal as refusal:
+            return refusal.response
+        fields = shapes.FIELDS[function](body)
+        stream = bool(body.get("stream")) and function in ("chat", "completion")
+        if service.passthrough:
+            if stream:
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                events = service.forward_stream(
+                    function, fields, body, caller=caller, include_usage=include_usage
+                )
+                return await stream_response(events)
+            try:
+                content = await service.forward_json(function, fields, body, caller=caller)
+            except errors.ServiceError as exc:
+                return error_response(exc)
+            return Response(content, media_type=JSON)
+        return await built_here(function, fields, body, caller, stream)
+
+    async def built_here(
+        function: str, fields: dict[str, Any], body: dict[str, Any], caller: Principal, stream: bool
+    ) -> Response:
+        """The embedded backend: run the service's typed calls and shape OpenAI's answers."""
+        kwargs: dict[str, Any] = {"caller": caller, "source": "v1"}
+        try:
+            if function == "embedding":
+                result = await service.embeddings(fields, **kwargs)
+                encoding = body.get("encoding_format")
+                return Response(shapes.embeddings_body(result, encoding=encoding), media_type=JSON)
+            if function == "image":
+                await service.generate_images(fields, **kwargs)
+                raise AssertionError("the embedded backend has no image model")
+        except errors.ServiceError as exc:
+            return error_response(exc)
+        call = service.chat_stream if function == "chat" else service.completion_stream
+        model = fields.get("model") or service.default_model(function)
+        shape = shapes.Completion(function, model, new_request_id())
+        chunks = call(fields, **kwargs)
+        if stream:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await stream_response(_events(shape, chunks, include_usage))
+        text, finish, usage = [], None, None
+        try:
+            async for chunk in chunks:
+                text.append(chunk.text)
+                finish = chunk.finish_reason or finish
+                usage = chunk.usage or usage
+        except errors.ServiceError as exc:
+            return error_response(exc)
+        return Response(shape.whole("".join(text), finish, usage), media_type=JSON)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle("chat", request)
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle("completion", request)
+
+    @router.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await handle("embedding", request)
+
+    @router.post("/v1/images/generations")
+    async def images(request: Request) -> Response:
+        return await handle("image", request)
+
+    @router.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            caller = caller_of(request)
+            listed = await service.list_models(caller=caller, source="v1")
+        except Refusal as refusal:
+            return refusal.response
+        except errors.ServiceError as exc:
+            return error_response(exc)
+        return Response(shapes.models_body(listed), media_type=JSON)
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if not core.settings.metrics_public:
+            key = _bearer(request)
+            principal = core.auth.authenticate_bearer(key) if key else None
+            if principal is None or not principal.is_admin:
+                body = shapes.error_body(
+                    "Metrics need an admin key (Authorization: Bearer ...) or METRICS_PUBLIC=true",
+                    status=401,
+                )
+                return json_error(body, 401)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+async def stream_response(events: AsyncIterator[bytes]) -> Response:
+    """Wait for the first event, so a refusal is a plain HTTP error, then stream the rest."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        first = b""
+    except errors.ServiceError as exc:
+        return error_response(exc)
+    rest = _rest(first, events)
+    return StreamingResponse(rest, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _rest(first: bytes, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream after its first event; a failure mid-way becomes an SSE error event."""
+    try:
+        if first:
+            yield first
+        async for event in events:
+            yield event
+    except errors.ServiceError as exc:
+        # Status 200 is already sent: report the error the way OpenAI does inside a stream.
+        yield shapes.sse(shapes.service_error_body(exc))
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _events(
+    shape: shapes.Completion, chunks: AsyncIterator[Any], include_usage: bool
+) -> AsyncIterator[bytes]:
+    usage = None
+    async with aclosing(chunks):  # a client that leaves stops the generation now
+        async for chunk in chunks:
+            usage = chunk.usage or usage
+            if chunk.text or chunk.finish_reason:
+                yield shape.event(chunk)
+    if include_usage:
+        yield shape.usage_event(usage)
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,183 @@
+"""OpenAI's request and response shapes: client bodies to the service's fields, results back.
+
+The service validates; this module only moves fields between shapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from typing import Any
+
+import orjson
+
+from core import errors
+from core.schemas import EmbeddingResult, ModelInfo, StreamChunk, Usage
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
+
+
+def error_body(
+    message: str, *, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def service_error_body(exc: errors.ServiceError) -> dict[str, Any]:
+    code = {
+        "ModelNotFound": "model_not_found",
+        "QuotaExceeded": "quota_exceeded",
+        "RateLimited": "rate_limit_exceeded",
+    }.get(type(exc).__name__)
+    return error_body(str(exc), status=exc.status, param=exc.param, code=code)
+
+
+def _text(content: Any) -> Any:
+    """Message content as text for validation: parts joined, images left to the upstream."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return content
+
+
+def _stop(value: Any) -> Any:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+def _common(body: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {"model": body.get("model") or None}
+    if body.get("temperature") is not None:
+        fields["temperature"] = body["temperature"]
+    return fields
+
+
+def chat_fields(body: dict[str, Any]) -> dict[str, Any]:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        messages = [
+            {"role": m.get("role"), "content": _text(m.get("content"))}
+            if isinstance(m, dict)
+            else m
+            for m in messages
+        ]
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    return {**_common(body), "messages": messages, "max_tokens": max_tokens,
+            "stop": _stop(body.get("stop"))}  # fmt: skip
+
+
+def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return {**_common(body), "prompt": prompt, "max_tokens": body.get("max_tokens"),
+            "stop": _stop(body.get("stop"))}  # fmt: skip
+
+
+def embedding_fields(body: dict[str, Any]) -> dict[str, Any]:
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    return {"model": body.get("model") or None, "texts": texts,
+            "dimensions": body.get("dimensions")}  # fmt: skip
+
+
+def image_fields(body: dict[str, Any]) -> dict[str, Any]:
+    fields = {"model": body.get("model") or None, "prompt": body.get("prompt")}
+    for name in ("size", "quality", "n"):
+        if body.get(name) is not None:
+            fields[name] = body[name]
+    return fields
+
+
+FIELDS = {
+    "chat": chat_fields,
+    "completion": completion_fields,
+    "embedding": embedding_fields,
+    "image": image_fields,
+}
+
+
+# ---- responses built here (the embedded backend, which has no OpenAI bytes to pass on) -------
+
+
+def _usage(usage: Usage | None) -> dict[str, int]:
+    usage = usage or Usage()
+    total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": total,
+    }
+
+
+class Completion:
+    """Builds chat.completion(.chunk) and text_completion objects from service chunks."""
+
+    def __init__(self, function: str, model: str, request_id: str) -> None:
+        self.chat = function == "chat"
+        self.model = model
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id.removeprefix("req_")
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+
+    def _choice(self, text: str | None, finish: str | None, *, stream: bool) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        key = "delta" if stream else "message"
+        message = {"role": "assistant", "content": text} if text is not None or not stream else {}
+        return {"index": 0, key: message, "logprobs": None, "finish_reason": finish}
+
+    def _envelope(self, choices: list[Any], *, stream: bool, **extra: Any) -> dict[str, Any]:
+        kind = self.object + ".chunk" if stream and self.chat else self.object
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices, **extra}  # fmt: skip
+
+    def event(self, chunk: StreamChunk) -> bytes:
+        choice = self._choice(chunk.text if chunk.text else None, chunk.finish_reason, stream=True)
+        return sse(self._envelope([choice], stream=True))
+
+    def usage_event(self, usage: Usage | None) -> bytes:
+        return sse(self._envelope([], stream=True, usage=_usage(usage)))
+
+    def whole(self, text: str, finish: str | None, usage: Usage | None) -> bytes:
+        choice = self._choice(text, finish or "stop", stream=False)
+        return orjson.dumps(self._envelope([choice], stream=False, usage=_usage(usage)))
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def embeddings_body(result: EmbeddingResult, *, encoding: str | None) -> bytes:
+    def encode(vector: list[float]) -> Any:
+        if encoding == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    data = [
+        {"object": "embedding", "index": i, "embedding": encode(v)}
+        for i, v in enumerate(result.vectors)
+    ]
+    usage = {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.total_tokens}
+    return orjson.dumps({"object": "list", "data": data, "model": result.model, "usage": usage})
+
+
+def models_body(models: list[ModelInfo]) -> bytes:
+    data = [
+        {"id": m.id, "object": "model", "created": m.created or 0, "owned_by": m.owned_by}
+        for m in models
+    ]
+    return orjson.dumps({"object": "list", "data": data})
