@@ -57,7 +57,10 @@ def build(core: Core) -> ChatTab:
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(
                 label="Conversation",
+                # A floating label would sit on top of the first message once it scrolls.
+                show_label=False,
                 height=460,
+                elem_id="chatbot",
                 buttons=["copy", "copy_all"],
                 placeholder="Send a message to start a conversation.",
                 feedback_options=None,
@@ -69,11 +72,12 @@ def build(core: Core) -> ChatTab:
                 max_lines=8,
                 autofocus=True,
             )
-            with gr.Row():
-                send = gr.Button("Send", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
-                clear = gr.Button("Clear conversation")
-            usage = gr.Markdown(elem_classes="usage-line")
+            # Small minimum widths keep the three buttons on one line on a phone.
+            with gr.Row(elem_classes="button-row"):
+                send = gr.Button("Send", variant="primary", size="md", scale=3, min_width=80)
+                stop = gr.Button("Stop", variant="stop", size="md", scale=2, min_width=80)
+                clear = gr.Button("New chat", size="md", scale=2, min_width=80)
+            usage = gr.Markdown(elem_classes="usage-line", elem_id="chat-status")
         with gr.Column(scale=1, min_width=260):
             model = gr.Dropdown(
                 label="Model",

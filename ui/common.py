@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import shutil
 import tempfile
@@ -28,13 +29,15 @@ def to_gr_error(exc: ServiceError) -> gr.Error:
 
 
 def report(exc: ServiceError) -> str:
-    """The dashboard form: a toast, plus a status line to show under the tab's output.
+    """The dashboard form: a toast, plus an error box to show in the tab's status line.
 
     Raising gr.Error would cover every output with an error badge and hide the conversation;
-    this leaves the outputs as they were.
+    this leaves the outputs as they were. Gradio 6's toast heads every warning "Warning" and
+    drops `title`, so the title leads the message instead. Both render HTML: escape the text.
     """
-    gr.Warning(str(exc), title=_title(exc))
-    return f"⚠️ **{_title(exc)}:** {exc}"
+    title, text = html.escape(_title(exc)), html.escape(str(exc))
+    gr.Warning(f"<strong>{title}</strong><br>{text}")
+    return f'<div class="error-line" role="alert">⚠️ <strong>{title}:</strong> {text}</div>'
 
 
 def _title(exc: ServiceError) -> str:

@@ -28,17 +28,19 @@ def build(core: Core) -> CompletionTab:
             prompt = gr.Textbox(
                 label="Prompt", lines=6, max_lines=20, placeholder="Once upon a time"
             )
-            with gr.Row():
-                run = gr.Button("Complete", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
+            with gr.Row(elem_classes="button-row"):
+                run = gr.Button("Complete", variant="primary", size="md", scale=3, min_width=80)
+                stop = gr.Button("Stop", variant="stop", size="md", scale=2, min_width=80)
             output = gr.Textbox(
                 label="Completion",
                 lines=8,
                 max_lines=30,
                 interactive=False,
                 buttons=["copy"],
+                placeholder="The model's continuation of the prompt appears here.",
+                elem_id="completion-output",
             )
-            usage = gr.Markdown(elem_classes="usage-line")
+            usage = gr.Markdown(elem_classes="usage-line", elem_id="completion-status")
         with gr.Column(scale=1, min_width=260):
             model = gr.Dropdown(
                 label="Model",

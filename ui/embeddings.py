@@ -30,7 +30,10 @@ def heat(value: float) -> str:
 
 
 def styled_similarity(frame: pd.DataFrame) -> pd.io.formats.style.Styler:
-    return frame.style.map(heat).format("{:.3f}")
+    """The matrix with its row labels as a first column (the table shows no index), coloured."""
+    scores = list(frame.columns)
+    labelled = frame.rename_axis("text").reset_index()
+    return labelled.style.map(heat, subset=scores).format("{:.3f}", subset=scores)
 
 
 def build(core: Core) -> EmbeddingsTab:
@@ -41,13 +44,19 @@ def build(core: Core) -> EmbeddingsTab:
         with gr.Column(scale=2):
             texts = gr.Textbox(
                 label="Texts, one per line",
+                info="Or upload a file below: .txt, a text per line; .csv, a 'text' column.",
                 lines=6,
                 max_lines=20,
                 placeholder="The cat sat on the mat.\nA cat is on the mat.\nStocks fell.",
             )
+            # A small drop zone without a floating label (which would cover its icon): at
+            # Gradio's default size it dwarfs the texts box above it.
             upload = gr.File(
-                label="…or upload a .txt (one text per line) or .csv (a 'text' column)",
+                label="Texts file (.txt or .csv)",
+                show_label=False,
                 file_types=[".txt", ".csv"],
+                height=130,
+                elem_id="embeddings-upload",
             )
             with gr.Row():
                 model = gr.Dropdown(
@@ -55,7 +64,8 @@ def build(core: Core) -> EmbeddingsTab:
                     choices=[default_model],
                     value=default_model,
                     allow_custom_value=True,
-                    scale=2,
+                    scale=3,
+                    min_width=220,
                 )
                 dimensions = gr.Number(
                     label="Dimensions",
@@ -63,11 +73,16 @@ def build(core: Core) -> EmbeddingsTab:
                     precision=0,
                     minimum=0,
                     maximum=8192,
-                    info="0 = the model's own size",
-                    scale=1,
+                    info="0 = the model's default",
+                    scale=2,
+                    min_width=120,
                 )
             run = gr.Button("Embed", variant="primary")
-            summary = gr.Markdown(elem_classes="usage-line")
+            summary = gr.Markdown(
+                "Press Embed to see each text's vector and how similar every pair is.",
+                elem_classes="usage-line",
+                elem_id="embeddings-status",
+            )
             download = gr.DownloadButton("Download vectors (CSV)", visible=False)
         with gr.Column(scale=3):
             table = gr.Dataframe(
@@ -75,11 +90,16 @@ def build(core: Core) -> EmbeddingsTab:
                 value=pd.DataFrame(columns=["text", "dimensions", "norm", "first values"]),
                 interactive=False,
                 wrap=True,
+                # Pixels, not percentages: on a phone the table scrolls instead of breaking words.
+                column_widths=[240, 120, 90, 270],
+                elem_id="embeddings-vectors",
             )
             similarity = gr.Dataframe(
                 label="Cosine similarity (darker = more similar)",
                 interactive=False,
+                wrap=True,
                 visible=False,
+                elem_id="embeddings-similarity",
             )
 
     async def embed(

@@ -46,8 +46,13 @@ def build(core: Core) -> ImageTab:
                 object_fit="contain",
                 buttons=["download", "fullscreen"],
                 format="png",
+                elem_id="image-gallery",
             )
-            status = gr.Markdown(elem_classes="usage-line")
+            status = gr.Markdown(
+                "Generated images appear here, ready to download.",
+                elem_classes="usage-line",
+                elem_id="images-status",
+            )
 
     async def generate(
         text: str,
@@ -70,9 +75,12 @@ def build(core: Core) -> ImageTab:
             return gr.skip(), report(exc)
         paths = save_images(result.images)
         noun = "image" if len(paths) == 1 else "images"
+        # Open the first image whole (a lone image in the grid is cropped to its height), with
+        # the download and full-screen buttons in view; thumbnails of the rest below.
         return (
-            paths,
-            f"{len(paths)} {noun} from `{result.model}`. Click one to enlarge or download.",
+            gr.Gallery(value=paths, selected_index=0),
+            f"{len(paths)} {noun} from `{result.model}`. Use the buttons on the image to "
+            "download it or view it full screen.",
         )
 
     run.click(

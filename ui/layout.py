@@ -17,7 +17,27 @@ CSS = """
 .app-header { display: flex; flex-wrap: wrap; gap: .25rem 1rem; align-items: baseline; }
 .app-header h1 { font-size: 1.35rem; margin: 0; }
 .app-header .meta { color: var(--body-text-color-subdued); font-size: .9rem; }
+.app-header .meta a { white-space: nowrap; }
 .usage-line { color: var(--body-text-color-subdued); font-size: .85rem; min-height: 1.2em; }
+.usage-line .error-line {
+  color: var(--error-text-color); background: var(--error-background-fill);
+  border: 1px solid var(--error-border-color); border-radius: var(--radius-md);
+  padding: .5rem .75rem; font-size: .9rem;
+}
+.gradio-container .align-bottom { align-items: flex-end; }
+.button-row button { white-space: nowrap; }
+/* Gradio pads the page by 2rem a side, a sixth of a phone's width. Not in the media query:
+   Gradio scopes those rules to the content area, and this element is its parent. */
+.gradio-container .app.main {
+  padding-left: clamp(.75rem, 4vw, 2rem); padding-right: clamp(.75rem, 4vw, 2rem);
+}
+@media (max-width: 640px) {
+  .app-header { gap: .1rem .75rem; }
+  .app-header h1 { font-size: 1.15rem; flex-basis: 100%; }
+  .app-header .meta { font-size: .8rem; }
+  /* Gradio sets the chat's height inline; on a phone the message box must stay in view. */
+  #chatbot { height: 45vh !important; }
+}
 """
 
 
@@ -37,18 +57,20 @@ def build_demo(core: Core) -> gr.Blocks:
     # delete_cache: Gradio's copies of generated files go after an hour, checked hourly.
     with gr.Blocks(title="AI dashboard", fill_width=True, delete_cache=(3600, 3600)) as demo:
         header = gr.HTML(header_html(None, service.describe()))
-        with gr.Tab("Chat"):
-            chat_tab = chat.build(core)
-        with gr.Tab("Completion"):
-            completion_tab = completion.build(core)
-        with gr.Tab("Images"):
-            image_tab = images.build(core)
-        with gr.Tab("Embeddings"):
-            embeddings_tab = embeddings.build(core)
-        with gr.Tab("Models"):
-            models.build(core, demo)
-        with gr.Tab("Usage"):
-            usage.build(core, demo)
+        # "wrap": on a phone the tabs take a second line instead of hiding in a "..." menu.
+        with gr.Tabs(overflow_behavior="wrap"):
+            with gr.Tab("Chat"):
+                chat_tab = chat.build(core)
+            with gr.Tab("Completion"):
+                completion_tab = completion.build(core)
+            with gr.Tab("Images"):
+                image_tab = images.build(core)
+            with gr.Tab("Embeddings"):
+                embeddings_tab = embeddings.build(core)
+            with gr.Tab("Models"):
+                models.build(core, demo)
+            with gr.Tab("Usage"):
+                usage.build(core, demo)
         api.register(core)
 
         pickers = {

@@ -16,19 +16,23 @@ KINDS = ["all", "chat", "completion", "embedding", "image", "audio", "other"]
 def build(core: Core, demo: gr.Blocks) -> None:
     """Build the tab's components and events; the table fills when the page loads."""
     service = core.service
-    with gr.Row():
+    # align-bottom: the button lines up with the input boxes, not with their labels.
+    with gr.Row(elem_classes="align-bottom"):
         search = gr.Textbox(
-            label="Search", placeholder="Filter by id or owner, e.g. gpt 4", scale=3
+            label="Search", placeholder="Filter by id or owner, e.g. gpt 4", scale=3, min_width=200
         )
-        kind = gr.Dropdown(label="Kind", choices=KINDS, value="all", scale=1)
-        refresh = gr.Button("Refresh", scale=0, min_width=120)
-    count = gr.Markdown(elem_classes="usage-line")
+        kind = gr.Dropdown(label="Kind", choices=KINDS, value="all", scale=1, min_width=120)
+        refresh = gr.Button("Refresh", scale=0, min_width=110)
+    count = gr.Markdown(
+        "Loading the model list…", elem_classes="usage-line", elem_id="models-count"
+    )
     table = gr.Dataframe(
         label="Models",
         headers=["id", "owned_by", "created", "kind"],
         interactive=False,
         wrap=True,
         max_height=560,
+        elem_id="models-table",
     )
     # The full list lives per browser session, so filtering needs no new upstream call.
     full = gr.State(pd.DataFrame(columns=["id", "owned_by", "created", "kind"]))
