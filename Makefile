@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # so a second install on the same machine does not rebuild.
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: run test lint format bench install install-dev clean
+.PHONY: run test lint format bench install install-dev browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ install-dev: $(VENV)/.dev
 run: install ## start the dashboard (python app.py)
 	$(PY) app.py
 
-test: install-dev lint ## lint, then the whole test suite
+test: install-dev lint ## lint, then the whole test suite (the browser tests need `make browser`)
 	$(PY) -m pytest
+
+# The browser tests drive Debian's chromium, never a Playwright download. Needs root (CI).
+browser: ## install chromium with apt-get if it is missing
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
