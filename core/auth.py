@@ -126,7 +126,9 @@ class Revoked(ServiceError):
 
 def display_name(username: str | None) -> str:
     """A username safe to show and log: printable, short, never empty."""
-    cleaned = _UNSAFE.sub("", (username or "").strip())[:40]
+    # As long as a user name may be (core.users.NAME_PATTERN), so every user's name passes
+    # unchanged: resolve() looks the user up by this, and a name it cannot find is the owner.
+    cleaned = _UNSAFE.sub("", (username or "").strip())[:64]
     return cleaned or "user"
 
 

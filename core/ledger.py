@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -62,6 +63,48 @@ class Ledger:
         # SQLite allows one writer; waiting writers poll with sleeps of up to 100 ms. Queueing
         # this process's writers on a lock instead hands the database over at once.
         self._write = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        # Outcomes are written by one thread, in batches, off the request path; reads flush it.
+        self._queue: queue.SimpleQueue[Callable[[sa.Connection], None]] = queue.SimpleQueue()
+        self._unwritten = 0
+        self._idle = threading.Condition()
+        self._writer: threading.Thread | None = None
+
+    def _submit(self, write: Callable[[sa.Connection], None]) -> None:
+        with self._idle:
+            self._unwritten += 1
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._drain, name="ledger", daemon=True)
+                self._writer.start()
+        self._queue.put(write)
+
+    def _drain(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 200:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self._begin() as conn:
+                    for write in batch:
+                        write(conn)
+            except Exception:
+                log.exception("could not write %d ledger rows; retrying one by one", len(batch))
+                for write in batch:
+                    try:
+                        with self._begin() as conn:
+                            write(conn)
+                    except Exception:
+                        log.exception("dropped a ledger row")
+            with self._idle:
+                self._unwritten -= len(batch)
+                self._idle.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every outcome handed to the ledger is written."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._unwritten == 0, timeout=timeout)
 
     @contextmanager
     def _begin(self) -> Iterator[sa.Connection]:
@@ -86,6 +129,7 @@ class Ledger:
         `estimate` is what the call may use at most; `minimum` what it needs at least (its
         prompt), so a call that cannot fit in today's budget is refused up front.
         """
+        self.flush()  # settled calls free the tokens they held
         now = _now()
         with self._begin() as conn:
             db.lock_user(conn, user)  # SQLite's BEGIN IMMEDIATE already serializes writers
@@ -178,7 +222,7 @@ class Ledger:
         prompt_text: str | None = None,
         completion_text: str | None = None,
     ) -> None:
-        """Settle a pending row with what the call really used."""
+        """Settle a pending row with what the call really used (written in the background)."""
         cost = self.prices.cost(
             model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, images=images
         )
@@ -192,10 +236,8 @@ class Ledger:
         }
         if self.log_content:
             values |= {"prompt_text": prompt_text, "completion_text": completion_text}
-        with self._begin() as conn:
-            conn.execute(
-                db.usage.update().where(db.usage.c.id == reservation.row_id).values(**values)
-            )
+        update = db.usage.update().where(db.usage.c.id == reservation.row_id).values(**values)
+        self._submit(lambda conn: conn.execute(update))
 
     def record(
         self,
@@ -207,22 +249,37 @@ class Ledger:
         source: str,
         request_id: str,
         status: str,
+        ts: datetime | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        latency_ms: float = 0.0,
+        images: int = 0,
+        prompt_text: str | None = None,
+        completion_text: str | None = None,
     ) -> None:
-        """A row for a call that failed before it could reserve (invalid input)."""
-        with self._begin() as conn:
-            conn.execute(
-                db.usage.insert().values(
-                    ts=_now(),
-                    user=user,
-                    source=source,
-                    function=function,
-                    model=model,
-                    provider=provider,
-                    status=status,
-                    request_id=request_id,
-                    latency_ms=0.0,
-                )
-            )
+        """A whole row for a call that held no reservation: a caller without quotas, or one
+        that failed before reserving (invalid input). Written in the background."""
+        cost = self.prices.cost(
+            model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, images=images
+        )
+        values = {
+            "ts": ts or _now(),
+            "user": user,
+            "source": source,
+            "function": function,
+            "model": model,
+            "provider": provider,
+            "status": status,
+            "request_id": request_id,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "latency_ms": round(latency_ms, 1),
+            "cost_usd": cost,
+        }
+        if self.log_content:
+            values |= {"prompt_text": prompt_text, "completion_text": completion_text}
+        insert = db.usage.insert().values(**values)
+        self._submit(lambda conn: conn.execute(insert))
 
     def release_stale(self, older_than: timedelta) -> int:
         """Rows left pending by a process that died no longer hold tokens."""
@@ -243,6 +300,7 @@ class Ledger:
         models: list[str] | None = None,
     ) -> pd.DataFrame:
         """Ledger rows (no content columns) in a date range, as a DataFrame."""
+        self.flush()
         u = db.usage.c
         query = sa.select(*(getattr(u, c) for c in COLUMNS)).order_by(u.ts)
         if start:

@@ -13,16 +13,23 @@ _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 DONE = b"data: [DONE]"
 
 
-async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Regroup raw bytes into whole SSE events (each ending in a blank line), as they complete."""
+async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """Regroup raw bytes into whole SSE events (each ending in a blank line).
+
+    One list per read from the upstream: the events that completed in it, passed on together
+    rather than one send each.
+    """
     buffer = b""
     async for chunk in chunks:
         buffer += chunk
+        events = []
         while (end := _event_end(buffer)) is not None:
-            event, buffer = buffer[:end], buffer[end:]
-            yield event
+            events.append(buffer[:end])
+            buffer = buffer[end:]
+        if events:
+            yield events
     if buffer.strip():
-        yield buffer
+        yield [buffer]
 
 
 def _event_end(buffer: bytes) -> int | None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -18,8 +19,8 @@ from pydantic import BaseModel
 from core import errors, metrics
 from core.auth import SYSTEM, Principal
 from core.config import Settings
-from core.ledger import Ledger, Reservation
-from core.passthrough import DONE, error_in, is_usage_only, sse_events, usage_in
+from core.ledger import QUOTA_FUNCTIONS, Ledger, Reservation
+from core.passthrough import DONE, error_in, is_usage_only, sse_batches, usage_in
 from core.providers import build_provider
 from core.providers.base import Provider
 from core.schemas import (
@@ -68,6 +69,7 @@ class Call:
     request_id: str = field(default_factory=new_request_id)
     model: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     usage: Usage | None = None
     reservation: Reservation | None = None
     refused: bool = False
@@ -208,17 +210,27 @@ class Service:
             payload = _payload(body, req, stream=True)
             upstream = self.provider.forward_stream(PATHS[function], payload, call.model)  # type: ignore[attr-defined]
             finished = False
-            async with aclosing(sse_events(upstream)) as events:
-                async for event in events:
-                    if event.startswith(DONE):
-                        finished = True
-                    elif b'"usage"' in event:
-                        call.usage = usage_in(event) or call.usage
-                        if not include_usage and is_usage_only(event):
-                            continue
-                    elif b'"error"' in event and (message := error_in(event)):
-                        raise errors.StreamInterrupted(f"The upstream reported an error: {message}")
-                    yield event
+            async with aclosing(sse_batches(upstream)) as batches:
+                async for events in batches:
+                    kept = []
+                    for event in events:
+                        if event.startswith(DONE):
+                            finished = True
+                        elif b'"usage"' in event:
+                            call.usage = usage_in(event) or call.usage
+                            if not include_usage and is_usage_only(event):
+                                continue
+                        elif b'"error"' in event and (message := error_in(event)):
+                            if kept:
+                                yield b"".join(kept)
+                            raise errors.StreamInterrupted(
+                                f"The upstream reported an error: {message}"
+                            )
+                        kept.append(event)
+                        # About one token per chunk: an estimate for a stream cut short.
+                        call.reply_chars += 4
+                    if kept:
+                        yield b"".join(kept)
             if not finished:
                 raise errors.StreamInterrupted()
 
@@ -272,6 +284,9 @@ class Service:
         prompt = _prompt_text(req)
         call.prompt_chars = len(prompt)
         call.prompt_text = prompt if self.settings.log_content else None
+        limits = call.caller.limits
+        if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
+            return req  # nothing to check: the outcome is written as one row afterwards
         needed = len(prompt) // 4 + 1  # a rough token count; the ledger settles the real one
         wanted = getattr(req, "max_tokens", None) or (
             DEFAULT_HOLD if call.function in ("chat", "completion") else 0
@@ -332,9 +347,6 @@ class Service:
             ) from None
         finally:
             metrics.IN_FLIGHT.labels(call.function).dec()
-            if self.ledger is not None and not call.refused:
-                # Shielded: a cancelled call is still settled in the ledger.
-                await asyncio.shield(asyncio.to_thread(self._settle, call, status))
             usage = call.usage
             seconds = time.perf_counter() - call.started
             metrics.observe(
@@ -360,33 +372,42 @@ class Service:
                 usage.prompt_tokens if usage else "-",
                 usage.completion_tokens if usage else "-",
             )
+            if self.ledger is not None and not call.refused:
+                # No await: the ledger writes in its own thread, so a cancelled call is
+                # settled too and the answer does not wait for the database.
+                self._settle(call, status)
 
     def _settle(self, call: Call, status: str) -> None:
         assert self.ledger is not None
-        if call.reservation is None:  # failed before reserving: invalid input, bad config
-            self.ledger.record(
-                user=call.caller.name, function=call.function, model=call.model,
-                provider=self.provider.name, source=call.source, request_id=call.request_id,
-                status=status,
-            )  # fmt: skip
-            return
         usage = call.usage
         reply = "".join(call.reply)
-        if usage is None and status == "ok" and call.function in ("chat", "completion"):
-            # Some servers report no usage when streaming: estimate, so quotas still count.
+        if usage is None and call.reply_chars and call.function in ("chat", "completion"):
+            # No usage reported (some servers never do; a stream cut short never got to it):
+            # estimate, so quotas still count what the upstream generated.
             usage = Usage(
                 prompt_tokens=call.prompt_chars // 4, completion_tokens=call.reply_chars // 4
             )
-        self.ledger.finish(
-            call.reservation,
-            status=status,
-            model=call.model,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            latency_ms=(time.perf_counter() - call.started) * 1000,
-            images=call.images,
-            prompt_text=call.prompt_text,
-            completion_text=reply or None,
+        outcome = {
+            "status": status,
+            "model": call.model,
+            "prompt_tokens": usage.prompt_tokens if usage else 0,
+            "completion_tokens": usage.completion_tokens if usage else 0,
+            "latency_ms": (time.perf_counter() - call.started) * 1000,
+            "images": call.images,
+            "prompt_text": call.prompt_text,
+            "completion_text": reply or None,
+        }
+        if call.reservation is not None:
+            self.ledger.finish(call.reservation, **outcome)
+            return
+        self.ledger.record(
+            user=call.caller.name,
+            function=call.function,
+            provider=self.provider.name,
+            source=call.source,
+            request_id=call.request_id,
+            ts=call.started_at,
+            **outcome,
         )
 
     def _scrub(self, text: str) -> str:

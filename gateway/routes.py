@@ -27,12 +27,13 @@ def json_error(body: dict[str, Any], status: int, headers: dict | None = None) -
     return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
 
 
-def error_response(exc: errors.ServiceError) -> Response:
+def error_response(exc: errors.ServiceError, params: dict[str, str] | None = None) -> Response:
+    """`params` renames the service's field names to the client's (texts -> input)."""
     headers = {}
     retry_after = getattr(exc, "retry_after", None)
     if exc.status == 429 and retry_after:
         headers["Retry-After"] = str(max(1, round(retry_after)))
-    return json_error(shapes.service_error_body(exc), exc.status, headers)
+    return json_error(shapes.service_error_body(exc, params), exc.status, headers)
 
 
 class Refusal(Exception):
@@ -90,24 +91,35 @@ def build_router(core: Core) -> APIRouter:
             body = await json_body(request)
         except Refusal as refusal:
             return refusal.response
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            message = 'stream_options must be an object, such as {"include_usage": true}.'
+            return json_error(shapes.error_body(message, status=400, param="stream_options"), 400)
         fields = shapes.FIELDS[function](body)
+        params = shapes.param_names(function, body)
         stream = bool(body.get("stream")) and function in ("chat", "completion")
+        include_usage = bool((options or {}).get("include_usage"))
         if service.passthrough:
             if stream:
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 events = service.forward_stream(
                     function, fields, body, caller=caller, include_usage=include_usage
                 )
-                return await stream_response(events)
+                return await stream_response(events, params)
             try:
                 content = await service.forward_json(function, fields, body, caller=caller)
             except errors.ServiceError as exc:
-                return error_response(exc)
+                return error_response(exc, params)
             return Response(content, media_type=JSON)
-        return await built_here(function, fields, body, caller, stream)
+        return await built_here(function, fields, body, caller, stream, include_usage, params)
 
     async def built_here(
-        function: str, fields: dict[str, Any], body: dict[str, Any], caller: Principal, stream: bool
+        function: str,
+        fields: dict[str, Any],
+        body: dict[str, Any],
+        caller: Principal,
+        stream: bool,
+        include_usage: bool,
+        params: dict[str, str],
     ) -> Response:
         """The embedded backend: run the service's typed calls and shape OpenAI's answers."""
         kwargs: dict[str, Any] = {"caller": caller, "source": "v1"}
@@ -120,14 +132,13 @@ def build_router(core: Core) -> APIRouter:
                 await service.generate_images(fields, **kwargs)
                 raise AssertionError("the embedded backend has no image model")
         except errors.ServiceError as exc:
-            return error_response(exc)
+            return error_response(exc, params)
         call = service.chat_stream if function == "chat" else service.completion_stream
         model = fields.get("model") or service.default_model(function)
         shape = shapes.Completion(function, model, new_request_id())
         chunks = call(fields, **kwargs)
         if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await stream_response(_events(shape, chunks, include_usage))
+            return await stream_response(_events(shape, chunks, include_usage), params)
         text, finish, usage = [], None, None
         try:
             async for chunk in chunks:
@@ -135,7 +146,7 @@ def build_router(core: Core) -> APIRouter:
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
         except errors.ServiceError as exc:
-            return error_response(exc)
+            return error_response(exc, params)
         return Response(shape.whole("".join(text), finish, usage), media_type=JSON)
 
     @router.post("/v1/chat/completions")
@@ -181,14 +192,16 @@ def build_router(core: Core) -> APIRouter:
     return router
 
 
-async def stream_response(events: AsyncIterator[bytes]) -> Response:
+async def stream_response(
+    events: AsyncIterator[bytes], params: dict[str, str] | None = None
+) -> Response:
     """Wait for the first event, so a refusal is a plain HTTP error, then stream the rest."""
     try:
         first = await anext(events)
     except StopAsyncIteration:
         first = b""
     except errors.ServiceError as exc:
-        return error_response(exc)
+        return error_response(exc, params)
     rest = _rest(first, events)
     return StreamingResponse(rest, media_type="text/event-stream", headers=SSE_HEADERS)
 

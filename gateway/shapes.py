@@ -6,6 +6,7 @@ The service validates; this module only moves fields between shapes.
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import time
 from typing import Any
@@ -31,13 +32,30 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def service_error_body(exc: errors.ServiceError) -> dict[str, Any]:
+def service_error_body(
+    exc: errors.ServiceError, params: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape; `params` renames the service's field names to the client's."""
     code = {
         "ModelNotFound": "model_not_found",
         "QuotaExceeded": "quota_exceeded",
         "RateLimited": "rate_limit_exceeded",
     }.get(type(exc).__name__)
-    return error_body(str(exc), status=exc.status, param=exc.param, code=code)
+    message, param = str(exc), exc.param
+    if params and param in params:
+        # "Invalid input: texts.1: ..." -> "Invalid input: input.1: ..."
+        message = re.sub(rf"\b{re.escape(param)}(?=[.:])", params[param], message)
+        param = params[param]
+    return error_body(message, status=exc.status, param=param, code=code)
+
+
+def param_names(function: str, body: dict[str, Any]) -> dict[str, str]:
+    """The service's field names that the client knows by another name, for error messages."""
+    if function == "embedding":
+        return {"texts": "input"}
+    if function == "chat" and body.get("max_completion_tokens") is not None:
+        return {"max_tokens": "max_completion_tokens"}
+    return {}
 
 
 def _text(content: Any) -> Any:
@@ -73,7 +91,9 @@ def chat_fields(body: dict[str, Any]) -> dict[str, Any]:
             else m
             for m in messages
         ]
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     return {**_common(body), "messages": messages, "max_tokens": max_tokens,
             "stop": _stop(body.get("stop"))}  # fmt: skip
 

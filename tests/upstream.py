@@ -307,14 +307,20 @@ class _Observe:
 
         rid = "req_up_" + secrets.token_hex(12)
 
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        record = {"path": scope["path"], "method": scope["method"], "headers": headers}
+        # "completed": the whole response body was sent; "ended": the app has returned. Ended but
+        # not completed means the response was cut short (the client left, or cut-stream).
+        entry = {**record, "json": _json(body), "completed": False, "ended": False}
+        self.up.requests.append(entry)
+
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
                 MutableHeaders(scope=message).append("x-request-id", rid)
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                entry["completed"] = True
 
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        record = {"path": scope["path"], "method": scope["method"], "headers": headers}
-        self.up.requests.append({**record, "json": _json(body)})
         authorised = headers.get("authorization") == f"Bearer {self.up.api_key}"
         app = self.app
         if scope["path"].startswith("/v1") and not authorised:
@@ -326,6 +332,7 @@ class _Observe:
             await app(scope, replay, send_with_id)
         finally:
             self.up._in_flight -= 1
+            entry["ended"] = True
 
 
 class FakeUpstream:

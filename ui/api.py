@@ -4,7 +4,9 @@ No `from __future__ import annotations` here: Gradio reads these hints at runtim
 the API schema.
 """
 
+import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import gradio as gr
@@ -12,7 +14,27 @@ import gradio as gr
 from core import reports
 from core.context import Core
 from core.errors import Forbidden, ServiceError
+from core.schemas import StreamChunk
 from ui.common import LLM_GROUP, save_images, to_gr_error
+
+# Each value sent to a client is a message Gradio processes and the client polls for: send
+# the text so far at most this often (and always the first piece and the last).
+STREAM_EVERY = 0.03
+
+
+async def text_so_far(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
+    """The reply so far, as it grows, at most every STREAM_EVERY seconds."""
+    text, shown, last = "", -1, 0.0
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            if chunk.text:
+                text += chunk.text
+                now = time.monotonic()
+                if now - last >= STREAM_EVERY:
+                    yield text
+                    shown, last = len(text), now
+    if shown != len(text):
+        yield text
 
 
 def register(core: Core) -> None:
@@ -44,16 +66,11 @@ def register(core: Core) -> None:
             "max_tokens": max_tokens or None,
             "stop": stop or [],
         }
-        reply = ""
         try:
-            async for chunk in service.chat_stream(body, **who(request)):
-                if chunk.text:
-                    reply += chunk.text
-                    yield reply
+            async for text in text_so_far(service.chat_stream(body, **who(request))):
+                yield text
         except ServiceError as exc:
             raise to_gr_error(exc) from None
-        if not reply:
-            yield reply
 
     async def completion(
         prompt: str,
@@ -74,16 +91,11 @@ def register(core: Core) -> None:
             "max_tokens": max_tokens or None,
             "stop": stop or [],
         }
-        text = ""
         try:
-            async for chunk in service.completion_stream(body, **who(request)):
-                if chunk.text:
-                    text += chunk.text
-                    yield text
+            async for text in text_so_far(service.completion_stream(body, **who(request))):
+                yield text
         except ServiceError as exc:
             raise to_gr_error(exc) from None
-        if not text:
-            yield text
 
     async def generate_image(
         prompt: str,

@@ -1,0 +1,215 @@
+"""Overhead of the /v1 gateway and of the Gradio /chat endpoint, side by side with direct calls.
+
+    .venv/bin/python bench/gateway.py [--latency-ms 20] [--requests 300] [--concurrency 32]
+
+Starts bench/upstream.py (fixed latency) and the app (python app.py) as separate processes,
+then measures with the openai SDK: the upstream directly vs through /v1, sequentially and
+with N concurrent callers, streaming and not; and gradio_client calling /chat the same way.
+Prints p50/p95/p99 latency and what the app adds, requests per second and the ratio to direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import httpx2
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "bench-access-key-0123456789"
+MESSAGES = [{"role": "user", "content": "Say something about foxes."}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"{cmd} did not start")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def sequential(call: Callable[[], Awaitable[float]], n: int) -> list[float]:
+    for _ in range(10):  # warm-up: connections, caches
+        await call()
+    return [await call() for _ in range(n)]
+
+
+async def concurrent(call: Callable[[], Awaitable[float]], n: int, workers: int) -> float:
+    """Requests per second with `workers` callers sharing `n` requests."""
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    await asyncio.gather(*(worker() for _ in range(workers)))  # warm-up round
+    remaining = n
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return n / (time.perf_counter() - started)
+
+
+def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Callable[[], Awaitable[float]]]:
+    async def plain() -> float:
+        t = time.perf_counter()
+        await client.chat.completions.create(model="bench-model", messages=MESSAGES)
+        return (time.perf_counter() - t) * 1000
+
+    async def first_chunk() -> float:
+        t = time.perf_counter()
+        first = None
+        stream = await client.chat.completions.create(
+            model="bench-model", messages=MESSAGES, stream=True
+        )
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = (time.perf_counter() - t) * 1000
+        return first or 0.0
+
+    return {"non-streaming": plain, "streaming (first chunk)": first_chunk}
+
+
+def row(name: str, direct: list[float], via: list[float]) -> str:
+    cells = []
+    for q in (0.5, 0.95, 0.99):
+        d, v = pct(direct, q), pct(via, q)
+        cells.append(f"{d:7.2f} {v:7.2f} {v - d:+6.2f}")
+    return f"{name:<28}" + " | ".join(cells)
+
+
+async def measure_sdk(direct_url: str, app_url: str, args: argparse.Namespace) -> None:
+    def client(url: str, key: str) -> openai.AsyncOpenAI:
+        pool = httpx2.Limits(max_connections=256, max_keepalive_connections=256)
+        http = openai.DefaultAsyncHttpxClient(limits=pool)
+        return openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, http_client=http)
+
+    direct, via = client(direct_url, "sk-bench"), client(app_url + "/v1", KEY)
+    print(f"\nopenai SDK, direct vs through /v1 (ms; {args.requests} sequential calls)")
+    print(f"{'':<28}{'p50 direct  /v1   added':<25} | {'p95':<22} | p99")
+    direct_calls, via_calls = sdk_calls(direct), sdk_calls(via)
+    for name in direct_calls:
+        d = await sequential(direct_calls[name], args.requests)
+        v = await sequential(via_calls[name], args.requests)
+        print(row(name, d, v))
+    print(f"\nthroughput with {args.concurrency} concurrent callers ({args.total} requests)")
+    for name in direct_calls:
+        d = await concurrent(direct_calls[name], args.total, args.concurrency)
+        v = await concurrent(via_calls[name], args.total, args.concurrency)
+        print(f"{name:<28}direct {d:7.1f} req/s   /v1 {v:7.1f} req/s   ratio {v / d:5.2f}")
+    await direct.close()
+    await via.close()
+
+
+def measure_gradio(direct_url: str, app_url: str, args: argparse.Namespace) -> None:
+    from gradio_client import Client
+
+    gclient = Client(app_url, auth=("bench", KEY), verbose=False, analytics_enabled=False)
+    sync_direct = openai.OpenAI(base_url=direct_url, api_key="sk-bench", max_retries=0)
+
+    def direct_call() -> float:
+        t = time.perf_counter()
+        sync_direct.chat.completions.create(model="bench-model", messages=MESSAGES)
+        return (time.perf_counter() - t) * 1000
+
+    def gradio_call() -> float:
+        t = time.perf_counter()
+        gclient.predict(messages=MESSAGES, model="bench-model", api_name="/chat")
+        return (time.perf_counter() - t) * 1000
+
+    n = max(30, args.requests // 3)
+    for fn in (direct_call, gradio_call):
+        for _ in range(5):
+            fn()
+    d = [direct_call() for _ in range(n)]
+    g = [gradio_call() for _ in range(n)]
+    print(f"\ngradio_client /chat vs the SDK calling the upstream directly (ms; {n} calls)")
+    print(row("gradio /chat", d, g))
+
+    def rate(fn: Callable[[], float], total: int) -> float:
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            list(pool.map(lambda _: fn(), range(args.concurrency)))  # warm-up
+            started = time.perf_counter()
+            list(pool.map(lambda _: fn(), range(total)))
+        return total / (time.perf_counter() - started)
+
+    total = max(args.concurrency * 4, args.total // 4)
+    rd, rg = rate(direct_call, total), rate(gradio_call, total)
+    print(
+        f"{'gradio /chat, ' + str(args.concurrency) + ' callers':<28}direct {rd:7.1f} req/s   "
+        f"/chat {rg:7.1f} req/s   ratio {rg / rd:5.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--requests", type=int, default=300, help="sequential calls per case")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--total", type=int, default=2000, help="requests per throughput case")
+    args = parser.parse_args()
+
+    up_port, app_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ACCESS_"))}
+    upstream = start(
+        [sys.executable, "bench/upstream.py", "--port", str(up_port),
+         "--latency-ms", str(args.latency_ms)],
+        env,
+        f"http://127.0.0.1:{up_port}/v1/models",
+    )  # fmt: skip
+    app_env = {
+        **env,
+        "PORT": str(app_port),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "ACCESS_KEY": KEY,
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+        "CHAT_MODEL": "bench-model",
+        "DATA_DIR": tempfile.mkdtemp(prefix="bench-data-"),
+        "LOG_LEVEL": "WARNING",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    app = start([sys.executable, "app.py"], app_env, f"http://127.0.0.1:{app_port}/health")
+    direct_url, app_url = f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{app_port}"
+    try:
+        print(
+            f"upstream latency {args.latency_ms:.0f} ms; {os.cpu_count()} cores; "
+            f"client, upstream and app on this machine"
+        )
+        asyncio.run(measure_sdk(direct_url, app_url, args))
+        measure_gradio(direct_url, app_url, args)
+    finally:
+        for proc in (app, upstream):
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
