@@ -42,8 +42,9 @@ format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install-dev ## local model tokens/s vs llama-cpp-python directly
+bench: install-dev ## the embedded model vs llama-cpp-python, and /v1 and /chat vs direct calls
 	$(PY) bench/local_tokens.py
+	$(PY) bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

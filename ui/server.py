@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from http.cookies import SimpleCookie
 from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.requests import cookie_parser
 
 from core.auth import LOGIN_CAPTURE, LoginLimiter, Principal, Revoked
 from core.config import Settings
@@ -60,7 +60,9 @@ class SessionGuard:
             await self.app(scope, receive, send)
         elif scope["method"] == "POST" and scope["path"].rstrip("/") == "/login":
             await self._login(scope, receive, send)
-        elif (token := _session_token(scope)) and not self._still_valid(token):
+        elif (tokens := _session_tokens(scope)) and not all(
+            [self._still_valid(token) for token in tokens]  # a list: check (and end) them all
+        ):
             await _send_json(send, 401, {"detail": Revoked.default_message})
         else:
             await self.app(scope, receive, send)
@@ -113,15 +115,18 @@ class SessionGuard:
         return True
 
 
-def _session_token(scope: dict) -> str | None:
+def _session_tokens(scope: dict) -> list[str]:
+    """Every session token the request carries, parsed the way Starlette (so Gradio) parses them.
+
+    All of them, not the first: a decoy cookie in front must not hide a revoked session, and a
+    cookie that http.cookies.SimpleCookie gives up on must not hide the ones after it.
+    """
+    tokens = []
     for name, value in scope.get("headers", []):
-        if name == b"cookie" and SESSION_COOKIE.encode() in value:
-            cookie = SimpleCookie()
-            cookie.load(value.decode("latin-1"))
-            for key, morsel in cookie.items():
-                if key.startswith(SESSION_COOKIE):
-                    return morsel.value
-    return None
+        if name == b"cookie":
+            cookies = cookie_parser(value.decode("latin-1"))
+            tokens += [v for k, v in cookies.items() if k.startswith(SESSION_COOKIE)]
+    return tokens
 
 
 def create_app(settings: Settings, core: Core | None = None) -> FastAPI:

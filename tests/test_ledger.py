@@ -1,0 +1,683 @@
+"""The usage ledger and quotas, on SQLite always and on PostgreSQL when TEST_DATABASE_URL is set.
+
+Every call through the service is a row (success, failure, invalid input, refusal), streams
+included; quotas hold under concurrency, directly on the Service and over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from core import db, errors
+from core.auth import Principal
+from core.context import Core, open_core
+from core.ledger import Ledger, Limits
+from core.pricing import PriceTable
+from core.service import Service
+from tests.conftest import ACCESS_KEY, Served, app_settings, logged, serve
+from tests.db_fixtures import BACKENDS, Database, fresh_database
+from tests.upstream import FakeUpstream
+
+# Five words, so the upstream reports 5 prompt tokens; the reply "Echo: ..." is 6 tokens.
+WORDS = "alpha bravo charlie delta echo"
+PARALLEL = 20
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def database(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Database]:
+    """One fresh database per backend for this module; tests use their own user names."""
+    data_dir = tmp_path_factory.mktemp(f"ledger-{request.param}")
+    with fresh_database(request.param, data_dir) as database:
+        yield database
+
+
+@contextmanager
+def opened(upstream: FakeUpstream, database: Database, **overrides: str) -> Iterator[Core]:
+    """The core (service, ledger, users) on the test database, with no Gradio."""
+    core = open_core(app_settings(upstream, **database.overrides, **overrides))
+    database.ledgers.append(core.ledger)
+    try:
+        yield core
+    finally:
+        core.ledger.flush()  # outcomes are written by a background thread
+        database.ledgers.remove(core.ledger)
+        core.ledger.engine.dispose()
+
+
+def run(core: Core, coro: Any) -> Any:
+    """Run one scenario on a fresh event loop and close the provider on that same loop."""
+
+    async def main() -> Any:
+        try:
+            return await coro
+        finally:
+            await core.service.aclose()
+
+    return asyncio.run(main())
+
+
+def caller(name: str, *, rpm: int | None = None, daily_tokens: int | None = None) -> Principal:
+    return Principal(name=name, role="user", limits=Limits(daily_tokens=daily_tokens, rpm=rpm))
+
+
+async def chat(service: Service, who: Principal, content: str = WORDS, **extra: Any) -> str:
+    request = {"messages": [{"role": "user", "content": content}], **extra}
+    text = ""
+    async for chunk in service.chat_stream(request, caller=who, source="test"):
+        text += chunk.text
+    return text
+
+
+async def attempt(coro: Any) -> str | errors.ServiceError:
+    """The call's result, or the service error it raised (for gather over many calls)."""
+    try:
+        return await coro
+    except errors.ServiceError as exc:
+        return exc
+
+
+def chat_requests_with(upstream: FakeUpstream, marker: str) -> int:
+    """How many chat requests carrying `marker` reached the upstream."""
+    return sum(
+        1
+        for r in upstream.requests
+        if r["path"] == "/v1/chat/completions" and marker in str(r["json"])
+    )
+
+
+def tokens_today(database: Database, user: str) -> int:
+    """What the ledger says the user spent today (settled tokens plus any still held)."""
+    start = datetime.combine(datetime.now(UTC).date(), datetime.min.time(), UTC)
+    return sum(
+        r["prompt_tokens"] + r["completion_tokens"] + r["reserved_tokens"]
+        for r in database.usage(user=user)
+        if _aware(r["ts"]) >= start
+    )
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# ---- migrations -----------------------------------------------------------------------------
+
+
+def test_migrations_run_once_and_record_their_versions(database: Database, tmp_path) -> None:
+    with fresh_database(database.backend, tmp_path) as fresh:
+        latest = db.MIGRATIONS[-1][0]
+        assert db.migrate(fresh.engine) == latest
+        assert db.migrate(fresh.engine) == latest  # the second run is a no-op
+        with fresh.engine.connect() as conn:
+            versions = conn.execute(
+                sa.select(db.schema_version.c.version, db.schema_version.c.description).order_by(
+                    db.schema_version.c.version
+                )
+            ).all()
+            tables = set(sa.inspect(conn).get_table_names())
+        assert [tuple(v) for v in versions] == [(v, d) for v, d, _ in db.MIGRATIONS]
+        assert {"users", "usage", "schema_version"} <= tables
+        # Append-only: versions only go up.
+        numbers = [v for v, _, _ in db.MIGRATIONS]
+        assert numbers == sorted(set(numbers))
+
+
+def test_a_new_migration_is_applied_once(database: Database, tmp_path, monkeypatch) -> None:
+    applied: list[int] = []
+
+    def v_next(conn: sa.Connection) -> None:
+        applied.append(1)
+        conn.execute(sa.text("CREATE TABLE migration_probe (id INTEGER PRIMARY KEY)"))
+
+    with fresh_database(database.backend, tmp_path) as fresh:
+        db.migrate(fresh.engine)
+        following = db.MIGRATIONS[-1][0] + 1
+        monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS, (following, "probe", v_next)])
+        assert db.migrate(fresh.engine) == following
+        assert db.migrate(fresh.engine) == following
+        assert applied == [1]
+        with fresh.engine.connect() as conn:
+            versions = conn.execute(sa.select(db.schema_version.c.version)).scalars().all()
+            assert "migration_probe" in sa.inspect(conn).get_table_names()
+        assert sorted(versions) == [v for v, _, _ in db.MIGRATIONS]
+
+
+# ---- one row per call, straight on the Service ------------------------------------------------
+
+
+def test_a_successful_chat_is_one_row_with_tokens_cost_and_request_id(upstream, database) -> None:
+    who = caller("row-ok")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "one two three four five"},
+    ]
+
+    async def scenario(service: Service) -> tuple[str, Any]:
+        text, usage = "", None
+        async for chunk in service.chat_stream({"messages": messages}, caller=who, source="test"):
+            text += chunk.text
+            usage = chunk.usage or usage
+        return text, usage
+
+    with opened(upstream, database) as core:
+        reply, usage = run(core, scenario(core.service))
+    assert reply == "Echo: one two three four five"
+    [row] = database.usage(user="row-ok")
+    # The upstream counts words: 2 + 5 in, 6 out; the ledger has exactly what the stream said.
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (7, 6)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (7, 6)
+    assert row["status"] == "ok"
+    assert row["function"] == "chat"
+    assert row["model"] == "gpt-4.1-mini"
+    assert row["provider"] == "openai"
+    assert row["source"] == "test"
+    assert row["reserved_tokens"] == 0
+    assert row["latency_ms"] > 0
+    expected = PriceTable().cost("gpt-4.1-mini", prompt_tokens=7, completion_tokens=6)
+    assert expected > 0
+    assert row["cost_usd"] == pytest.approx(expected)
+    assert row["request_id"].startswith("req_")
+    assert f"request_id={row['request_id']}" in logged()
+    assert abs(datetime.now(UTC) - _aware(row["ts"])) < timedelta(hours=1)
+
+
+def test_streamed_completion_and_embeddings_are_counted(upstream, database) -> None:
+    who = caller("row-more")
+
+    async def scenario(service: Service) -> None:
+        text = ""
+        request = {"prompt": "alpha beta", "max_tokens": 3}
+        async for chunk in service.completion_stream(request, caller=who, source="test"):
+            text += chunk.text
+        assert text == " completion of: alpha"  # max_tokens=3 words
+        result = await service.embeddings({"texts": ["one two", "three"]}, caller=who)
+        assert result.usage.prompt_tokens == 3
+        await chat(service, who, model="slow-0")  # a model with no price
+
+    upstream.reset()
+    with opened(upstream, database) as core:
+        run(core, scenario(core.service))
+    completion, embedding, unpriced = database.usage(user="row-more")
+    assert (completion["function"], completion["model"]) == ("completion", "gpt-3.5-turbo-instruct")
+    assert (completion["prompt_tokens"], completion["completion_tokens"]) == (2, 3)
+    assert completion["cost_usd"] > 0
+    assert (embedding["function"], embedding["model"]) == ("embedding", "text-embedding-3-small")
+    assert (embedding["prompt_tokens"], embedding["completion_tokens"]) == (3, 0)
+    assert embedding["cost_usd"] > 0
+    assert embedding["source"] == "core"  # the default source
+    assert (unpriced["status"], unpriced["cost_usd"]) == ("ok", 0)
+    assert unpriced["prompt_tokens"] == 5 and unpriced["completion_tokens"] == 6
+    # The stream asked the upstream for its usage, which is what the ledger holds.
+    streamed = [r["json"] for r in upstream.requests if r["path"] == "/v1/completions"]
+    assert streamed[-1]["stream"] is True
+    assert streamed[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_an_upstream_failure_is_recorded(upstream, database) -> None:
+    who = caller("row-failed")
+
+    async def scenario(service: Service) -> list[Any]:
+        return [
+            await attempt(chat(service, who, model="error-500")),
+            await attempt(chat(service, who, model="error-stream")),
+        ]
+
+    with opened(upstream, database) as core:
+        failed, cut = run(core, scenario(core.service))
+    assert isinstance(failed, errors.UpstreamError) and "500" in str(failed)
+    assert isinstance(cut, errors.StreamInterrupted)
+    failure, interrupted = database.usage(user="row-failed")
+    assert failure["status"] == "UpstreamError"
+    assert failure["request_id"] == failed.request_id
+    assert failure["model"] == "error-500"
+    assert interrupted["status"] == "StreamInterrupted"
+    assert interrupted["request_id"] == cut.request_id
+    for row in (failure, interrupted):
+        assert row["function"] == "chat"
+        assert row["provider"] == "openai"
+        assert row["reserved_tokens"] == 0
+    # Nothing was generated for the refused call; the cut stream had begun, so its tokens
+    # are estimated (the upstream spent them) and count against the quota.
+    assert failure["prompt_tokens"] == failure["completion_tokens"] == 0
+    assert failure["cost_usd"] == 0
+    assert interrupted["prompt_tokens"] > 0 and interrupted["completion_tokens"] > 0
+
+
+def test_invalid_input_is_recorded_and_never_sent(upstream, database) -> None:
+    who = caller("row-invalid")
+    upstream.reset()
+    with opened(upstream, database) as core, pytest.raises(errors.InvalidRequest) as bad:
+        run(core, chat(core.service, who, content="invalid-marker", temperature=7))
+    [row] = database.usage(user="row-invalid")
+    assert row["status"] == "InvalidRequest"
+    assert row["function"] == "chat"
+    assert row["request_id"] == bad.value.request_id
+    assert row["prompt_tokens"] == row["completion_tokens"] == row["reserved_tokens"] == 0
+    assert chat_requests_with(upstream, "invalid-marker") == 0
+
+
+def test_a_refusal_is_recorded_and_never_sent(upstream, database) -> None:
+    once_a_minute = caller("row-refused", rpm=1)
+
+    async def scenario(service: Service) -> list[Any]:
+        return [
+            await attempt(chat(service, once_a_minute, content="refused-marker")),
+            await attempt(chat(service, once_a_minute, content="refused-marker")),
+            # Not even the prompt fits in a daily quota of 3 tokens.
+            await attempt(chat(service, caller("row-broke", daily_tokens=3))),
+        ]
+
+    upstream.reset()
+    with opened(upstream, database) as core:
+        first, per_minute, per_day = run(core, scenario(core.service))
+    assert first == "Echo: refused-marker"
+    assert isinstance(per_minute, errors.QuotaExceeded)
+    assert isinstance(per_day, errors.QuotaExceeded)
+    assert "1 requests per minute" in str(per_minute)
+    assert "Try again in" in str(per_minute)
+    assert 1 <= per_minute.retry_after <= 60
+    assert "resets at 00:00 UTC" in str(per_day)
+    ok, refused = database.usage(user="row-refused")
+    assert ok["status"] == "ok"
+    assert refused["status"] == "refused"
+    assert refused["request_id"] == per_minute.request_id
+    assert refused["prompt_tokens"] == refused["completion_tokens"] == 0
+    assert refused["reserved_tokens"] == 0
+    [broke] = database.usage(user="row-broke")
+    assert (broke["status"], broke["request_id"]) == ("refused", per_day.request_id)
+    assert chat_requests_with(upstream, "refused-marker") == 1
+
+
+# ---- LOG_CONTENT ------------------------------------------------------------------------------
+
+
+def test_no_prompt_or_reply_text_is_stored_by_default(upstream, database, tmp_path) -> None:
+    marker = "zebra-quartz-unique-words"
+    with opened(upstream, database) as core:
+        assert core.settings.log_content is False
+        reply = run(core, chat(core.service, caller("content-off"), content=marker))
+    assert reply == f"Echo: {marker}"
+    [row] = database.usage(user="content-off")
+    assert row["prompt_text"] is None and row["completion_text"] is None
+    assert not any(marker in str(value) for r in database.usage() for value in r.values())
+    if database.backend == "sqlite":
+        # Not in the database files either (WAL included).
+        folder = Path(database.overrides["DATA_DIR"])
+        for path in folder.glob("dashboard.db*"):
+            assert marker.encode() not in path.read_bytes(), path.name
+
+
+def test_log_content_true_stores_prompt_and_reply(upstream, database) -> None:
+    marker = "walrus-content-logged"
+    with opened(upstream, database, LOG_CONTENT="true") as core:
+        reply = run(core, chat(core.service, caller("content-on"), content=marker))
+    [row] = database.usage(user="content-on")
+    assert marker in row["prompt_text"]
+    assert row["completion_text"] == reply == f"Echo: {marker}"
+
+
+# ---- quotas under concurrency, straight on the Service ----------------------------------------
+
+
+def test_rpm_holds_for_twenty_concurrent_calls(upstream, database) -> None:
+    who = caller("burst-direct", rpm=5)
+
+    async def scenario(service: Service) -> list[Any]:
+        calls = [chat(service, who, content="burst-direct-marker") for _ in range(PARALLEL)]
+        return await asyncio.gather(*(attempt(c) for c in calls))
+
+    upstream.reset()
+    with opened(upstream, database) as core:
+        outcomes = run(core, scenario(core.service))
+    kinds = Counter("ok" if isinstance(o, str) else type(o).__name__ for o in outcomes)
+    assert kinds == {"ok": 5, "QuotaExceeded": 15}, [str(o) for o in outcomes]
+    assert all("Try again in" in str(o) for o in outcomes if not isinstance(o, str))
+    assert Counter(r["status"] for r in database.usage(user="burst-direct")) == {
+        "ok": 5,
+        "refused": 15,
+    }
+    assert chat_requests_with(upstream, "burst-direct-marker") == 5
+
+
+def test_daily_tokens_hold_for_twenty_concurrent_calls(upstream, database) -> None:
+    limit = 100
+    who = caller("daily-direct", daily_tokens=limit)
+
+    async def scenario(service: Service) -> tuple[list[Any], list[Any]]:
+        calls = [chat(service, who, max_tokens=10) for _ in range(PARALLEL)]
+        burst = await asyncio.gather(*(attempt(c) for c in calls))
+        assert tokens_today(database, "daily-direct") <= limit
+        # Then one at a time until the day's budget is really used up.
+        after = []
+        for _ in range(limit):
+            after.append(await attempt(chat(service, who, max_tokens=10)))
+            assert tokens_today(database, "daily-direct") <= limit
+            if isinstance(after[-1], errors.QuotaExceeded):
+                break
+        return burst, after
+
+    with opened(upstream, database) as core:
+        burst, after = run(core, scenario(core.service))
+    assert any(isinstance(o, str) for o in burst)
+    refusals = [o for o in [*burst, *after] if isinstance(o, errors.ServiceError)]
+    assert refusals and all(isinstance(r, errors.QuotaExceeded) for r in refusals)
+    assert all("resets at 00:00 UTC" in str(r) for r in refusals)
+    assert isinstance(after[-1], errors.QuotaExceeded)
+    rows = database.usage(user="daily-direct")
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= limit
+    assert all(r["reserved_tokens"] == 0 for r in rows)
+    assert {r["status"] for r in rows} == {"ok", "refused"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: the daily hold counts a prompt as len(text) // 4 tokens, and a prompt "
+    "with more tokens than that (short words, CJK) spends past the limit",
+)
+def test_a_prompt_denser_than_four_characters_a_token_cannot_overshoot_the_day(
+    upstream, database
+) -> None:
+    limit = 60
+    who = caller("dense-prompt", daily_tokens=limit)
+    dense = " ".join(["a"] * 50)  # 50 tokens upstream; held as about 33
+
+    with opened(upstream, database) as core:
+        run(core, attempt(chat(core.service, who, content=dense)))
+    rows = database.usage(user="dense-prompt")
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= limit
+
+
+# ---- pending rows -----------------------------------------------------------------------------
+
+
+def test_release_stale_turns_old_pending_rows_into_interrupted(database) -> None:
+    ledger = Ledger(database.engine, prices=PriceTable())
+    db.migrate(database.engine)
+
+    def reserve(tokens: int, *, minimum: int = 1) -> int:
+        held = ledger.reserve(
+            user="stale-user", limits=Limits(daily_tokens=1000), function="chat",
+            model="gpt-4.1-mini", provider="openai", source="test", request_id="req_stale",
+            estimate=tokens, minimum=minimum,
+        )  # fmt: skip
+        return held.row_id
+
+    old, fresh = reserve(600), reserve(100)
+    with database.engine.begin() as conn:
+        when = datetime.now(UTC) - timedelta(minutes=10)
+        conn.execute(db.usage.update().where(db.usage.c.id == old).values(ts=when))
+    # The dead call's 600 tokens still count against today's budget (300 left)...
+    with pytest.raises(errors.QuotaExceeded, match="300 left"):
+        reserve(400, minimum=400)
+    assert ledger.release_stale(timedelta(minutes=5)) == 1
+    by_id = {r["id"]: r for r in database.usage(user="stale-user")}
+    assert (by_id[old]["status"], by_id[old]["reserved_tokens"]) == ("interrupted", 0)
+    assert (by_id[fresh]["status"], by_id[fresh]["reserved_tokens"]) == ("pending", 100)
+    # ...and no longer once released.
+    reserve(400, minimum=400)
+    assert ledger.release_stale(timedelta(minutes=5)) == 0
+
+
+def test_starting_the_app_releases_rows_a_dead_process_left_pending(upstream, database) -> None:
+    ledger = Ledger(database.engine, prices=PriceTable())
+    db.migrate(database.engine)
+    held = ledger.reserve(
+        user="crashed-user", limits=Limits(), function="chat", model="gpt-4.1-mini",
+        provider="openai", source="test", request_id="req_crashed", estimate=50,
+    )  # fmt: skip
+    with database.engine.begin() as conn:
+        when = datetime.now(UTC) - timedelta(hours=1)
+        conn.execute(db.usage.update().where(db.usage.c.id == held.row_id).values(ts=when))
+    with opened(upstream, database):
+        pass
+    [row] = database.usage(user="crashed-user")
+    assert (row["status"], row["reserved_tokens"]) == ("interrupted", 0)
+
+
+# ---- over real HTTP ---------------------------------------------------------------------------
+
+
+@dataclass
+class App:
+    url: str
+    core: Core
+
+    def login(self, name: str, key: str = ACCESS_KEY) -> Client:
+        return Client(self.url, auth=(name, key), verbose=False, analytics_enabled=False)
+
+    def user(self, name: str, **limits: int) -> Client:
+        """A new database user (role user) with these limits, logged in with their own key."""
+        _, key = self.core.users.add(name, **limits)
+        return self.login(name, key)
+
+
+@pytest.fixture(scope="module")
+def app(upstream: FakeUpstream, database: Database) -> Iterator[App]:
+    from ui.server import create_app
+
+    settings = app_settings(upstream, **database.overrides, LOGIN_MAX_FAILURES="1000")
+    server = create_app(settings)
+    served = serve(server)
+    database.ledgers.append(server.state.core.ledger)
+    try:
+        yield App(served.url, server.state.core)
+    finally:
+        stop_now(served)
+        server.state.core.ledger.flush()
+        database.ledgers.remove(server.state.core.ledger)
+        server.state.core.ledger.engine.dispose()
+
+
+def stop_now(served: Served) -> None:
+    """Stop without waiting for clients' idle heartbeat streams (like a crash or a redeploy)."""
+    served.server.should_exit = served.server.force_exit = True
+    served.thread.join(timeout=10)
+    assert not served.thread.is_alive()
+
+
+def in_parallel(call: Callable[[], Any], n: int = PARALLEL) -> tuple[list[Any], list[str]]:
+    """Fire n calls at once from threads; returns (results, error messages)."""
+    start = threading.Barrier(n)
+
+    def fire() -> Any:
+        start.wait(timeout=60)
+        return call()
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(fire) for _ in range(n)]
+    results, failures = [], []
+    for future in futures:
+        try:
+            results.append(future.result(timeout=120))
+        except AppError as exc:
+            failures.append(str(exc))
+    return results, failures
+
+
+def test_api_calls_are_recorded_under_the_signed_in_user(app: App, database: Database) -> None:
+    bob = app.user("http-ledger", rpm=3)
+    hello = [{"role": "user", "content": WORDS}]
+    assert bob.predict(messages=hello, api_name="/chat") == f"Echo: {WORDS}"
+    messages = []
+    for kwargs in ({"model": "error-500"}, {"temperature": 7}, {}):
+        with pytest.raises(AppError) as info:
+            bob.predict(messages=hello, api_name="/chat", **kwargs)
+        messages.append(str(info.value))
+    assert "500" in messages[0]
+    assert "temperature" in messages[1]
+    assert "3 requests per minute" in messages[2] and "Try again in" in messages[2]
+    rows = database.usage(user="http-ledger")
+    assert [r["status"] for r in rows] == ["ok", "UpstreamError", "InvalidRequest", "refused"]
+    assert {r["source"] for r in rows} == {"api"}
+    assert {r["function"] for r in rows} == {"chat"}
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (5, 6)
+    assert rows[0]["cost_usd"] > 0
+    for row, message in zip(rows[1:], messages, strict=True):
+        assert f"request id: {row['request_id']}" in message
+
+
+def test_a_stream_over_http_is_counted_like_the_upstream_counted_it(app: App, database) -> None:
+    client = app.user("http-stream")
+    hello = [{"role": "user", "content": "one two three four five six seven"}]
+    outputs = list(client.submit(messages=hello, api_name="/chat"))
+    # The API sends the text so far at most every 30 ms; the upstream a word every 10 ms.
+    assert len(outputs) >= 2 and outputs[-1] == "Echo: one two three four five six seven"
+    outputs = list(client.submit(prompt="a b c d", max_tokens=2, api_name="/completion"))
+    [chat_row, completion_row] = database.usage(user="http-stream")
+    assert (chat_row["prompt_tokens"], chat_row["completion_tokens"]) == (7, 8)
+    assert (completion_row["prompt_tokens"], completion_row["completion_tokens"]) == (4, 2)
+
+
+def test_rpm_holds_for_twenty_parallel_http_calls(app: App, database, upstream) -> None:
+    client = app.user("burst-http", rpm=5)
+    hello = [{"role": "user", "content": "burst-http-marker"}]
+    upstream.reset()
+    replies, failures = in_parallel(lambda: client.predict(messages=hello, api_name="/chat"))
+    assert replies == ["Echo: burst-http-marker"] * 5
+    assert len(failures) == 15
+    for message in failures:
+        assert "QuotaExceeded" in message or "requests per minute" in message
+        assert "Try again in" in message
+        assert "request id: req_" in message
+    rows = database.usage(user="burst-http")
+    assert Counter(r["status"] for r in rows) == {"ok": 5, "refused": 15}
+    assert chat_requests_with(upstream, "burst-http-marker") == 5
+
+
+def test_daily_tokens_hold_for_twenty_parallel_http_calls(app: App, database) -> None:
+    limit = 90
+    client = app.user("daily-http", daily_tokens=limit)
+    hello = [{"role": "user", "content": WORDS}]
+    replies, failures = in_parallel(
+        lambda: client.predict(messages=hello, max_tokens=10, api_name="/chat")
+    )
+    assert replies and failures
+    assert all("resets at 00:00 UTC" in message for message in failures)
+    rows = database.usage(user="daily-http")
+    assert len(rows) == PARALLEL
+    assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= limit
+    assert Counter(r["status"] for r in rows) == {"ok": len(replies), "refused": len(failures)}
+
+
+def test_usage_aggregates_match_the_ledger_rows(app: App, database) -> None:
+    """/usage (as the owner, an admin) sums exactly the rows in the database."""
+    alice, bob = app.user("agg-alice", rpm=2), app.user("agg-bob")
+    hello = [{"role": "user", "content": WORDS}]
+    alice.predict(messages=hello, api_name="/chat")
+    with pytest.raises(AppError):
+        alice.predict(messages=hello, model="error-500", api_name="/chat")
+    with pytest.raises(AppError):
+        alice.predict(messages=hello, api_name="/chat")  # refused: 2 per minute
+    bob.predict(prompt="one two three", api_name="/completion")
+    bob.predict(texts=["one two", "three"], api_name="/embeddings")
+    bob.predict(api_name="/models")
+    owner = app.login("agg-owner")
+
+    rows = database.usage()
+    report = owner.predict(api_name="/usage")
+    assert report["totals"] == expected_totals(rows)
+    assert _by(report["by_user"], "user") == expected_by(rows, "user")
+    assert _by(report["by_function"], "function") == expected_by(rows, "function")
+    daily = defaultdict(lambda: [0, 0, 0.0])
+    for r in rows:
+        if r["model"]:
+            key = (_aware(r["ts"]).strftime("%Y-%m-%d"), r["model"])
+            daily[key][0] += 1
+            daily[key][1] += r["prompt_tokens"] + r["completion_tokens"]
+            daily[key][2] += r["cost_usd"]
+    assert {(d["day"], d["model"]): [d["requests"], d["tokens"]] for d in report["daily"]} == {
+        k: v[:2] for k, v in daily.items()
+    }
+    for d in report["daily"]:
+        assert d["cost_usd"] == pytest.approx(daily[(d["day"], d["model"])][2], abs=1e-6)
+
+    # Filters: one user, one model, and a range with nothing in it.
+    only_alice = owner.predict(user="agg-alice", api_name="/usage")
+    assert only_alice["totals"] == expected_totals(database.usage(user="agg-alice"))
+    assert only_alice["totals"]["refused"] == 1 and only_alice["totals"]["failed"] == 1
+    by_model = owner.predict(model="text-embedding-3-small", api_name="/usage")
+    assert by_model["totals"] == expected_totals(database.usage(model="text-embedding-3-small"))
+    today = datetime.now(UTC).date()
+    tomorrow = str(today + timedelta(days=1))
+    empty = owner.predict(start=tomorrow, end=tomorrow, api_name="/usage")
+    assert empty["totals"]["requests"] == 0 and empty["by_user"] == []
+    with pytest.raises(AppError, match="date"):
+        owner.predict(start="not-a-day", api_name="/usage")
+
+
+def expected_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    statuses = [r["status"] for r in rows]
+    prompt = sum(r["prompt_tokens"] for r in rows)
+    completion = sum(r["completion_tokens"] for r in rows)
+    return {
+        "requests": len(rows),
+        "succeeded": statuses.count("ok"),
+        "failed": len(rows) - statuses.count("ok") - statuses.count("refused"),
+        "refused": statuses.count("refused"),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "cost_usd": pytest.approx(sum(r["cost_usd"] for r in rows), abs=1e-6),
+    }
+
+
+def expected_by(rows: list[dict[str, Any]], column: str) -> dict[str, dict[str, int]]:
+    groups: dict[str, dict[str, int]] = defaultdict(lambda: Counter())
+    for r in rows:
+        group = groups[r[column]]
+        group["requests"] += 1
+        group["failed"] += r["status"] not in ("ok", "refused")
+        group["refused"] += r["status"] == "refused"
+        group["tokens"] += r["prompt_tokens"] + r["completion_tokens"]
+    return {k: dict(v) for k, v in groups.items()}
+
+
+def _by(records: list[dict[str, Any]], column: str) -> dict[str, dict[str, int]]:
+    keys = ("requests", "failed", "refused", "tokens")
+    return {r[column]: {k: r[k] for k in keys} for r in records}
+
+
+def test_users_and_rows_survive_an_app_restart(upstream, database: Database) -> None:
+    from ui.server import create_app
+
+    settings = app_settings(upstream, **database.overrides)
+    first = create_app(settings)
+    served = serve(first)
+    try:
+        _, key = first.state.core.users.add("restart-user", rpm=50, daily_tokens=5000)
+        client = Client(served.url, auth=("restart-user", key), verbose=False)
+        client.predict(messages=[{"role": "user", "content": WORDS}], api_name="/chat")
+        before = client.predict(api_name="/usage")
+    finally:
+        stop_now(served)
+        first.state.core.ledger.engine.dispose()
+    assert before["totals"]["requests"] == 1
+
+    second = create_app(app_settings(upstream, **database.overrides))
+    served = serve(second)
+    try:
+        user = second.state.core.users.get("restart-user")
+        assert user is not None and (user.rpm, user.daily_tokens) == (50, 5000)
+        # The same key still signs in, and the usage recorded before the restart is there.
+        client = Client(served.url, auth=("restart-user", key), verbose=False)
+        after = client.predict(api_name="/usage")
+        assert after["totals"] == before["totals"]
+        assert after["totals"]["total_tokens"] == 11
+    finally:
+        stop_now(served)
+        second.state.core.ledger.engine.dispose()
+    [row] = database.usage(user="restart-user", function="chat")
+    assert row["status"] == "ok"
