@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,6 +40,8 @@ def open_core(settings: Settings, provider: Provider | None = None) -> Core:
     )
     # Rows a crashed process left pending must not hold quota forever.
     ledger.release_stale(timedelta(seconds=settings.request_timeout * 3 + 60))
+    # Outcomes are written by a background thread: write what is queued before exiting.
+    atexit.register(ledger.flush)
     users = UserStore(engine)
     service = Service(settings, provider, ledger=ledger)
     return Core(

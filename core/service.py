@@ -287,10 +287,11 @@ class Service:
         limits = call.caller.limits
         if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
             return req  # nothing to check: the outcome is written as one row afterwards
-        needed = len(prompt) // 4 + 1  # a rough token count; the ledger settles the real one
-        wanted = getattr(req, "max_tokens", None) or (
-            DEFAULT_HOLD if call.function in ("chat", "completion") else 0
-        )
+        # An upper bound, so the quota holds: byte-level tokenizers never make more tokens
+        # than the text has bytes. The ledger settles the real count afterwards.
+        needed = len(prompt.encode()) + 1
+        generates = call.function in ("chat", "completion")
+        wanted = getattr(req, "max_tokens", None) or (DEFAULT_HOLD if generates else 0)
         call.reservation = await asyncio.to_thread(
             self.ledger.reserve,
             user=call.caller.name,
@@ -301,12 +302,12 @@ class Service:
             source=call.source,
             request_id=call.request_id,
             estimate=needed + wanted,
-            minimum=needed,
+            minimum=needed + 1 if generates else needed,  # room for at least one reply token
         )
         budget = call.reservation.token_budget
-        if budget is not None and call.function in ("chat", "completion"):
+        if budget is not None and generates:
             # Cap the reply at what today's quota has left, so concurrent calls cannot overshoot.
-            cap = max(1, budget - needed)
+            cap = max(1, budget - needed)  # >= 1: the reservation required room for it
             req = req.model_copy(update={"max_tokens": min(wanted, cap)})
         return req
 

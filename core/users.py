@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from core import db
-from core.errors import InvalidRequest
+from core.errors import ConfigError, InvalidRequest
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}$")
 KEY_PREFIX = "dk_"
@@ -230,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("rotate", help="replace a user's key; prints the new one once").add_argument(
         "name"
     )
-    limits = sub.add_parser("limits", help="set a user's limits (0: back to the defaults)")
+    limits = sub.add_parser(
+        "limits", help="set a user's limits (0: back to the defaults; a limit left out is kept)"
+    )
     limits.add_argument("name")
-    limits.add_argument("--daily-tokens", type=int, default=0)
-    limits.add_argument("--rpm", type=int, default=0)
+    limits.add_argument("--daily-tokens", type=int)
+    limits.add_argument("--rpm", type=int)
     args = parser.parse_args(argv)
 
     try:
@@ -261,13 +263,28 @@ def main(argv: list[str] | None = None) -> int:
             user, key = store.rotate(args.name)
             _print_key(user, key, "rotated; the old key no longer works")
         elif args.command == "limits":
-            user = store.set_limits(args.name, daily_tokens=args.daily_tokens, rpm=args.rpm)
+            current = store.get(args.name)
+            if current is None:
+                raise InvalidRequest(f"No user named {args.name!r}.")
+            user = store.set_limits(
+                args.name,
+                daily_tokens=current.daily_tokens
+                if args.daily_tokens is None
+                else args.daily_tokens,
+                rpm=current.rpm if args.rpm is None else args.rpm,
+            )
             print(
                 f"{user.name}: daily tokens {user.daily_tokens or 'default'}, "
                 f"rpm {user.rpm or 'default'}"
             )
-    except InvalidRequest as exc:
+    except (InvalidRequest, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except sa.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "unknown error"
+        print(
+            f"error: cannot open the database (DATA_DIR / DATABASE_URL): {reason}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -382,17 +382,12 @@ def test_daily_tokens_hold_for_twenty_concurrent_calls(upstream, database) -> No
     assert {r["status"] for r in rows} == {"ok", "refused"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the daily hold counts a prompt as len(text) // 4 tokens, and a prompt "
-    "with more tokens than that (short words, CJK) spends past the limit",
-)
 def test_a_prompt_denser_than_four_characters_a_token_cannot_overshoot_the_day(
     upstream, database
 ) -> None:
     limit = 60
     who = caller("dense-prompt", daily_tokens=limit)
-    dense = " ".join(["a"] * 50)  # 50 tokens upstream; held as about 33
+    dense = " ".join(["a"] * 50)  # 50 tokens upstream: more than 4 characters a token
 
     with opened(upstream, database) as core:
         run(core, attempt(chat(core.service, who, content=dense)))

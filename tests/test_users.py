@@ -161,7 +161,10 @@ def test_cli_disable_enable_rotate_and_limits(tmp_path: Path) -> None:
     limited = cli(tmp_path, "limits", "erin", "--rpm", "3", "--daily-tokens", "500")
     assert (limited.returncode, limited.stdout.strip()) == (0, "erin: daily tokens 500, rpm 3")
     assert (store.get("erin").daily_tokens, store.get("erin").rpm) == (500, 3)
-    reset = cli(tmp_path, "limits", "erin")
+    # A limit left out is kept; 0 goes back to the default.
+    kept = cli(tmp_path, "limits", "erin", "--rpm", "5")
+    assert kept.stdout.strip() == "erin: daily tokens 500, rpm 5"
+    reset = cli(tmp_path, "limits", "erin", "--rpm", "0", "--daily-tokens", "0")
     assert reset.stdout.strip() == "erin: daily tokens default, rpm default"
     assert (store.get("erin").daily_tokens, store.get("erin").rpm) == (None, None)
     store.engine.dispose()

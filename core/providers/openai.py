@@ -137,12 +137,22 @@ class OpenAIProvider:
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout, connect=10.0)
         self._http: aiohttp.ClientSession | None = None  # made in the serving event loop
         self._http_loop: asyncio.AbstractEventLoop | None = None
-        self._client = openai.AsyncOpenAI(
-            api_key=key or PLACEHOLDER_KEY,
-            base_url=self.base_url,
-            timeout=settings.request_timeout,
-            max_retries=settings.upstream_max_retries,
-        )
+        self._sdk_options = {
+            "api_key": key or PLACEHOLDER_KEY,
+            "base_url": self.base_url,
+            "timeout": settings.request_timeout,
+            "max_retries": settings.upstream_max_retries,
+        }
+        self._sdk: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI] | None = None
+
+    @property
+    def _client(self) -> openai.AsyncOpenAI:
+        """The SDK client of the running event loop (its connections belong to one loop;
+        scripts may call asyncio.run more than once)."""
+        loop = asyncio.get_running_loop()
+        if self._sdk is None or self._sdk[0] is not loop:
+            self._sdk = (loop, openai.AsyncOpenAI(**self._sdk_options))
+        return self._sdk[1]
 
     def describe(self) -> str:
         return f"OpenAI-compatible at {self.base_url}"
@@ -289,7 +299,8 @@ class OpenAIProvider:
         return True
 
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._sdk is not None:
+            await self._sdk[1].close()
         if self._http is not None:
             await self._http.close()
 
