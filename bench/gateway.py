@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -128,10 +129,12 @@ async def measure_sdk(direct_url: str, app_url: str, args: argparse.Namespace) -
     await via.close()
 
 
-def measure_gradio(direct_url: str, app_url: str, args: argparse.Namespace) -> None:
+def measure_gradio(
+    direct_url: str, app_url: str, args: argparse.Namespace, *, name: str, auth: tuple | None
+) -> None:
     from gradio_client import Client
 
-    gclient = Client(app_url, auth=("bench", KEY), verbose=False, analytics_enabled=False)
+    gclient = Client(app_url, auth=auth, verbose=False, analytics_enabled=False)
     sync_direct = openai.OpenAI(base_url=direct_url, api_key="sk-bench", max_retries=0)
 
     def direct_call() -> float:
@@ -150,22 +153,108 @@ def measure_gradio(direct_url: str, app_url: str, args: argparse.Namespace) -> N
             fn()
     d = [direct_call() for _ in range(n)]
     g = [gradio_call() for _ in range(n)]
-    print(f"\ngradio_client /chat vs the SDK calling the upstream directly (ms; {n} calls)")
-    print(row("gradio /chat", d, g))
+    print(f"\ngradio_client {name} vs the SDK calling the upstream directly (ms; {n} calls)")
+    print(row(name, d, g))
 
-    def rate(fn: Callable[[], float], total: int) -> float:
+    # One gradio_client per caller, each warmed up first (its first call creates its
+    # server-side session). A single shared Client runs each call on its own small thread
+    # pool (40 workers, 2 per call) and cancels calls when 32 callers share it.
+    clients = [
+        Client(app_url, auth=auth, verbose=False, analytics_enabled=False)
+        for _ in range(args.concurrency)
+    ]
+    for c in clients:
+        c.predict(messages=MESSAGES, model="bench-model", api_name="/chat")
+    sync_clients = [
+        openai.OpenAI(base_url=direct_url, api_key="sk-bench", max_retries=0)
+        for _ in range(args.concurrency)
+    ]
+
+    def rate(call: Callable[[int], object], total: int) -> float:
+        remaining = [total]
+        lock = threading.Lock()
+
+        def worker(i: int) -> None:
+            while True:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                call(i)
+
+        started = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
-            list(pool.map(lambda _: fn(), range(args.concurrency)))  # warm-up
-            started = time.perf_counter()
-            list(pool.map(lambda _: fn(), range(total)))
+            list(pool.map(worker, range(args.concurrency)))
         return total / (time.perf_counter() - started)
 
     total = max(args.concurrency * 4, args.total // 4)
-    rd, rg = rate(direct_call, total), rate(gradio_call, total)
-    print(
-        f"{'gradio /chat, ' + str(args.concurrency) + ' callers':<28}direct {rd:7.1f} req/s   "
-        f"/chat {rg:7.1f} req/s   ratio {rg / rd:5.2f}"
+    rd = rate(
+        lambda i: sync_clients[i].chat.completions.create(model="bench-model", messages=MESSAGES),
+        total,
     )
+    rg = rate(
+        lambda i: clients[i].predict(messages=MESSAGES, model="bench-model", api_name="/chat"),
+        total,
+    )
+    print(
+        f"{name + ', ' + str(args.concurrency) + ' callers':<28}direct {rd:7.1f} req/s   "
+        f"gradio {rg:7.1f} req/s   ratio {rg / rd:5.2f}"
+    )
+
+
+async def measure_gradio_raw(
+    direct_url: str, app_url: str, args: argparse.Namespace, *, name: str, auth: tuple | None
+) -> None:
+    """The Gradio queue protocol spoken directly (join, then read the event stream): what the
+    server costs, without gradio_client's 50 ms polling."""
+    import uuid
+
+    import aiohttp
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        if auth:
+            await http.post(f"{app_url}/login", data={"username": auth[0], "password": auth[1]})
+        async with http.get(f"{app_url}/config") as response:
+            config = await response.json()
+        fn_index = next(
+            i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "chat"
+        )
+        # The app's /chat takes messages, model, temperature, max_tokens, stop.
+        data = [MESSAGES, "bench-model"] + ([] if auth is None else [0.7, 0, None])
+
+        async def call(session_hash: str) -> float:
+            t = time.perf_counter()
+            body = {"data": data, "fn_index": fn_index, "session_hash": session_hash}
+            async with http.post(f"{app_url}/gradio_api/queue/join", json=body) as response:
+                await response.read()
+            url = f"{app_url}/gradio_api/queue/data?session_hash={session_hash}"
+            async with http.get(url) as response:
+                async for line in response.content:
+                    if b"process_completed" in line:
+                        break
+            return (time.perf_counter() - t) * 1000
+
+        hashes = [uuid.uuid4().hex[:12] for _ in range(args.concurrency)]
+        for h in hashes:  # each session's first call builds its server-side state
+            await call(h)
+        direct = openai.AsyncOpenAI(base_url=direct_url, api_key="sk-bench", max_retries=0)
+        d = await sequential(sdk_calls(direct)["non-streaming"], args.requests)
+        g = await sequential(lambda: call(hashes[0]), args.requests)
+        print(f"\n{name}, Gradio's queue protocol, no gradio_client (ms; {args.requests} calls)")
+        print(row(name + " (raw)", d, g))
+        remaining = args.total // 4
+        started = time.perf_counter()
+
+        async def worker(session_hash: str) -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await call(session_hash)
+
+        await asyncio.gather(*(worker(h) for h in hashes))
+        rate = (args.total // 4) / (time.perf_counter() - started)
+        print(f"{name + ' (raw), ' + str(args.concurrency) + ' callers':<28}{rate:7.1f} req/s")
+        await direct.close()
 
 
 def main() -> None:
@@ -197,6 +286,13 @@ def main() -> None:
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
     app = start([sys.executable, "app.py"], app_env, f"http://127.0.0.1:{app_port}/health")
+    floor_port = free_port()
+    floor = start(
+        [sys.executable, "bench/gradio_floor.py", "--port", str(floor_port),
+         "--upstream", f"http://127.0.0.1:{up_port}/v1"],
+        env,
+        f"http://127.0.0.1:{floor_port}/",
+    )  # fmt: skip
     direct_url, app_url = f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{app_port}"
     try:
         print(
@@ -204,9 +300,15 @@ def main() -> None:
             f"client, upstream and app on this machine"
         )
         asyncio.run(measure_sdk(direct_url, app_url, args))
-        measure_gradio(direct_url, app_url, args)
+        floor_url = f"http://127.0.0.1:{floor_port}"
+        for url, name, auth in (
+            (app_url, "app /chat", ("bench", KEY)),
+            (floor_url, "bare gr.api", None),
+        ):
+            measure_gradio(direct_url, url, args, name=name, auth=auth)
+            asyncio.run(measure_gradio_raw(direct_url, url, args, name=name, auth=auth))
     finally:
-        for proc in (app, upstream):
+        for proc in (app, floor, upstream):
             proc.terminate()
             proc.wait(timeout=10)
 

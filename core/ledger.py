@@ -6,10 +6,11 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
@@ -35,6 +36,24 @@ COLUMNS = [
     "cost_usd",
     "request_id",
 ]
+
+
+# Built once (SQLAlchemy memoizes their cache keys); executed many rows at a time.
+_INSERT = db.usage.insert()
+_SETTLE = (
+    db.usage.update()
+    .where(db.usage.c.id == sa.bindparam("row_id"))
+    .values(
+        status=sa.bindparam("new_status"),
+        prompt_tokens=sa.bindparam("new_prompt_tokens"),
+        completion_tokens=sa.bindparam("new_completion_tokens"),
+        reserved_tokens=0,
+        latency_ms=sa.bindparam("new_latency_ms"),
+        cost_usd=sa.bindparam("new_cost_usd"),
+        prompt_text=sa.bindparam("new_prompt_text"),
+        completion_text=sa.bindparam("new_completion_text"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -64,37 +83,44 @@ class Ledger:
         # this process's writers on a lock instead hands the database over at once.
         self._write = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
         # Outcomes are written by one thread, in batches, off the request path; reads flush it.
-        self._queue: queue.SimpleQueue[Callable[[sa.Connection], None]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self._unwritten = 0
         self._idle = threading.Condition()
         self._writer: threading.Thread | None = None
 
-    def _submit(self, write: Callable[[sa.Connection], None]) -> None:
+    def _submit(self, kind: str, params: dict[str, Any]) -> None:
         with self._idle:
             self._unwritten += 1
             if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(target=self._drain, name="ledger", daemon=True)
                 self._writer.start()
-        self._queue.put(write)
+        self._queue.put((kind, params))
+
+    def _write_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """One transaction, one executemany per kind, with statements built once."""
+        inserts = [params for kind, params in batch if kind == "insert"]
+        updates = [params for kind, params in batch if kind == "update"]
+        with self._begin() as conn:
+            if inserts:
+                conn.execute(_INSERT, inserts)
+            if updates:
+                conn.execute(_SETTLE, updates)
 
     def _drain(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while len(batch) < 200:
+            while len(batch) < 500:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             try:
-                with self._begin() as conn:
-                    for write in batch:
-                        write(conn)
+                self._write_batch(batch)
             except Exception:
                 log.exception("could not write %d ledger rows; retrying one by one", len(batch))
-                for write in batch:
+                for item in batch:
                     try:
-                        with self._begin() as conn:
-                            write(conn)
+                        self._write_batch([item])
                     except Exception:
                         log.exception("dropped a ledger row")
             with self._idle:
@@ -226,18 +252,20 @@ class Ledger:
         cost = self.prices.cost(
             model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, images=images
         )
-        values = {
-            "status": status,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "reserved_tokens": 0,
-            "latency_ms": round(latency_ms, 1),
-            "cost_usd": cost,
-        }
-        if self.log_content:
-            values |= {"prompt_text": prompt_text, "completion_text": completion_text}
-        update = db.usage.update().where(db.usage.c.id == reservation.row_id).values(**values)
-        self._submit(lambda conn: conn.execute(update))
+        content = self.log_content
+        self._submit(
+            "update",
+            {
+                "row_id": reservation.row_id,
+                "new_status": status,
+                "new_prompt_tokens": prompt_tokens,
+                "new_completion_tokens": completion_tokens,
+                "new_latency_ms": round(latency_ms, 1),
+                "new_cost_usd": cost,
+                "new_prompt_text": prompt_text if content else None,
+                "new_completion_text": completion_text if content else None,
+            },
+        )
 
     def record(
         self,
@@ -276,10 +304,13 @@ class Ledger:
             "latency_ms": round(latency_ms, 1),
             "cost_usd": cost,
         }
-        if self.log_content:
-            values |= {"prompt_text": prompt_text, "completion_text": completion_text}
-        insert = db.usage.insert().values(**values)
-        self._submit(lambda conn: conn.execute(insert))
+        content = self.log_content
+        values |= {
+            "reserved_tokens": 0,
+            "prompt_text": prompt_text if content else None,
+            "completion_text": completion_text if content else None,
+        }
+        self._submit("insert", values)
 
     def release_stale(self, older_than: timedelta) -> int:
         """Rows left pending by a process that died no longer hold tokens."""

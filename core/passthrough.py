@@ -40,6 +40,14 @@ def _event_end(buffer: bytes) -> int | None:
     return None
 
 
+def event_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (its `data:` lines joined), or None for comments and the like."""
+    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(line[5:].strip() for line in lines)
+
+
 def usage_in(raw: bytes) -> Usage | None:
     """The last "usage" object in a JSON body or SSE event, parsed on its own."""
     at = raw.rfind(b'"usage"')

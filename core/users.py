@@ -12,6 +12,7 @@ import hmac
 import re
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -25,6 +26,10 @@ from core.errors import ConfigError, InvalidRequest
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,63}$")
 KEY_PREFIX = "dk_"
 Role = Literal["admin", "user"]
+# Built once: SQLAlchemy memoizes a statement's cache key, so reusing it skips that work on
+# every lookup (one or two per call).
+_BY_NAME = sa.select(db.users).where(db.users.c.name == sa.bindparam("name"))
+_BY_ID = sa.select(db.users).where(db.users.c.id == sa.bindparam("id"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class UserStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._cache: dict[str, tuple[float, User]] = {}
 
     def add(
         self,
@@ -121,10 +127,24 @@ class UserStore:
         assert user is not None
         return user, key
 
-    def get(self, name: str) -> User | None:
+    def get(self, name: str, *, max_age: float = 0.0) -> User | None:
+        """The user by name; with max_age, an answer read at most that many seconds ago will
+        do (for lookups on every call; revocation checks always read afresh)."""
+        now = time.monotonic()
+        hit = self._cache.get(name)
+        if max_age and hit is not None and now - hit[0] < max_age:
+            return hit[1]
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(db.users).where(db.users.c.name == name)).first()
-        return _user(row) if row else None
+            row = conn.execute(_BY_NAME, {"name": name}).first()
+        if row is None:
+            # Never remembered: a name that is no user yet may become one at any moment.
+            self._cache.pop(name, None)
+            return None
+        user = _user(row)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[name] = (now, user)
+        return user
 
     def list(self) -> list[User]:
         with self.engine.connect() as conn:
@@ -134,7 +154,7 @@ class UserStore:
     def authenticate(self, name: str, key: str) -> User | None:
         """The enabled user with this name and key, else None (constant-time comparison)."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(db.users).where(db.users.c.name == name)).first()
+            row = conn.execute(_BY_NAME, {"name": name}).first()
         if row is None:
             key_matches(key, hash_key("dummy"))  # same work either way: no timing oracle
             return None
@@ -148,7 +168,7 @@ class UserStore:
         if user_id is None:
             return None
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(db.users).where(db.users.c.id == user_id)).first()
+            row = conn.execute(_BY_ID, {"id": user_id}).first()
         if row is None or row.disabled or not key_matches(key, row.key_hash):
             return None
         return _user(row)
@@ -182,6 +202,7 @@ class UserStore:
     def _update(self, name: str, **values: object) -> User:
         with self.engine.begin() as conn:
             done = conn.execute(db.users.update().where(db.users.c.name == name).values(**values))
+        self._cache.pop(name, None)
         if done.rowcount == 0:
             raise InvalidRequest(f"No user named {name!r}.")
         user = self.get(name)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -129,8 +131,16 @@ def _session_tokens(scope: dict) -> list[str]:
     return tokens
 
 
+def _record_missing_matplotlib() -> None:
+    """Gradio imports matplotlib around every event. Where it is not installed, each failed
+    import searches sys.path again (a few ms of CPU per call); record its absence once."""
+    if importlib.util.find_spec("matplotlib") is None:
+        sys.modules.setdefault("matplotlib", None)  # type: ignore[arg-type]
+
+
 def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     """The whole server: /health, then Gradio behind its login, mounted at the root."""
+    _record_missing_matplotlib()
     core = core or open_core(settings)
     demo = build_demo(core)
     app = FastAPI(title="AI dashboard", docs_url=None, redoc_url=None, openapi_url=None)
