@@ -29,3 +29,21 @@ def test_gradio_client_example_runs(running_app: Served) -> None:
     assert "embeddings: text-embedding-3-small" in out
     assert "gpt-4.1-mini (chat)" in out or "models:" in out
     assert "images saved to:" in out and ".png" in out
+
+
+def test_openai_sdk_example_runs(running_app: Served) -> None:
+    env = {**os.environ, "DASHBOARD_URL": running_app.url, "ACCESS_KEY": ACCESS_KEY}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "openai_sdk_example.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "chat: Echo: Name three prime numbers." in out
+    assert "stream usage:" in out and "Echo: Count to five." in out
+    assert "embeddings: 2 vectors of" in out
+    assert "models: " in out and "error-400" in out  # the test upstream lists its modes first
