@@ -40,12 +40,20 @@ def report(exc: ServiceError) -> str:
     return f'<div class="error-line" role="alert">⚠️ <strong>{title}:</strong> {text}</div>'
 
 
+_TITLES = {
+    "QuotaExceeded": "Quota reached",
+    "RateLimited": "Rate limited",
+    "Forbidden": "Not allowed",
+    "Revoked": "Signed out",
+    "Unsupported": "Not available",
+    "NotConfigured": "Not available",
+}
+
+
 def _title(exc: ServiceError) -> str:
-    if exc.status == 400:
-        return "Check your input"
-    if exc.status in (501, 503) and type(exc).__name__ in ("Unsupported", "NotConfigured"):
-        return "Not available"
-    return "Upstream error"
+    if title := _TITLES.get(type(exc).__name__):
+        return title
+    return "Check your input" if exc.status == 400 else "Upstream error"
 
 
 def caller_of(core: Core, request: gr.Request | None) -> dict[str, Any]:
