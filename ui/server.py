@@ -98,6 +98,10 @@ class SessionGuard:
         if status and status[0] == 200:
             self.limiter.success(client)
             if principal := holder.get("principal"):
+                if len(self.sessions) > 10_000:
+                    # Forget sessions Gradio itself has ended (logout removes its tokens).
+                    live = self.gradio_tokens()
+                    self.sessions = {t: p for t, p in self.sessions.items() if t in live}
                 for token in new_tokens:
                     self.sessions[token] = principal
         elif status and 400 <= status[0] < 500:
