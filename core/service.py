@@ -107,9 +107,10 @@ class Service:
         *,
         caller: Principal = SYSTEM,
         source: str = "core",
+        request_id: str | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream a chat reply; the last chunk carries the usage when the backend reports it."""
-        call = Call("chat", caller, source)
+        call = Call("chat", caller, source, request_id or new_request_id())
         async with self._track(call):
             req = await self._prepare(ChatRequest, request, call)
             async for chunk in self._relay(self.provider.chat_stream(req), call):
@@ -121,9 +122,10 @@ class Service:
         *,
         caller: Principal = SYSTEM,
         source: str = "core",
+        request_id: str | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream a text completion of a prompt."""
-        call = Call("completion", caller, source)
+        call = Call("completion", caller, source, request_id or new_request_id())
         async with self._track(call):
             req = await self._prepare(CompletionRequest, request, call)
             async for chunk in self._relay(self.provider.completion_stream(req), call):
@@ -135,9 +137,10 @@ class Service:
         *,
         caller: Principal = SYSTEM,
         source: str = "core",
+        request_id: str | None = None,
     ) -> ImageResult:
         """Generate one or more images (PNG bytes)."""
-        call = Call("image", caller, source)
+        call = Call("image", caller, source, request_id or new_request_id())
         async with self._track(call):
             req = await self._prepare(ImageRequest, request, call)
             if not self.provider.supports_images:
@@ -156,9 +159,10 @@ class Service:
         *,
         caller: Principal = SYSTEM,
         source: str = "core",
+        request_id: str | None = None,
     ) -> EmbeddingResult:
         """Embed a list of texts, one vector per text."""
-        call = Call("embedding", caller, source)
+        call = Call("embedding", caller, source, request_id or new_request_id())
         async with self._track(call):
             req = await self._prepare(EmbeddingRequest, request, call)
             result = await self.provider.embeddings(req)
@@ -180,9 +184,10 @@ class Service:
         *,
         caller: Principal = SYSTEM,
         source: str = "v1",
+        request_id: str | None = None,
     ) -> bytes:
         """Validate, reserve, send `body` upstream as it is, account for the answer's usage."""
-        call = Call(function, caller, source)
+        call = Call(function, caller, source, request_id or new_request_id())
         async with self._track(call):
             req = await self._prepare(REQUEST_MODELS[function], request, call)
             payload = _payload(body, req, stream=False)
@@ -201,10 +206,11 @@ class Service:
         caller: Principal = SYSTEM,
         source: str = "v1",
         include_usage: bool = False,
+        request_id: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Stream SSE events from upstream as they arrive; usage is always asked for (the
         ledger needs it) and its chunk is passed on only when the client asked for it too."""
-        call = Call(function, caller, source)
+        call = Call(function, caller, source, request_id or new_request_id())
         async with self._track(call):
             req = await self._prepare(REQUEST_MODELS[function], request, call)
             payload = _payload(body, req, stream=True)

@@ -86,6 +86,13 @@ def build_router(core: Core) -> APIRouter:
         return body
 
     async def handle(function: str, request: Request) -> Response:
+        """One /v1 call; its request id (in logs, the ledger and errors) is also a header."""
+        request_id = new_request_id()
+        response = await answer(function, request, request_id)
+        response.headers["x-request-id"] = request_id
+        return response
+
+    async def answer(function: str, request: Request, request_id: str) -> Response:
         try:
             caller = caller_of(request)
             body = await json_body(request)
@@ -102,27 +109,34 @@ def build_router(core: Core) -> APIRouter:
         if service.passthrough:
             if stream:
                 events = service.forward_stream(
-                    function, fields, body, caller=caller, include_usage=include_usage
+                    function,
+                    fields,
+                    body,
+                    caller=caller,
+                    include_usage=include_usage,
+                    request_id=request_id,
                 )
                 return await stream_response(events, params)
             try:
-                content = await service.forward_json(function, fields, body, caller=caller)
+                content = await service.forward_json(
+                    function, fields, body, caller=caller, request_id=request_id
+                )
             except errors.ServiceError as exc:
                 return error_response(exc, params)
             return Response(content, media_type=JSON)
-        return await built_here(function, fields, body, caller, stream, include_usage, params)
+        kwargs = {"caller": caller, "source": "v1", "request_id": request_id}
+        return await built_here(function, fields, body, kwargs, stream, include_usage, params)
 
     async def built_here(
         function: str,
         fields: dict[str, Any],
         body: dict[str, Any],
-        caller: Principal,
+        kwargs: dict[str, Any],
         stream: bool,
         include_usage: bool,
         params: dict[str, str],
     ) -> Response:
         """The embedded backend: run the service's typed calls and shape OpenAI's answers."""
-        kwargs: dict[str, Any] = {"caller": caller, "source": "v1"}
         try:
             if function == "embedding":
                 result = await service.embeddings(fields, **kwargs)
@@ -135,7 +149,7 @@ def build_router(core: Core) -> APIRouter:
             return error_response(exc, params)
         call = service.chat_stream if function == "chat" else service.completion_stream
         model = fields.get("model") or service.default_model(function)
-        shape = shapes.Completion(function, model, new_request_id())
+        shape = shapes.Completion(function, model, kwargs["request_id"])
         chunks = call(fields, **kwargs)
         if stream:
             return await stream_response(_events(shape, chunks, include_usage), params)

@@ -788,3 +788,18 @@ def test_metrics_public(upstream: FakeUpstream, tmp_path_factory: pytest.TempPat
         assert httpx.get(served.url + "/v1/models").status_code == 401
     finally:
         served.stop()
+
+
+def test_every_v1_answer_names_its_request_id(owner: openai.OpenAI) -> None:
+    sdk = owner
+    reply = sdk.chat.completions.with_raw_response.create(
+        model="gpt-4.1-mini", messages=[{"role": "user", "content": "id please"}]
+    )
+    request_id = reply.headers["x-request-id"]
+    assert request_id.startswith("req_")
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(
+            model="gpt-4.1-mini", messages=[{"role": "user", "content": "x"}], temperature=9
+        )
+    # The same id the error message quotes (and the log and the ledger carry).
+    assert bad.value.request_id and f"(request id: {bad.value.request_id})" in str(bad.value)
