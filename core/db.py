@@ -116,7 +116,7 @@ def migrate(engine: Engine) -> int:
             log.info("applying migration %d: %s", version, description)
             apply(conn)
             conn.execute(schema_version.insert().values(version=version, description=description))
-        return max([v for v, _, _ in MIGRATIONS if v in done] + [v for v, _, _ in MIGRATIONS])
+        return max(version for version, _, _ in MIGRATIONS)
 
 
 def lock_user(conn: Connection, name: str) -> None:

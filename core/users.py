@@ -194,11 +194,6 @@ class UserStore:
             rpm=_check_limit(rpm, "requests per minute"),
         )
 
-    def set_role(self, name: str, role: Role) -> User:
-        if role not in ("admin", "user"):
-            raise InvalidRequest("role must be admin or user")
-        return self._update(name, role=role)
-
     def _update(self, name: str, **values: object) -> User:
         with self.engine.begin() as conn:
             done = conn.execute(db.users.update().where(db.users.c.name == name).values(**values))
