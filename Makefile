@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # so a second install on the same machine does not rebuild.
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: run test lint format bench install install-dev browser clean
+.PHONY: run test lint format screenshots bench install install-dev browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ lint: install-dev
 format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+screenshots: install-dev ## refresh docs/screenshots (the README's) from the browser tests
+	SCREENSHOTS_DIR=docs/screenshots $(PY) -m pytest tests/e2e
 
 bench: install-dev ## the embedded model vs llama-cpp-python, and /v1 and /chat vs direct calls
 	$(PY) bench/local_tokens.py

@@ -31,8 +31,10 @@ CHROMIUM_ARGS = [
 ]
 DESKTOP = {"width": 1280, "height": 860}
 MOBILE = {"width": 390, "height": 844}
-# What the README shows: rewritten on every run.
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# Every run saves its screenshots in test-artifacts/ (git-ignored) to look at; `make screenshots`
+# points this at docs/screenshots, what the README shows, to refresh them on purpose.
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / os.environ.get("SCREENSHOTS_DIR", "test-artifacts/screenshots")
 # Gradio waits on the upstream and the queue; allow for a slow CI machine.
 expect.set_options(timeout=15_000)
 
@@ -96,7 +98,7 @@ def page(new_context: Callable[..., BrowserContext]) -> Page:
 
 
 def screenshot(page: Page, name: str, *, full_page: bool = True) -> None:
-    """Save docs/screenshots/<name>.png: the viewport's width, by default the page's height."""
+    """Save <SCREENSHOTS>/<name>.png: the viewport's width, by default the page's height."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     # No hover highlight on the last button clicked, and no event still in progress.
