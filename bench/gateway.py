@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/gateway.py [--latency-ms 20] [--requests 300] [--concurrency 32]
 
-Starts bench/upstream.py (fixed latency) and the app (python app.py) as separate processes,
-then measures with the openai SDK: the upstream directly vs through /v1, sequentially and
-with N concurrent callers, streaming and not; and gradio_client calling /chat the same way.
-Prints p50/p95/p99 latency and what the app adds, requests per second and the ratio to direct.
+Starts bench/upstream.py (fixed latency), the app (python app.py) and two Gradio apps to compare
+with (bench/gradio_peers.py: Gradio's own gr.load_chat, and a bare gr.api relay) as separate
+processes, then measures with the openai SDK: the upstream directly vs through /v1, sequentially
+and with N concurrent callers, streaming and not; and gradio_client calling each Gradio app's chat
+endpoint the same way, with its default settings and with one TLS context handed to it. Prints
+p50/p95/p99 latency and what each adds, requests per second and the ratio to direct.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -21,8 +24,10 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import certifi
 import httpx
 import httpx2
 import openai
@@ -30,6 +35,7 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-access-key-0123456789"
 MESSAGES = [{"role": "user", "content": "Say something about foxes."}]
+TLS_CONTEXT = ssl.create_default_context(cafile=certifi.where())
 
 
 def free_port() -> int:
@@ -98,12 +104,12 @@ def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Callable[[], Awaitable[fl
     return {"non-streaming": plain, "streaming (first chunk)": first_chunk}
 
 
-def row(name: str, direct: list[float], via: list[float]) -> str:
+def row(name: str, direct: list[float], via: list[float], width: int = 28) -> str:
     cells = []
     for q in (0.5, 0.95, 0.99):
         d, v = pct(direct, q), pct(via, q)
         cells.append(f"{d:7.2f} {v:7.2f} {v - d:+6.2f}")
-    return f"{name:<28}" + " | ".join(cells)
+    return f"{name:<{width}}" + " | ".join(cells)
 
 
 async def measure_sdk(direct_url: str, app_url: str, args: argparse.Namespace) -> None:
@@ -129,77 +135,116 @@ async def measure_sdk(direct_url: str, app_url: str, args: argparse.Namespace) -
     await via.close()
 
 
-def measure_gradio(
-    direct_url: str, app_url: str, args: argparse.Namespace, *, name: str, auth: tuple | None
-) -> None:
-    from gradio_client import Client
+@dataclass
+class GradioApp:
+    """A Gradio app with a chat endpoint, and how gradio_client calls it."""
 
-    gclient = Client(app_url, auth=auth, verbose=False, analytics_enabled=False)
-    sync_direct = openai.OpenAI(base_url=direct_url, api_key="sk-bench", max_retries=0)
+    name: str
+    url: str
+    api_name: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    auth: tuple | None = None
+    # gr.load_chat keeps the conversation per session, and its API fails on a session's second
+    # call ("Invalid message format"), so each of its calls starts a new session.
+    new_session: bool = False
 
-    def direct_call() -> float:
+    def client(self, **options: object) -> object:
+        from gradio_client import Client
+
+        return Client(self.url, auth=self.auth, verbose=False, analytics_enabled=False, **options)
+
+    def call(self, client) -> None:
+        if self.new_session:
+            client.reset_session()
+        client.predict(*self.args, api_name=self.api_name, **self.kwargs)
+
+
+# gradio_client builds a new httpx client for each call, twice (the join and the event stream),
+# and each builds a TLS context from certifi's bundle even for http:// (about 30 ms of CPU each
+# here). Handing it one context, made once, is the same verification at none of that cost.
+CLIENT_OPTIONS = {
+    "default gradio_client": {},
+    "gradio_client, one TLS context": {"ssl_verify": TLS_CONTEXT},
+}
+
+
+def threaded_rate(call: Callable[[int], object], total: int, workers: int) -> float:
+    """Requests per second with `workers` threads sharing `total` calls."""
+    remaining = [total]
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        while True:
+            with lock:
+                if remaining[0] <= 0:
+                    return
+                remaining[0] -= 1
+            call(i)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(worker, range(workers)))
+    return total / (time.perf_counter() - started)
+
+
+def measure_gradio_app(
+    app: GradioApp, options: dict, n: int, total: int, args: argparse.Namespace
+) -> tuple[list[float], float]:
+    """Sequential latencies (ms) of one client, then requests/s of one client per caller."""
+    client = app.client(**options)
+    for _ in range(5):  # warm-up: the first call builds the server-side session
+        app.call(client)
+    latencies = []
+    for _ in range(n):
         t = time.perf_counter()
-        sync_direct.chat.completions.create(model="bench-model", messages=MESSAGES)
-        return (time.perf_counter() - t) * 1000
-
-    def gradio_call() -> float:
-        t = time.perf_counter()
-        gclient.predict(messages=MESSAGES, model="bench-model", api_name="/chat")
-        return (time.perf_counter() - t) * 1000
-
-    n = max(30, args.requests // 3)
-    for fn in (direct_call, gradio_call):
-        for _ in range(5):
-            fn()
-    d = [direct_call() for _ in range(n)]
-    g = [gradio_call() for _ in range(n)]
-    print(f"\ngradio_client {name} vs the SDK calling the upstream directly (ms; {n} calls)")
-    print(row(name, d, g))
-
-    # One gradio_client per caller, each warmed up first (its first call creates its
-    # server-side session). A single shared Client runs each call on its own small thread
-    # pool (40 workers, 2 per call) and cancels calls when 32 callers share it.
-    clients = [
-        Client(app_url, auth=auth, verbose=False, analytics_enabled=False)
-        for _ in range(args.concurrency)
-    ]
+        app.call(client)
+        latencies.append((time.perf_counter() - t) * 1000)
+    clients = [app.client(**options) for _ in range(args.concurrency)]
     for c in clients:
-        c.predict(messages=MESSAGES, model="bench-model", api_name="/chat")
-    sync_clients = [
+        app.call(c)
+    return latencies, threaded_rate(lambda i: app.call(clients[i]), total, args.concurrency)
+
+
+def measure_gradio(direct_url: str, apps: list[GradioApp], args: argparse.Namespace) -> None:
+    """gradio_client calling each app's chat endpoint, with each client configuration, next to
+    the sync openai SDK calling the upstream directly (gradio_client is synchronous too)."""
+    n = max(30, args.requests // 3)
+    total = max(args.concurrency * 4, args.total // 4)
+    direct = [
         openai.OpenAI(base_url=direct_url, api_key="sk-bench", max_retries=0)
         for _ in range(args.concurrency)
     ]
 
-    def rate(call: Callable[[int], object], total: int) -> float:
-        remaining = [total]
-        lock = threading.Lock()
+    def direct_call(i: int = 0) -> None:
+        direct[i].chat.completions.create(model="bench-model", messages=MESSAGES)
 
-        def worker(i: int) -> None:
-            while True:
-                with lock:
-                    if remaining[0] <= 0:
-                        return
-                    remaining[0] -= 1
-                call(i)
+    def timed(call: Callable[[], object]) -> float:
+        t = time.perf_counter()
+        call()
+        return (time.perf_counter() - t) * 1000
 
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            list(pool.map(worker, range(args.concurrency)))
-        return total / (time.perf_counter() - started)
-
-    total = max(args.concurrency * 4, args.total // 4)
-    rd = rate(
-        lambda i: sync_clients[i].chat.completions.create(model="bench-model", messages=MESSAGES),
-        total,
-    )
-    rg = rate(
-        lambda i: clients[i].predict(messages=MESSAGES, model="bench-model", api_name="/chat"),
-        total,
-    )
+    for _ in range(5):
+        direct_call()
+    d = [timed(direct_call) for _ in range(n)]
+    rd = threaded_rate(direct_call, total, args.concurrency)
     print(
-        f"{name + ', ' + str(args.concurrency) + ' callers':<28}direct {rd:7.1f} req/s   "
-        f"gradio {rg:7.1f} req/s   ratio {rg / rd:5.2f}"
+        f"\ngradio_client calling each app's chat endpoint vs the openai SDK calling the upstream"
+        f" directly\n(ms; {n} sequential calls; then {total} calls from {args.concurrency} callers,"
+        f" one client each; direct: {rd:.1f} req/s)"
     )
+    print(f"{'':<48}{'p50 direct  via  added':<25} | {'p95':<22} | {'p99':<22} | req/s  ratio")
+    rates: dict[tuple[str, str], float] = {}
+    for option, options in CLIENT_OPTIONS.items():
+        for app in apps:
+            g, rates[option, app.name] = measure_gradio_app(app, options, n, total, args)
+            label = f"{app.name}, {option}"
+            rate = rates[option, app.name]
+            print(f"{row(label, d, g, width=48)} | {rate:6.1f}  {rate / rd:5.2f}")
+    ours, theirs = apps[0].name, apps[1].name
+    for option in CLIENT_OPTIONS:
+        ratio = rates[option, ours] / rates[option, theirs]
+        print(f"{ours} serves {ratio:.1f}x the requests/s of {theirs} ({option})")
 
 
 async def measure_gradio_raw(
@@ -286,29 +331,40 @@ def main() -> None:
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
     app = start([sys.executable, "app.py"], app_env, f"http://127.0.0.1:{app_port}/health")
-    floor_port = free_port()
-    floor = start(
-        [sys.executable, "bench/gradio_floor.py", "--port", str(floor_port),
-         "--upstream", f"http://127.0.0.1:{up_port}/v1"],
-        env,
-        f"http://127.0.0.1:{floor_port}/",
-    )  # fmt: skip
+    peers, peer_urls = [], {}
+    for kind in ("load_chat", "relay"):
+        port = free_port()
+        peer_urls[kind] = f"http://127.0.0.1:{port}"
+        peers.append(
+            start(
+                [sys.executable, "bench/gradio_peers.py", "--kind", kind, "--port", str(port),
+                 "--upstream", f"http://127.0.0.1:{up_port}/v1"],
+                env,
+                peer_urls[kind] + "/",
+            )
+        )  # fmt: skip
     direct_url, app_url = f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{app_port}"
+    apps = [
+        GradioApp("app /chat", app_url, "/chat", auth=("bench", KEY),
+                  kwargs={"messages": MESSAGES, "model": "bench-model"}),
+        GradioApp("gr.load_chat", peer_urls["load_chat"], "/open_api_stream",
+                  args=(MESSAGES[0]["content"],), new_session=True),
+        GradioApp("bare gr.api relay", peer_urls["relay"], "/chat",
+                  kwargs={"messages": MESSAGES, "model": "bench-model"}),
+    ]  # fmt: skip
     try:
         print(
             f"upstream latency {args.latency_ms:.0f} ms; {os.cpu_count()} cores; "
             f"client, upstream and app on this machine"
         )
         asyncio.run(measure_sdk(direct_url, app_url, args))
-        floor_url = f"http://127.0.0.1:{floor_port}"
-        for url, name, auth in (
-            (app_url, "app /chat", ("bench", KEY)),
-            (floor_url, "bare gr.api", None),
-        ):
-            measure_gradio(direct_url, url, args, name=name, auth=auth)
-            asyncio.run(measure_gradio_raw(direct_url, url, args, name=name, auth=auth))
+        measure_gradio(direct_url, apps, args)
+        for target in (apps[0], apps[2]):  # what the server costs, without gradio_client
+            asyncio.run(
+                measure_gradio_raw(direct_url, target.url, args, name=target.name, auth=target.auth)
+            )
     finally:
-        for proc in (app, floor, upstream):
+        for proc in (app, *peers, upstream):
             proc.terminate()
             proc.wait(timeout=10)
 
