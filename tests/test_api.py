@@ -6,10 +6,13 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from starlette.routing import Mount
 
+from tests.conftest import ACCESS_KEY
 from tests.upstream import FakeUpstream
 
 HELLO = [{"role": "user", "content": "one two three four five"}]
@@ -150,3 +153,17 @@ def test_twenty_chats_run_at_once(client: Client, upstream: FakeUpstream) -> Non
         replies = [job.result(timeout=120) for job in jobs]
     assert replies == ["Echo: in parallel"] * 20
     assert upstream.max_in_flight == 20
+
+
+def test_gradio_monitoring_is_off_and_keeps_no_per_event_analytics(running_app, client) -> None:
+    """The app has its own metrics and Usage tab. Gradio's /monitoring is off, and its queue
+    keeps one analytics record instead of rebuilding a DataFrame of 10,000 after every event."""
+    for _ in range(3):
+        client.predict(api_name="/models")
+    with httpx.Client(base_url=running_app.url) as http:
+        assert http.post("/login", data={"username": "tester", "password": ACCESS_KEY}).is_success
+        assert http.get("/monitoring/summary").status_code == 403
+    mount = next(r for r in running_app.server.config.app.routes if isinstance(r, Mount))
+    queue = mount.app.get_blocks()._queue
+    assert len(queue.event_analytics) <= 1
+    assert queue.cached_event_analytics_summary == {"functions": {}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -142,9 +143,19 @@ def _record_missing_matplotlib() -> None:
         sys.modules.setdefault("matplotlib", None)  # type: ignore[arg-type]
 
 
+def _skip_gradio_analytics() -> None:
+    """After every event Gradio's queue rebuilds a pandas DataFrame of its last 10,000 events for
+    its /monitoring page, which this app turns off (Prometheus /metrics and the Usage tab do that
+    job): a third of the server's CPU under load. Keep one record and never summarise it. Read
+    when the queue is made; an operator's own setting wins."""
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**62))
+
+
 def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     """The whole server: /health, then Gradio behind its login, mounted at the root."""
     _record_missing_matplotlib()
+    _skip_gradio_analytics()
     core = core or open_core(settings)
     demo = build_demo(core)
     app = FastAPI(title="AI dashboard", docs_url=None, redoc_url=None, openapi_url=None)
@@ -172,6 +183,7 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
         auth_message="Sign in with your user name and access key.",
         # Never together with auth: Gradio's MCP server is not behind the login.
         mcp_server=False,
+        enable_monitoring=False,
         footer_links=["api", "settings"],
         run_history=False,
         show_error=True,
