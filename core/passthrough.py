@@ -64,8 +64,9 @@ def usage_in(raw: bytes) -> Usage | None:
                 data = orjson.loads(raw[start : end + 1])
             except orjson.JSONDecodeError:
                 return None
-            prompt = int(data.get("prompt_tokens") or 0)
-            completion = int(data.get("completion_tokens") or 0)
+            # Chat, completions and embeddings say prompt/completion; images say input/output.
+            prompt = int(data.get("prompt_tokens") or data.get("input_tokens") or 0)
+            completion = int(data.get("completion_tokens") or data.get("output_tokens") or 0)
             total = int(data.get("total_tokens") or prompt + completion)
             return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
     return None

@@ -8,7 +8,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 
 class Price(BaseModel):
-    """USD per million tokens (input, output), and per image for image models."""
+    """USD per million tokens (input, output); for image models also USD per image, charged
+    when the server reports no output tokens for it (gpt-image models report them)."""
 
     input: float = Field(default=0.0, ge=0)
     output: float = Field(default=0.0, ge=0)
@@ -33,8 +34,8 @@ DEFAULT_PRICES: dict[str, Price] = {
     "text-embedding-3-small": Price(input=0.02),
     "text-embedding-3-large": Price(input=0.13),
     "text-embedding-ada-002": Price(input=0.10),
-    "gpt-image-1": Price(input=5.0, image=0.042),
-    "gpt-image-1-mini": Price(input=2.0, image=0.011),
+    "gpt-image-1": Price(input=5.0, output=40.0, image=0.042),
+    "gpt-image-1-mini": Price(input=2.0, output=8.0, image=0.011),
 }
 
 
@@ -67,4 +68,6 @@ class PriceTable:
     ) -> float:
         p = self.price(model)
         usd = (prompt_tokens * p.input + completion_tokens * p.output) / 1_000_000
-        return round(usd + images * p.image, 8)
+        if not completion_tokens:  # images the server gave no token count for
+            usd += images * p.image
+        return round(usd, 8)

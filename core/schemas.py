@@ -102,6 +102,7 @@ class ImageResult(BaseModel):
     model: str
     images: list[bytes]
     revised_prompts: list[str | None] = []
+    usage: Usage | None = None  # gpt-image models report tokens; others do not
 
 
 class EmbeddingResult(BaseModel):

@@ -151,6 +151,7 @@ class Service:
                 )
             result = await self.provider.generate_images(req)
             call.images = len(result.images)
+            call.usage = result.usage
             return result
 
     async def embeddings(

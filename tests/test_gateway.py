@@ -500,12 +500,13 @@ def test_ledger_rows_of_v1_calls_have_the_upstreams_tokens(
     tokens = [(r["prompt_tokens"], r["completion_tokens"]) for r in rows]
     expected_completion = direct.completions.create(model=COMPLETION_MODEL, prompt="alpha beta")
     assert expected_completion.usage is not None
-    assert tokens[:4] == [
+    assert tokens[:5] == [
         (usage.prompt_tokens, usage.completion_tokens),
         # A stream without include_usage is still counted with the upstream's own numbers.
         (usage.prompt_tokens, usage.completion_tokens),
         (expected_completion.usage.prompt_tokens, expected_completion.usage.completion_tokens),
         (3, 0),
+        (3, 32),  # images report input_tokens and output_tokens
     ]
     assert all(r["request_id"].startswith("req_") for r in rows)
     assert len({r["request_id"] for r in rows}) == 6

@@ -27,6 +27,7 @@ from core.auth import Principal
 from core.context import Core, open_core
 from core.ledger import Ledger, Limits
 from core.pricing import PriceTable
+from core.schemas import Usage
 from core.service import Service
 from tests.conftest import ACCESS_KEY, Served, app_settings, logged, serve
 from tests.db_fixtures import BACKENDS, Database, fresh_database
@@ -224,6 +225,41 @@ def test_streamed_completion_and_embeddings_are_counted(upstream, database) -> N
     streamed = [r["json"] for r in upstream.requests if r["path"] == "/v1/completions"]
     assert streamed[-1]["stream"] is True
     assert streamed[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_image_tokens_are_counted_against_the_daily_quota(upstream, database) -> None:
+    """gpt-image models report input and output tokens: the ledger records them, the daily
+    quota counts them, and they are priced per token; a model that reports no tokens is
+    charged its price per image."""
+    budget = caller("row-images", daily_tokens=40)
+
+    async def scenario(service: Service) -> list[Any]:
+        return [
+            await service.generate_images({"prompt": "a red apple", "n": 2}, caller=budget),
+            # 3 + 2 * 16 tokens spent; "a pear" needs up to 7 more: over 40.
+            await attempt(service.generate_images({"prompt": "a pear"}, caller=budget)),
+            await service.generate_images(
+                {"prompt": "a plum", "model": "dall-e-3"}, caller=caller("row-images-dalle")
+            ),
+        ]
+
+    upstream.reset()
+    prices = '{"dall-e-3": {"image": 0.04}}'
+    with opened(upstream, database, PRICES_JSON=prices) as core:
+        first, second, dalle = run(core, scenario(core.service))
+    assert first.usage == Usage(prompt_tokens=3, completion_tokens=32, total_tokens=35)
+    assert isinstance(second, errors.QuotaExceeded)
+    assert dalle.usage is None and len(dalle.images) == 1
+    images, refused = database.usage(user="row-images")
+    assert (images["function"], images["model"]) == ("image", "gpt-image-1")
+    assert (images["prompt_tokens"], images["completion_tokens"]) == (3, 32)
+    tokens_cost = PriceTable().cost("gpt-image-1", prompt_tokens=3, completion_tokens=32, images=2)
+    assert images["cost_usd"] == pytest.approx(tokens_cost)
+    assert tokens_cost == pytest.approx((3 * 5.0 + 32 * 40.0) / 1_000_000)  # no per-image price
+    assert refused["status"] == "refused"
+    [unmetered] = database.usage(user="row-images-dalle")
+    assert (unmetered["prompt_tokens"], unmetered["completion_tokens"]) == (0, 0)
+    assert unmetered["cost_usd"] == pytest.approx(0.04)
 
 
 def test_an_upstream_failure_is_recorded(upstream, database) -> None:

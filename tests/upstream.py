@@ -29,7 +29,7 @@ from starlette.routing import Route
 DEFAULT_KEY = "sk-test-upstream-key-0123456789abcdef0123456789"
 CREATED = 1_700_000_000
 REAL_MODELS = ["gpt-4.1-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small"]
-REAL_MODELS += ["text-embedding-3-large", "gpt-image-1", "whisper-1", "tts-1"]
+REAL_MODELS += ["text-embedding-3-large", "gpt-image-1", "dall-e-3", "whisper-1", "tts-1"]
 REAL_MODELS += ["omni-moderation-latest"]
 BAD_REQUEST = "invalid_request_error"
 SERVER_ERROR = "The server had an error while processing your request."
@@ -273,10 +273,12 @@ def images(body: dict) -> Response:
     prompt = str(body.get("prompt") or "")
     n = body.get("n") or 1
     data = [{"b64_json": base64.b64encode(tiny_png(f"{prompt}#{i}")).decode()} for i in range(n)]
-    words = len(prompt.split())
-    usage = {"input_tokens": words, "output_tokens": 16 * n, "total_tokens": words + 16 * n}
     size, quality = body.get("size") or "auto", body.get("quality") or "auto"
     out = {"created": int(time.time()), "data": data, "size": size, "quality": quality}
+    if not str(body.get("model") or "").startswith("gpt-image"):
+        return JSONResponse(out)  # like dall-e-3: no token counts
+    words = len(prompt.split())
+    usage = {"input_tokens": words, "output_tokens": 16 * n, "total_tokens": words + 16 * n}
     return JSONResponse({**out, "output_format": "png", "usage": usage})
 
 

@@ -91,13 +91,13 @@ def _message(body: object) -> str:
 
 
 def _usage(raw: Any) -> Usage | None:
-    """Usage from an SDK object or a plain dict."""
+    """Usage from an SDK object or a plain dict (images name its fields input/output)."""
     if not raw:
         return None
     get = raw.get if isinstance(raw, dict) else lambda name: getattr(raw, name, 0)
     return Usage(
-        prompt_tokens=get("prompt_tokens") or 0,
-        completion_tokens=get("completion_tokens") or 0,
+        prompt_tokens=get("prompt_tokens") or get("input_tokens") or 0,
+        completion_tokens=get("completion_tokens") or get("output_tokens") or 0,
         total_tokens=get("total_tokens") or 0,
     )
 
@@ -271,7 +271,9 @@ class OpenAIProvider:
             revised.append(item.revised_prompt)
         if not images:
             raise errors.UpstreamError("The upstream returned no images.")
-        return ImageResult(model=model, images=images, revised_prompts=revised)
+        return ImageResult(
+            model=model, images=images, revised_prompts=revised, usage=_usage(result.usage)
+        )
 
     async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResult:
         kwargs: dict[str, Any] = {
