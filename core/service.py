@@ -52,6 +52,9 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "image": ImageRequest,
 }
 DEFAULT_HOLD = 1024  # tokens a reply without max_tokens holds against the quota while running
+# Output tokens of one gpt-image picture at most, by quality (the largest size; OpenAI's table).
+# An image cannot be cut short like a reply, so its whole bound must fit in the day's quota.
+IMAGE_TOKENS = {"low": 408, "medium": 1584, "high": 6240, "auto": 6240}
 PING_TTL = 15.0
 
 
@@ -299,6 +302,8 @@ class Service:
         needed = len(prompt.encode()) + 1
         generates = call.function in ("chat", "completion")
         wanted = getattr(req, "max_tokens", None) or (DEFAULT_HOLD if generates else 0)
+        if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):
+            needed += req.n * IMAGE_TOKENS[req.quality]
         call.reservation = await asyncio.to_thread(
             self.ledger.reserve,
             user=call.caller.name,

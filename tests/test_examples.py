@@ -32,7 +32,7 @@ def test_gradio_client_example_runs(running_app: Served) -> None:
     assert "chat: Echo: What is a vector embedding?" in out
     assert "completion:  completion of: The three primary colors are" in out
     assert "embeddings: text-embedding-3-small" in out
-    assert "models: cut-stream (chat), error-400 (chat)" in out  # sorted by id
+    assert "models: cut-stream (chat), dall-e-3 (image)" in out  # sorted by id
     assert "images saved to:" in out and ".png" in out
 
 

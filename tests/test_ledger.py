@@ -231,13 +231,15 @@ def test_image_tokens_are_counted_against_the_daily_quota(upstream, database) ->
     """gpt-image models report input and output tokens: the ledger records them, the daily
     quota counts them, and they are priced per token; a model that reports no tokens is
     charged its price per image."""
-    budget = caller("row-images", daily_tokens=40)
+    budget = caller("row-images", daily_tokens=433)
+    low = {"quality": "low"}  # holds 408 output tokens an image while it runs
 
     async def scenario(service: Service) -> list[Any]:
         return [
-            await service.generate_images({"prompt": "a red apple", "n": 2}, caller=budget),
-            # 3 + 2 * 16 tokens spent; "a pear" needs up to 7 more: over 40.
-            await attempt(service.generate_images({"prompt": "a pear"}, caller=budget)),
+            # Holds 12 + 408 of 433; spends 3 + 16.
+            await service.generate_images({"prompt": "a red apple", **low}, caller=budget),
+            # Needs 7 + 408 more: 19 + 415 > 433, so refused, and only because of those 19.
+            await attempt(service.generate_images({"prompt": "a pear", **low}, caller=budget)),
             await service.generate_images(
                 {"prompt": "a plum", "model": "dall-e-3"}, caller=caller("row-images-dalle")
             ),
@@ -247,19 +249,46 @@ def test_image_tokens_are_counted_against_the_daily_quota(upstream, database) ->
     prices = '{"dall-e-3": {"image": 0.04}}'
     with opened(upstream, database, PRICES_JSON=prices) as core:
         first, second, dalle = run(core, scenario(core.service))
-    assert first.usage == Usage(prompt_tokens=3, completion_tokens=32, total_tokens=35)
+    assert first.usage == Usage(prompt_tokens=3, completion_tokens=16, total_tokens=19)
     assert isinstance(second, errors.QuotaExceeded)
     assert dalle.usage is None and len(dalle.images) == 1
     images, refused = database.usage(user="row-images")
     assert (images["function"], images["model"]) == ("image", "gpt-image-1")
-    assert (images["prompt_tokens"], images["completion_tokens"]) == (3, 32)
-    tokens_cost = PriceTable().cost("gpt-image-1", prompt_tokens=3, completion_tokens=32, images=2)
+    assert (images["prompt_tokens"], images["completion_tokens"]) == (3, 16)
+    tokens_cost = PriceTable().cost("gpt-image-1", prompt_tokens=3, completion_tokens=16, images=1)
     assert images["cost_usd"] == pytest.approx(tokens_cost)
-    assert tokens_cost == pytest.approx((3 * 5.0 + 32 * 40.0) / 1_000_000)  # no per-image price
+    assert tokens_cost == pytest.approx((3 * 5.0 + 16 * 40.0) / 1_000_000)  # no per-image price
     assert refused["status"] == "refused"
     [unmetered] = database.usage(user="row-images-dalle")
     assert (unmetered["prompt_tokens"], unmetered["completion_tokens"]) == (0, 0)
     assert unmetered["cost_usd"] == pytest.approx(0.04)
+
+
+def test_an_image_is_refused_when_its_largest_size_would_not_fit(upstream, database) -> None:
+    """An image cannot be cut short like a reply: its whole bound is held before it is asked
+    for, so a quota holds for images too, even with calls in parallel."""
+    budget = caller("row-images-bound", daily_tokens=5000)
+
+    async def scenario(service: Service) -> list[Any]:
+        # A slow gpt-image model: every call has reserved before the first one ends.
+        slow = {"prompt": "image-bound-marker", "model": "gpt-image-slow-0.3"}
+        high = {**slow, "quality": "high"}  # holds 6240 an image
+        low = {**slow, "quality": "low", "n": 2}  # 2 * 408
+        return await asyncio.gather(
+            attempt(service.generate_images(high, caller=budget)),
+            *(attempt(service.generate_images(low, caller=budget)) for _ in range(8)),
+        )
+
+    upstream.reset()
+    with opened(upstream, database) as core:
+        high, *lows = run(core, scenario(core.service))
+    assert isinstance(high, errors.QuotaExceeded)
+    done = [r for r in lows if not isinstance(r, errors.ServiceError)]
+    # 5000 // (19 + 816) = 5 fit at once, whatever the order.
+    assert len(done) == 5
+    assert all(isinstance(r, errors.QuotaExceeded) for r in lows if r not in done)
+    sent = [r for r in upstream.requests if r["path"] == "/v1/images/generations"]
+    assert len(sent) == 5 and all(r["json"]["quality"] == "low" for r in sent)
 
 
 def test_an_upstream_failure_is_recorded(upstream, database) -> None:

@@ -178,7 +178,7 @@ async def _model_gate(body: dict) -> Response | None:
         return _error(400, "you must provide a model parameter", param="model")
     if model in ERRORS:
         return _error(*ERRORS[model])
-    if slow := re.fullmatch(r"slow-(\d+(?:\.\d*)?)", model):
+    if slow := re.fullmatch(r"(?:gpt-image-)?slow-(\d+(?:\.\d*)?)", model):
         await asyncio.sleep(float(slow[1]))  # async sleep so concurrent requests really overlap
     elif model not in REAL_MODELS + MODE_MODELS:
         message = f"The model `{model}` does not exist or you do not have access to it."

@@ -162,8 +162,9 @@ def test_the_models_table_filters(page: Page) -> None:
     kind = page.get_by_role("combobox", name="Kind")
     kind.click()
     page.get_by_role("option", name="image").click()
-    expect(count).to_contain_text(f"1 of {total} models")
+    expect(count).to_contain_text(f"2 of {total} models")
     expect(table).to_contain_text("gpt-image-1")
+    expect(table).to_contain_text("dall-e-3")
     expect(table).not_to_contain_text("text-embedding-3-large")
 
     kind.click()
