@@ -17,8 +17,11 @@ MAX_TOKENS = 32_768
 MAX_EMBEDDING_TEXTS = 2_048
 MAX_DIMENSIONS = 8_192
 MAX_IMAGES = 10
-IMAGE_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536")
+IMAGE_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536")  # gpt-image: the dashboard's
 IMAGE_QUALITIES = ("auto", "low", "medium", "high")
+# What OpenAI's API also takes for dall-e-2 and dall-e-3; the upstream says which model takes which.
+DALLE_SIZES = ("256x256", "512x512", "1792x1024", "1024x1792")
+DALLE_QUALITIES = ("standard", "hd")
 
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 Temperature = Annotated[float, Field(ge=0, le=2)]
@@ -65,8 +68,8 @@ class CompletionRequest(_Request):
 class ImageRequest(_Request):
     prompt: Annotated[str, Field(min_length=1, max_length=32_000)]
     model: ModelName | None = None
-    size: Literal[IMAGE_SIZES] = "auto"  # type: ignore[valid-type]
-    quality: Literal[IMAGE_QUALITIES] = "auto"  # type: ignore[valid-type]
+    size: Literal[IMAGE_SIZES + DALLE_SIZES] = "auto"  # type: ignore[valid-type]
+    quality: Literal[IMAGE_QUALITIES + DALLE_QUALITIES] = "auto"  # type: ignore[valid-type]
     n: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
 
 

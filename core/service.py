@@ -303,7 +303,7 @@ class Service:
         generates = call.function in ("chat", "completion")
         wanted = getattr(req, "max_tokens", None) or (DEFAULT_HOLD if generates else 0)
         if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):
-            needed += req.n * IMAGE_TOKENS[req.quality]
+            needed += req.n * IMAGE_TOKENS.get(req.quality, IMAGE_TOKENS["auto"])
         call.reservation = await asyncio.to_thread(
             self.ledger.reserve,
             user=call.caller.name,

@@ -291,6 +291,16 @@ def test_embeddings_as_floats_with_dimensions(owner: openai.OpenAI) -> None:
     assert item.embedding == pytest.approx(embed("hello there", 16), abs=1e-6)
 
 
+def test_dall_e_sizes_and_qualities_pass_through(owner: openai.OpenAI, upstream) -> None:
+    result = owner.images.generate(
+        model="dall-e-3", prompt="a fox", size="1792x1024", quality="hd", response_format="url"
+    )
+    assert len(result.data) == 1
+    sent = [r["json"] for r in upstream.requests if r["path"] == "/v1/images/generations"][-1]
+    assert (sent["model"], sent["size"], sent["quality"]) == ("dall-e-3", "1792x1024", "hd")
+    assert sent["response_format"] == "url"  # the client's choice, passed on as it was
+
+
 def test_images_are_base64_pngs(owner: openai.OpenAI) -> None:
     result = owner.images.generate(model="gpt-image-1", prompt="a lighthouse", n=2, size="auto")
     assert len(result.data) == 2

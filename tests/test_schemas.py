@@ -33,7 +33,7 @@ HI = [{"role": "user", "content": "hi"}]
         (CompletionRequest, {"prompt": "x" * 100_001}, "prompt"),
         (ImageRequest, {"prompt": "cat", "n": 11}, "n"),
         (ImageRequest, {"prompt": "cat", "n": 0}, "n"),
-        (ImageRequest, {"prompt": "cat", "size": "512x512"}, "size"),
+        (ImageRequest, {"prompt": "cat", "size": "640x480"}, "size"),
         (ImageRequest, {"prompt": "cat", "quality": "ultra"}, "quality"),
         (EmbeddingRequest, {"texts": ["a"] * 2049}, "texts"),
         (EmbeddingRequest, {"texts": []}, "texts"),
