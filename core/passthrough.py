@@ -48,6 +48,17 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(line[5:].strip() for line in lines)
 
 
+def usage_of(data: dict | None) -> Usage | None:
+    """Usage from a parsed "usage" object. Chat, completions and embeddings say prompt and
+    completion tokens; images say input and output tokens."""
+    if not data:
+        return None
+    prompt = int(data.get("prompt_tokens") or data.get("input_tokens") or 0)
+    completion = int(data.get("completion_tokens") or data.get("output_tokens") or 0)
+    total = int(data.get("total_tokens") or prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
 def usage_in(raw: bytes) -> Usage | None:
     """The last "usage" object in a JSON body or SSE event, parsed on its own."""
     at = raw.rfind(b'"usage"')
@@ -61,14 +72,9 @@ def usage_in(raw: bytes) -> Usage | None:
         depth += {123: 1, 125: -1}.get(raw[end], 0)  # { and }
         if depth == 0:
             try:
-                data = orjson.loads(raw[start : end + 1])
+                return usage_of(orjson.loads(raw[start : end + 1]))
             except orjson.JSONDecodeError:
                 return None
-            # Chat, completions and embeddings say prompt/completion; images say input/output.
-            prompt = int(data.get("prompt_tokens") or data.get("input_tokens") or 0)
-            completion = int(data.get("completion_tokens") or data.get("output_tokens") or 0)
-            total = int(data.get("total_tokens") or prompt + completion)
-            return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
     return None
 
 

@@ -15,7 +15,7 @@ import orjson
 
 from core import errors
 from core.config import Settings
-from core.passthrough import event_data, sse_batches
+from core.passthrough import event_data, sse_batches, usage_of
 from core.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -90,16 +90,9 @@ def _message(body: object) -> str:
     return "no details"
 
 
-def _usage(raw: Any) -> Usage | None:
-    """Usage from an SDK object or a plain dict (images name its fields input/output)."""
-    if not raw:
-        return None
-    get = raw.get if isinstance(raw, dict) else lambda name: getattr(raw, name, 0)
-    return Usage(
-        prompt_tokens=get("prompt_tokens") or get("input_tokens") or 0,
-        completion_tokens=get("completion_tokens") or get("output_tokens") or 0,
-        total_tokens=get("total_tokens") or 0,
-    )
+def _sdk_usage(raw: Any) -> Usage | None:
+    """Usage from an SDK response's typed usage object."""
+    return usage_of(raw.model_dump() if raw is not None else None)
 
 
 class OpenAIProvider:
@@ -201,7 +194,7 @@ class OpenAIProvider:
                         raise errors.StreamInterrupted(
                             f"The upstream reported an error: {_message(chunk)}"
                         )
-                    usage = _usage(chunk.get("usage"))
+                    usage = usage_of(chunk.get("usage"))
                     choices = chunk.get("choices") or []
                     if not choices:
                         if usage:
@@ -272,7 +265,7 @@ class OpenAIProvider:
         if not images:
             raise errors.UpstreamError("The upstream returned no images.")
         return ImageResult(
-            model=model, images=images, revised_prompts=revised, usage=_usage(result.usage)
+            model=model, images=images, revised_prompts=revised, usage=_sdk_usage(result.usage)
         )
 
     async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResult:
@@ -287,7 +280,7 @@ class OpenAIProvider:
         vectors = [item.embedding for item in sorted(result.data, key=lambda d: d.index)]
         if len(vectors) != len(request.texts):
             raise errors.UpstreamError("The upstream returned the wrong number of vectors.")
-        usage = _usage(result.usage) or Usage()
+        usage = _sdk_usage(result.usage) or Usage()
         return EmbeddingResult(
             model=result.model or request.model or "",
             dimensions=len(vectors[0]) if vectors else 0,
