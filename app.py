@@ -33,7 +33,8 @@ def main() -> None:
     try:
         settings = load_settings()
         configure_logging(settings.log_level, _secrets(settings))
-        from ui.server import create_app  # after logging, so start-up messages are formatted
+        # After logging, so start-up messages are formatted.
+        from ui.server import create_app, server_options
 
         app = create_app(settings)
     except ConfigError as exc:
@@ -52,6 +53,7 @@ def main() -> None:
         timeout_graceful_shutdown=5,
         # Uvicorn's records go through our handler too, so the secret filter covers them.
         log_config=None,
+        **server_options(),
     )
 
 

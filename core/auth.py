@@ -10,12 +10,12 @@ import time
 from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from core.config import Settings
-from core.errors import ServiceError
+from core.errors import RateLimited, ServiceError
 from core.ledger import Limits
-from core.users import User, UserStore
+from core.users import User, UserStore, key_user_id
 
 log = logging.getLogger("core.auth")
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._@+\-]")
@@ -36,9 +36,10 @@ class Principal:
         return self.role == "admin"
 
 
-# Set by the web edge around POST /login; the hook fills it in, so the edge learns which key
-# (user and key version) the new session belongs to without parsing the form itself.
-LOGIN_CAPTURE: ContextVar[dict[str, Principal] | None] = ContextVar("login_capture")
+# Set by the web edge around POST /login with the client's address; the hook fills in the
+# principal (so the edge learns which key the new session belongs to without parsing the form)
+# or the lockout that refused it.
+LOGIN_CAPTURE: ContextVar[dict[str, Any] | None] = ContextVar("login_capture")
 
 SYSTEM = Principal(name="system", role="admin")  # core used from a script, without a login
 
@@ -56,16 +57,35 @@ class Authenticator:
         self.defaults = Limits(
             daily_tokens=settings.default_daily_tokens or None, rpm=settings.default_rpm or None
         )
+        self.lockout = Lockout(
+            max_failures=settings.login_max_failures, window=settings.login_lockout_seconds
+        )
 
     def __call__(self, username: str, password: str) -> bool:
-        principal = self.authenticate(username, password)
-        log.info(
-            "login %s for user %r", "accepted" if principal else "refused", display_name(username)
-        )
+        """Gradio's auth hook; the web edge passes the client's address in LOGIN_CAPTURE."""
         holder = LOGIN_CAPTURE.get(None)
+        client = (holder or {}).get("client", "unknown")
+        try:
+            principal = self.login(username, password, client=client)
+        except LockedOut as exc:
+            if holder is not None:
+                holder["locked"] = exc
+            return False
         if principal is not None and holder is not None:
             holder["principal"] = principal  # the web edge binds the new session to this key
         return principal is not None
+
+    def login(self, username: str, key: str, *, client: str) -> Principal | None:
+        """A sign-in with a name and key from `client`, counted against its lockout."""
+        name = display_name(username)
+        self.lockout.check(client)
+        principal = self.authenticate(username, key)
+        log.info("login %s for user %r", "accepted" if principal else "refused", name)
+        if principal is None:
+            self.lockout.failure(client, name.lower())
+        else:
+            self.lockout.success(client, name.lower())
+        return principal
 
     def authenticate(self, username: str, key: str) -> Principal | None:
         """The caller for this name and key, or None."""
@@ -76,12 +96,21 @@ class Authenticator:
         user = self.users.authenticate(username, key or "")
         return self._principal(user) if user else None
 
-    def authenticate_bearer(self, key: str) -> Principal | None:
-        """The caller for an `Authorization: Bearer` key alone (the /v1 API)."""
+    def authenticate_bearer(self, key: str, *, client: str = "unknown") -> Principal | None:
+        """The caller for an `Authorization: Bearer` key alone (/v1, /metrics), counted
+        against the client's lockout like a login; raises LockedOut while it is locked."""
+        self.lockout.check(client)
+        target = f"user #{user_id}" if (user_id := key_user_id(key or "")) else "owner key"
         if hmac.compare_digest((key or "").encode(), self._key):
-            return Principal(name="owner", role="admin")
-        user = self.users.authenticate_key(key) if self.users else None
-        return self._principal(user) if user else None
+            principal: Principal | None = Principal(name="owner", role="admin")
+        else:
+            user = self.users.authenticate_key(key) if self.users else None
+            principal = self._principal(user) if user else None
+        if principal is None:
+            self.lockout.failure(client, target)
+        else:
+            self.lockout.success(client, target)
+        return principal
 
     def resolve(self, username: str | None) -> Principal:
         """The caller behind a logged-in session's user name.
@@ -134,13 +163,33 @@ def display_name(username: str | None) -> str:
     return cleaned or "user"
 
 
-class LoginLimiter:
-    """Counts failed logins per client; too many within the window locks that client out."""
+class LockedOut(RateLimited):
+    """Too many failed sign-ins (logins or bearer keys) from this address: wait."""
+
+    default_message = "Too many failed sign-ins from your address."
+
+    def __init__(self, retry_after: float) -> None:
+        minutes = max(1, round(retry_after / 60))
+        super().__init__(
+            f"Too many failed sign-ins from your address. Try again in about {minutes} minute(s).",
+            retry_after=retry_after,
+        )
+
+
+class Lockout:
+    """Failed sign-ins per client address, each noted with the name it was aimed at.
+
+    Logins and bearer keys (/v1, /metrics) count together. Too many failures within the
+    window lock the address out. A success clears only the failures aimed at the name that
+    succeeded, so signing in with one's own key does not reset guesses at someone else's.
+    Callers check and count in one synchronous step (no await in between), so concurrent
+    guesses cannot all slip past the check before the first failure is counted.
+    """
 
     def __init__(self, *, max_failures: int, window: float) -> None:
         self.max_failures = max_failures
         self.window = window
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[str, deque[tuple[float, str]]] = {}
         self._lock = threading.Lock()
 
     def retry_after(self, client: str, now: float | None = None) -> float:
@@ -150,32 +199,42 @@ class LoginLimiter:
             attempts = self._recent(client, now)
             if len(attempts) < self.max_failures:
                 return 0.0
-            return max(0.0, attempts[-self.max_failures] + self.window - now)
+            return max(0.0, attempts[-self.max_failures][0] + self.window - now)
 
-    def failure(self, client: str, now: float | None = None) -> None:
+    def check(self, client: str) -> None:
+        """Raise LockedOut while `client` is locked out."""
+        if wait := self.retry_after(client):
+            raise LockedOut(wait)
+
+    def failure(self, client: str, name: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
-            self._recent(client, now).append(now)
+            self._recent(client, now).append((now, name))
             if len(self._failures) > 10_000:
                 self._prune(now)
-        if self.retry_after(client, now):
+        if wait := self.retry_after(client, now):
             log.warning(
-                "login locked for client %s after %d failed attempts; retry in %.0f s",
+                "sign-in locked for client %s after %d failed attempts; retry in %.0f s",
                 client,
                 self.max_failures,
-                self.retry_after(client, now),
+                wait,
             )
 
-    def success(self, client: str) -> None:
+    def success(self, client: str, name: str) -> None:
         with self._lock:
-            self._failures.pop(client, None)
+            attempts = self._failures.get(client)
+            if attempts:
+                kept = [a for a in attempts if a[1] != name]
+                attempts.clear()
+                attempts.extend(kept)
 
-    def _recent(self, client: str, now: float) -> deque[float]:
+    def _recent(self, client: str, now: float) -> deque[tuple[float, str]]:
         attempts = self._failures.setdefault(client, deque(maxlen=self.max_failures * 4))
-        while attempts and attempts[0] <= now - self.window:
+        while attempts and attempts[0][0] <= now - self.window:
             attempts.popleft()
         return attempts
 
     def _prune(self, now: float) -> None:
-        for client in [c for c, a in self._failures.items() if not a or a[-1] <= now - self.window]:
+        stale = [c for c, a in self._failures.items() if not a or a[-1][0] <= now - self.window]
+        for client in stale:
             del self._failures[client]

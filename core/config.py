@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +36,7 @@ _ALLOWED = {
     "MAX_CONCURRENCY": "a whole number from 1 to 1000",
     "UPSTREAM_MAX_RETRIES": "a whole number from 0 to 10",
     "OPENAI_BASE_URL": "an http:// or https:// URL, usually ending in /v1",
-    "ACCESS_KEY": "at least 8 characters",
+    "ACCESS_KEY": "at least 16 characters (make one: openssl rand -base64 24)",
     "LOCAL_MODEL_PATH": "the path of an existing .gguf file",
     "LOCAL_CONTEXT_SIZE": "a whole number from 256 to 131072",
     "LOCAL_THREADS": "a whole number from 1 to 256",
@@ -46,6 +48,15 @@ _ALLOWED = {
     "DEFAULT_RPM": "a whole number of requests per user per minute (0: no limit)",
     "PRICES_JSON": 'JSON like {"model": {"input": 0.4, "output": 1.6}} (USD per 1M tokens)',
     "LOGIN_LOCKOUT_SECONDS": "a number of seconds from 1 to 86400",
+    "ALLOWED_ORIGINS": "comma-separated origins such as https://tools.example.com",
+    "V1_CORS_ORIGINS": "* (any site, the default), comma-separated origins, or none",
+    "FORWARDED_ALLOW_IPS": "comma-separated proxy addresses or networks (10.0.0.0/8), or *",
+    "MAX_REQUEST_BYTES": "a whole number of bytes from 1024 to 1073741824",
+    "SESSION_IDLE_MINUTES": "a whole number of minutes from 1 to 525600",
+    "SESSION_MAX_HOURS": "a whole number of hours from 1 to 8760",
+    "UPLOAD_QUOTA_MB": "a whole number of megabytes per user from 1 to 102400",
+    "UPLOAD_TTL_MINUTES": "a whole number of minutes from 1 to 10080",
+    "ALLOW_REMOTE_IMAGES": "true or false",
 }
 for _name in ("CHAT_MODEL", "COMPLETION_MODEL", "IMAGE_MODEL", "EMBEDDING_MODEL"):
     _ALLOWED[_name] = "a model name of letters, digits and . _ - : / @ + (at most 128)"
@@ -56,7 +67,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True, frozen=True, extra="ignore")
 
-    access_key: SecretStr | None = Field(default=None, alias="ACCESS_KEY", min_length=8)
+    access_key: SecretStr | None = Field(default=None, alias="ACCESS_KEY")
     openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
     provider: Literal["auto", "openai", "local"] = Field(default="auto", alias="PROVIDER")
@@ -84,6 +95,18 @@ class Settings(BaseModel):
     prices_json: str | None = Field(default=None, alias="PRICES_JSON")
     login_max_failures: int = Field(default=5, ge=1, le=1000, alias="LOGIN_MAX_FAILURES")
     login_lockout_seconds: float = Field(default=900, ge=1, le=86400, alias="LOGIN_LOCKOUT_SECONDS")
+    # The web edge (ui/edge): who may call it from where, and how much it holds.
+    allowed_origins: tuple[str, ...] = Field(default=(), alias="ALLOWED_ORIGINS")
+    v1_cors_origins: tuple[str, ...] = Field(default=("*",), alias="V1_CORS_ORIGINS")
+    forwarded_allow_ips: tuple[str, ...] = Field(default=(), alias="FORWARDED_ALLOW_IPS")
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, le=2**30, alias="MAX_REQUEST_BYTES"
+    )
+    session_idle_minutes: int = Field(default=480, ge=1, le=525_600, alias="SESSION_IDLE_MINUTES")
+    session_max_hours: int = Field(default=72, ge=1, le=8760, alias="SESSION_MAX_HOURS")
+    upload_quota_mb: int = Field(default=50, ge=1, le=102_400, alias="UPLOAD_QUOTA_MB")
+    upload_ttl_minutes: int = Field(default=60, ge=1, le=10_080, alias="UPLOAD_TTL_MINUTES")
+    allow_remote_images: bool = Field(default=False, alias="ALLOW_REMOTE_IMAGES")
     # True when ACCESS_KEY was not set and we made one up for this run.
     access_key_generated: bool = False
 
@@ -96,6 +119,45 @@ class Settings(BaseModel):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("access_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # Guessing is rate limited, but a short key still falls to a patient attacker.
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("too short")
+        return value
+
+    @field_validator("allowed_origins", "v1_cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.strip().lower() == "none":
+            return ()
+        origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#@]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return origins
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        entries = []
+        for entry in (e.strip() for e in value.split(",") if e.strip()):
+            if entry == "*" or "/" not in entry:
+                if entry != "*" and not _is_ip(entry):
+                    raise ValueError(f"{entry!r} is not an IP address or network")
+                entries.append(entry)
+                continue
+            try:
+                entries.append(str(ipaddress.ip_network(entry, strict=False)))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return tuple(entries)
 
     @field_validator("openai_base_url")
     @classmethod
@@ -141,9 +203,31 @@ class Settings(BaseModel):
         return {
             "version": VERSION,
             "provider": self.active_provider,
-            "base_url": self.openai_base_url if self.active_provider == "openai" else None,
+            "base_url": (
+                public_url(self.openai_base_url)
+                if self.openai_base_url and self.active_provider == "openai"
+                else None
+            ),
             "upstream_key_set": self.openai_api_key is not None,
         }
+
+
+def public_url(url: str) -> str:
+    """`url` without its user info (user:password@host): safe to show and to log."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _env_values(environ: Mapping[str, str] | None, env_file: str | Path | None) -> dict[str, str]:

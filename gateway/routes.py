@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -13,7 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core import errors
-from core.auth import Principal
+from core.auth import LockedOut, Principal
 from core.context import Core
 from core.service import new_request_id
 from gateway import shapes
@@ -21,6 +22,8 @@ from gateway import shapes
 log = logging.getLogger("gateway")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A stream checks again that its caller's key is still valid at most this often.
+RECHECK_SECONDS = 3.0
 
 
 def json_error(body: dict[str, Any], status: int, headers: dict | None = None) -> Response:
@@ -43,6 +46,10 @@ class Refusal(Exception):
         self.response = response
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
@@ -63,7 +70,10 @@ def build_router(core: Core) -> APIRouter:
                 code="invalid_api_key",
             )
             raise Refusal(json_error(body, 401))
-        principal = core.auth.authenticate_bearer(key)
+        try:
+            principal = core.auth.authenticate_bearer(key, client=_client(request))
+        except LockedOut as exc:
+            raise Refusal(error_response(exc)) from None
         if principal is None:
             body = shapes.error_body(
                 "Incorrect API key provided, or the key was disabled.",
@@ -116,7 +126,7 @@ def build_router(core: Core) -> APIRouter:
                     include_usage=include_usage,
                     request_id=request_id,
                 )
-                return await stream_response(events, params)
+                return await stream_response(watched(events, caller), params)
             try:
                 content = await service.forward_json(
                     function, fields, body, caller=caller, request_id=request_id
@@ -152,7 +162,8 @@ def build_router(core: Core) -> APIRouter:
         shape = shapes.Completion(function, model, kwargs["request_id"])
         chunks = call(fields, **kwargs)
         if stream:
-            return await stream_response(_events(shape, chunks, include_usage), params)
+            events = _events(shape, chunks, include_usage)
+            return await stream_response(watched(events, kwargs["caller"]), params)
         text, finish, usage = [], None, None
         try:
             async for chunk in chunks:
@@ -162,6 +173,17 @@ def build_router(core: Core) -> APIRouter:
         except errors.ServiceError as exc:
             return error_response(exc, params)
         return Response(shape.whole("".join(text), finish, usage), media_type=JSON)
+
+    async def watched(events: AsyncIterator[bytes], caller: Principal) -> AsyncIterator[bytes]:
+        """A stream that ends, with an error event, once its caller is disabled or rotated:
+        checked between chunks at most every RECHECK_SECONDS."""
+        checked = time.monotonic()
+        async with aclosing(events):
+            async for event in events:
+                if time.monotonic() - checked >= RECHECK_SECONDS:
+                    checked = time.monotonic()
+                    core.auth.check_active(caller)  # Revoked is a ServiceError: _rest reports it
+                yield event
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -194,7 +216,12 @@ def build_router(core: Core) -> APIRouter:
     async def metrics(request: Request) -> Response:
         if not core.settings.metrics_public:
             key = _bearer(request)
-            principal = core.auth.authenticate_bearer(key) if key else None
+            try:
+                principal = (
+                    core.auth.authenticate_bearer(key, client=_client(request)) if key else None
+                )
+            except LockedOut as exc:
+                return error_response(exc)
             if principal is None or not principal.is_admin:
                 body = shapes.error_body(
                     "Metrics need an admin key (Authorization: Bearer ...) or METRICS_PUBLIC=true",

@@ -82,7 +82,7 @@ def test_login_lockout_after_five_failures(upstream) -> None:
             # Now even the right key is refused for a while, with a clear reason.
             locked = http.post("/login", data={"username": "mallory", "password": ACCESS_KEY})
             assert locked.status_code == 429
-            assert "Too many failed logins" in locked.json()["detail"]
+            assert "Too many failed sign-ins" in locked.json()["detail"]
             assert int(locked.headers["retry-after"]) > 0
             # The rest of the app is unaffected: health still answers.
             assert http.get("/health").status_code == 200
@@ -90,7 +90,7 @@ def test_login_lockout_after_five_failures(upstream) -> None:
         served.stop()
     from tests.conftest import logged
 
-    assert "login locked for client 127.0.0.1" in logged()
+    assert "sign-in locked for client 127.0.0.1" in logged()
 
 
 def test_a_successful_login_resets_the_failure_count(upstream) -> None:

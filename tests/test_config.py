@@ -31,9 +31,9 @@ def test_port_falls_back_to_gradio_server_port() -> None:
 
 def test_dotenv_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
-    env_file.write_text("ACCESS_KEY=from-dotenv-123\nLOG_LEVEL=debug\nPORT=9100\n")
+    env_file.write_text("ACCESS_KEY=from-dotenv-1234567\nLOG_LEVEL=debug\nPORT=9100\n")
     settings = load_settings(environ={"PORT": "9200"}, env_file=env_file)
-    assert settings.access_key.get_secret_value() == "from-dotenv-123"
+    assert settings.access_key.get_secret_value() == "from-dotenv-1234567"
     assert not settings.access_key_generated
     assert settings.log_level == "DEBUG"
     assert settings.port == 9200
@@ -49,7 +49,7 @@ def test_dotenv_is_read_and_the_environment_wins(tmp_path: Path) -> None:
         ("PROVIDER", "azure", "auto, openai or local"),
         ("OPENAI_BASE_URL", "localhost:11434", "http://"),
         ("CHAT_MODEL", "gpt 4; rm -rf", "model name"),
-        ("ACCESS_KEY", "short", "at least 8"),
+        ("ACCESS_KEY", "short", "at least 16"),
         ("LOCAL_MODEL_PATH", "/nowhere/model.gguf", ".gguf"),
     ],
 )
@@ -70,7 +70,7 @@ def test_secret_values_are_not_echoed_in_config_errors() -> None:
 
 def test_status_has_no_secrets() -> None:
     settings = load_settings(
-        environ={"OPENAI_API_KEY": "sk-secret-value-123", "ACCESS_KEY": "access-secret-456"},
+        environ={"OPENAI_API_KEY": "sk-secret-value-123", "ACCESS_KEY": "access-secret-4567890"},
         env_file=None,
     )
     status = repr(settings.status())

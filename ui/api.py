@@ -15,6 +15,7 @@ from core import reports
 from core.context import Core
 from core.errors import Forbidden, ServiceError
 from core.schemas import StreamChunk
+from edge.files import FileRegistry
 from ui.common import LLM_GROUP, save_images, to_gr_error
 
 # Each value sent to a client is a message Gradio processes and the client polls for: send
@@ -37,7 +38,7 @@ async def text_so_far(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
         yield text
 
 
-def register(core: Core) -> None:
+def register(core: Core, files: FileRegistry) -> None:
     """Add the named endpoints (/chat, /completion, ..., /usage, /users) to the current Blocks."""
     service = core.service
 
@@ -122,7 +123,7 @@ def register(core: Core) -> None:
             raise to_gr_error(exc) from None
         return [
             gr.FileData(path=p, mime_type="image/png").model_dump()
-            for p in save_images(result.images)
+            for p in save_images(files, result.images, user=request.username)
         ]
 
     async def embeddings(

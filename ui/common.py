@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import html
 import logging
-import shutil
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from core.context import Core
-from core.errors import ServiceError
+from core.errors import InvalidRequest, ServiceError
 from core.service import Service
+from edge.files import FileRegistry
 
 log = logging.getLogger("ui")
 
@@ -84,37 +81,22 @@ def optional_int(value: float | int | None) -> int | None:
     return int(value) if value else None
 
 
-def save_images(images: list[bytes], *, prefix: str = "image") -> list[str]:
-    """Write PNG bytes to files Gradio may serve (its temp area), one fresh folder per call."""
-    folder = Path(tempfile.mkdtemp(prefix="ai-dashboard-", dir=_media_root()))
-    paths = []
-    for i, data in enumerate(images, start=1):
-        path = folder / f"{prefix}-{i}.png"
-        path.write_bytes(data)
-        paths.append(str(path))
-    return paths
+def save_images(files: FileRegistry, images: list[bytes], *, user: str | None) -> list[str]:
+    """Write PNG files that only `user` may download (Gradio serves them from its cache)."""
+    return [
+        files.write(data, f"image-{i}.png", user=user or "")
+        for i, data in enumerate(images, start=1)
+    ]
 
 
-def save_text(text: str, *, name: str) -> str:
-    """Write a text download (CSV) to a fresh file Gradio may serve."""
-    folder = Path(tempfile.mkdtemp(prefix="ai-dashboard-", dir=_media_root()))
-    path = folder / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+def save_text(files: FileRegistry, text: str, *, name: str, user: str | None) -> str:
+    """Write a text download (CSV) that only `user` may download."""
+    return files.write(text.encode("utf-8"), name, user=user or "")
 
 
-MEDIA_MAX_AGE = 3600.0
-
-
-def _media_root() -> str:
-    """Our temp folder for outputs; Gradio copies them into its cache, so old ones can go."""
-    root = Path(tempfile.gettempdir()) / "ai-dashboard"
-    root.mkdir(exist_ok=True)
-    cutoff = time.time() - MEDIA_MAX_AGE
-    for folder in root.iterdir():
-        try:
-            if folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
-        except FileNotFoundError:  # another request removed it first
-            pass
-    return str(root)
+def uploaded_path(files: FileRegistry, path: str, *, user: str | None) -> str:
+    """An uploaded file's real path, if it is one of `user`'s files in Gradio's upload cache;
+    the edge already refused anything else, and this checks again where the file is opened."""
+    if files.resolve(path) is None or not files.may_read(path, user=user or ""):
+        raise InvalidRequest("That file is not one of your uploads. Upload it again.")
+    return files.resolve(path) or ""

@@ -10,7 +10,8 @@ import pandas as pd
 from core import tables
 from core.context import Core
 from core.errors import InvalidRequest, ServiceError
-from ui.common import LLM_GROUP, caller_of, optional_int, report, save_text
+from edge.files import FileRegistry
+from ui.common import LLM_GROUP, caller_of, optional_int, report, save_text, uploaded_path
 
 
 @dataclass
@@ -36,7 +37,7 @@ def styled_similarity(frame: pd.DataFrame) -> pd.io.formats.style.Styler:
     return labelled.style.map(heat, subset=scores).format("{:.3f}", subset=scores)
 
 
-def build(core: Core) -> EmbeddingsTab:
+def build(core: Core, files: FileRegistry) -> EmbeddingsTab:
     """Build the tab's components and events inside the caller's Blocks."""
     service = core.service
     default_model = service.default_model("embedding")
@@ -109,7 +110,9 @@ def build(core: Core) -> EmbeddingsTab:
         items = [line.strip() for line in (text or "").splitlines() if line.strip()]
         if file:
             try:
-                items += tables.texts_from_file(file)
+                items += tables.texts_from_file(uploaded_path(files, file, user=request.username))
+            except InvalidRequest as exc:
+                return report(exc), *unchanged
             except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
                 return report(InvalidRequest(f"Could not read the upload: {exc}")), *unchanged
         if not items:
@@ -123,7 +126,8 @@ def build(core: Core) -> EmbeddingsTab:
             result = await service.embeddings(body, **caller_of(core, request))
         except ServiceError as exc:
             return report(exc), *unchanged
-        csv_path = save_text(tables.vectors_csv(items, result), name="embeddings.csv")
+        csv = tables.vectors_csv(items, result)
+        csv_path = save_text(files, csv, name="embeddings.csv", user=request.username)
         line = (
             f"{len(items)} texts · `{result.model}` · {result.dimensions} dimensions · "
             f"{result.usage.total_tokens} tokens"

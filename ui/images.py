@@ -10,6 +10,7 @@ import gradio as gr
 from core.context import Core
 from core.errors import ServiceError
 from core.schemas import IMAGE_QUALITIES, IMAGE_SIZES, MAX_IMAGES
+from edge.files import FileRegistry
 from ui.common import LLM_GROUP, caller_of, report, save_images
 
 
@@ -18,7 +19,7 @@ class ImageTab:
     model: gr.Dropdown
 
 
-def build(core: Core) -> ImageTab:
+def build(core: Core, files: FileRegistry) -> ImageTab:
     """Build the tab's components and events inside the caller's Blocks."""
     service = core.service
     default_model = service.default_model("image")
@@ -73,7 +74,7 @@ def build(core: Core) -> ImageTab:
             result = await service.generate_images(body, **caller_of(core, request))
         except ServiceError as exc:
             return gr.skip(), report(exc)
-        paths = save_images(result.images)
+        paths = save_images(files, result.images, user=request.username)
         noun = "image" if len(paths) == 1 else "images"
         # Open the first image whole (a lone image in the grid is cropped to its height), with
         # the download and full-screen buttons in view; thumbnails of the rest below.

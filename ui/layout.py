@@ -9,6 +9,7 @@ import gradio as gr
 from core.auth import display_name
 from core.context import Core
 from core.errors import ServiceError
+from edge.files import FileRegistry
 from ui import api, chat, completion, embeddings, images, models, usage
 from ui.common import caller_of, model_choices
 
@@ -51,7 +52,7 @@ def header_html(username: str | None, upstream: str) -> str:
     )
 
 
-def build_demo(core: Core) -> gr.Blocks:
+def build_demo(core: Core, files: FileRegistry) -> gr.Blocks:
     """Compose the dashboard; importable and testable without launching."""
     service = core.service
     # delete_cache: Gradio's copies of generated files go after an hour, checked hourly.
@@ -64,14 +65,14 @@ def build_demo(core: Core) -> gr.Blocks:
             with gr.Tab("Completion"):
                 completion_tab = completion.build(core)
             with gr.Tab("Images"):
-                image_tab = images.build(core)
+                image_tab = images.build(core, files)
             with gr.Tab("Embeddings"):
-                embeddings_tab = embeddings.build(core)
+                embeddings_tab = embeddings.build(core, files)
             with gr.Tab("Models"):
                 models.build(core, demo)
             with gr.Tab("Usage"):
-                usage.build(core, demo)
-        api.register(core)
+                usage.build(core, demo, files)
+        api.register(core, files)
 
         pickers = {
             "chat": chat_tab.model,

@@ -1,139 +1,30 @@
-"""The web edge: FastAPI with /health and the session guard, and the dashboard mounted on it."""
+"""The server: FastAPI with /health, /v1 and /metrics, the edge's guards, and the dashboard
+mounted on it behind Gradio's login."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from starlette.requests import cookie_parser
+from gradio.utils import get_upload_folder
 
-from core.auth import LOGIN_CAPTURE, LoginLimiter, Principal, Revoked
 from core.config import Settings
 from core.context import Core, open_core
+from edge.body import BodyLimit
+from edge.files import FileGuard, FileRegistry
+from edge.origin import OriginPolicy
+from edge.proxy import GuardedHttpToolsProtocol, trust_proxies
+from edge.sessions import SessionGuard, SessionTable
 from gateway.routes import build_router
 from ui.layout import CSS, THEME, build_demo
 
 log = logging.getLogger("ui.server")
-SESSION_COOKIE = "access-token"
-
-
-async def _send_json(send: Any, status: int, body: dict, headers: list | None = None) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), *(headers or [])],
-        }
-    )
-    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-
-
-class SessionGuard:
-    """ASGI middleware around Gradio's login and sessions (pure ASGI: streams pass untouched).
-
-    - POST /login: lock a client out after repeated failures (Gradio has no limit), and bind
-      each new session to the key that opened it.
-    - Every other request: a session whose user was disabled, or whose key was rotated since,
-      is ended at once (Gradio's own sessions never expire).
-    """
-
-    def __init__(
-        self,
-        app: Any,
-        core: Core,
-        limiter: LoginLimiter,
-        gradio_tokens: Callable[[], dict[str, str]],
-    ) -> None:
-        self.app = app
-        self.core = core
-        self.limiter = limiter
-        self.sessions: dict[str, Principal] = {}
-        self.gradio_tokens = gradio_tokens  # Gradio's own session table (token -> user name)
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-        elif scope["method"] == "POST" and scope["path"].rstrip("/") == "/login":
-            await self._login(scope, receive, send)
-        elif (tokens := _session_tokens(scope)) and not all(
-            [self._still_valid(token) for token in tokens]  # a list: check (and end) them all
-        ):
-            await _send_json(send, 401, {"detail": Revoked.default_message})
-        else:
-            await self.app(scope, receive, send)
-
-    async def _login(self, scope: dict, receive: Any, send: Any) -> None:
-        client = scope["client"][0] if scope.get("client") else "unknown"
-        wait = self.limiter.retry_after(client)
-        if wait > 0:
-            minutes = max(1, round(wait / 60))
-            detail = f"Too many failed logins. Try again in about {minutes} minute(s)."
-            retry = [(b"retry-after", str(int(wait) + 1).encode())]
-            await _send_json(send, 429, {"detail": detail}, retry)
-            return
-        status: list[int] = []
-        new_tokens: list[str] = []
-
-        async def send_and_watch(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-                for name, value in message.get("headers", []):
-                    if name.lower() == b"set-cookie" and value.startswith(SESSION_COOKIE.encode()):
-                        new_tokens.append(value.decode().split(";", 1)[0].split("=", 1)[1])
-            await send(message)
-
-        holder: dict[str, Principal] = {}
-        reset = LOGIN_CAPTURE.set(holder)
-        try:
-            await self.app(scope, receive, send_and_watch)
-        finally:
-            LOGIN_CAPTURE.reset(reset)
-        if status and status[0] == 200:
-            self.limiter.success(client)
-            if principal := holder.get("principal"):
-                if len(self.sessions) > 10_000:
-                    # Forget sessions Gradio itself has ended (logout removes its tokens).
-                    live = self.gradio_tokens()
-                    self.sessions = {t: p for t, p in self.sessions.items() if t in live}
-                for token in new_tokens:
-                    self.sessions[token] = principal
-        elif status and 400 <= status[0] < 500:
-            self.limiter.failure(client)
-
-    def _still_valid(self, token: str) -> bool:
-        principal = self.sessions.get(token)
-        if principal is None:
-            return True  # not ours to judge (Gradio itself refuses unknown tokens)
-        try:
-            self.core.auth.check_active(principal)
-        except Revoked:
-            log.info("session of %r ended: its key was disabled or rotated", principal.name)
-            self.sessions.pop(token, None)
-            self.gradio_tokens().pop(token, None)
-            return False
-        return True
-
-
-def _session_tokens(scope: dict) -> list[str]:
-    """Every session token the request carries, parsed the way Starlette (so Gradio) parses them.
-
-    All of them, not the first: a decoy cookie in front must not hide a revoked session, and a
-    cookie that http.cookies.SimpleCookie gives up on must not hide the ones after it.
-    """
-    tokens = []
-    for name, value in scope.get("headers", []):
-        if name == b"cookie":
-            cookies = cookie_parser(value.decode("latin-1"))
-            tokens += [v for k, v in cookies.items() if k.startswith(SESSION_COOKIE)]
-    return tokens
 
 
 def _record_missing_matplotlib() -> None:
@@ -153,18 +44,36 @@ def _skip_gradio_analytics() -> None:
 
 
 def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
-    """The whole server: /health, then Gradio behind its login, mounted at the root."""
+    """The whole server: /health and the APIs, then Gradio behind its login, mounted at the
+    root, with the edge's guards around everything."""
     _record_missing_matplotlib()
     _skip_gradio_analytics()
     core = core or open_core(settings)
-    demo = build_demo(core)
+    files = FileRegistry(
+        get_upload_folder(),
+        quota_bytes=settings.upload_quota_mb * 1_000_000,
+        ttl=settings.upload_ttl_minutes * 60.0,
+    )
+    demo = build_demo(core, files)
     app = FastAPI(title="AI dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.core = core
-    limiter = LoginLimiter(
-        max_failures=settings.login_max_failures, window=settings.login_lockout_seconds
+    sessions = SessionTable(
+        idle=settings.session_idle_minutes * 60.0,
+        lifetime=settings.session_max_hours * 3600.0,
+        on_end=[lambda s: _gradio_tokens(app).pop(s.token, None), files.end_session],
     )
+    app.state.sessions = sessions
+    # Added innermost first: a request meets OriginPolicy, BodyLimit, SessionGuard, FileGuard.
+    app.add_middleware(FileGuard, registry=files)
     app.add_middleware(
-        SessionGuard, core=core, limiter=limiter, gradio_tokens=lambda: _gradio_tokens(app)
+        SessionGuard, auth=core.auth, sessions=sessions, gradio_tokens=lambda: _gradio_tokens(app)
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        OriginPolicy,
+        allowed_origins=settings.allowed_origins,
+        v1_origins=settings.v1_cors_origins,
+        remote_images=settings.allow_remote_images,
     )
 
     # Registered before the mount, or Gradio's catch-all would shadow them.
@@ -190,10 +99,29 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
         theme=THEME,
         css=CSS,
         max_file_size="20mb",
+        # Nothing from the data folder (the database) is ever a file Gradio may touch.
+        blocked_paths=[str(settings.data_dir.resolve())],
         # Gradio's inner FastAPI app would publish its route schema without a login.
         app_kwargs={"openapi_url": None, "docs_url": None, "redoc_url": None},
     )
+    # Gradio checks that an input's file lies in its upload folder only once the app "has
+    # launched", which launch() sets and mount_gradio_app() does not: without this, any
+    # event input naming /proc/self/environ is copied into the cache and served back.
+    demo.has_launched = True
+    trust_proxies(app, settings.forwarded_allow_ips)
     return app
+
+
+def server_options() -> dict[str, Any]:
+    """uvicorn's settings for this app (app.py and the tests serve it the same way)."""
+    return {
+        # Forwarded headers are honoured only from FORWARDED_ALLOW_IPS (trusted_proxies),
+        # never from uvicorn's default of any loopback peer.
+        "proxy_headers": False,
+        "http": GuardedHttpToolsProtocol,
+        "timeout_keep_alive": 5,
+        "h11_max_incomplete_event_size": 64 * 1024,
+    }
 
 
 def _gradio_tokens(app: FastAPI) -> dict[str, str]:

@@ -12,6 +12,7 @@ from core import reports
 from core.auth import Principal
 from core.context import Core
 from core.errors import Forbidden, ServiceError
+from edge.files import FileRegistry
 from ui.common import report, save_text
 
 EVERYONE = ("Everyone", "")
@@ -29,7 +30,7 @@ def totals_markdown(totals: dict[str, Any], who: str) -> str:
     )
 
 
-def build(core: Core, demo: gr.Blocks) -> None:
+def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
     """Build the tab's components and events inside the caller's Blocks."""
     today = datetime.now(UTC).date()
     with gr.Row():
@@ -90,7 +91,7 @@ def build(core: Core, demo: gr.Blocks) -> None:
             return report(exc), *(gr.skip() for _ in range(5))
         daily = reports.daily_by_model(rows)
         label = (who or "Everyone") if me.is_admin else f"Your usage ({me.name})"
-        csv_path = save_text(reports.to_csv(rows), name="usage.csv")
+        csv_path = save_text(files, reports.to_csv(rows), name="usage.csv", user=request.username)
         return (
             totals_markdown(reports.totals(rows), label),
             daily,
