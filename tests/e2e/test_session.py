@@ -39,14 +39,19 @@ def test_login_refuses_a_wrong_key_and_accepts_the_right_one(new_context: NewCon
 
 
 def test_logout_returns_to_the_login_page(new_context: NewContext) -> None:
-    # Its own user name: Gradio's logout ends every session of that name.
     page = open_dashboard(new_context(user="leaving"))
+    elsewhere = open_dashboard(new_context(user="leaving"))  # the same name on another device
     page.get_by_role("link", name="Log out").click()
+    # A GET only asks (a link on another site cannot sign anyone out); the button POSTs.
+    page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("button", name="Login")).to_be_visible()
     expect(page.get_by_text("Signed in as")).to_have_count(0)
     # The session is really gone: a reload shows the login page again, not the dashboard.
     page.reload()
     expect(page.get_by_role("button", name="Login")).to_be_visible()
+    # Only this browser's session ended, not every session of that user name.
+    elsewhere.reload()
+    expect(elsewhere.get_by_text("Signed in as leaving")).to_be_visible()
 
 
 def test_the_dashboard_fits_a_phone(new_context: NewContext, tmp_path: Path) -> None:
