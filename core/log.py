@@ -1,31 +1,64 @@
-"""Logging set-up: one format, and a filter that scrubs every configured secret."""
+"""Logging set-up: one format, and a filter that scrubs secrets: configured ones and any key."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import TextIO
 
 REDACTED = "[redacted]"
+# Anything shaped like a credential, known to us or not, in one pass of one regex: the log
+# filter runs it on every record. A key typed into the wrong field is still a key. Every
+# branch starts with a literal, which keeps the scan fast (sk-'s word boundary is checked
+# behind it: "task-..." is no key).
+_SHAPES = re.compile(
+    "|".join(
+        (
+            r"dk_\d+_[A-Za-z0-9_-]{16,}",  # our users' keys (core.users.new_key)
+            r"sk-(?<=\bsk-)[A-Za-z0-9_-]{20,}",  # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-)
+            r"hf_[A-Za-z0-9]{30,}",  # Hugging Face
+            r"(?P<auth>(?:[Bb]earer|Basic) )[A-Za-z0-9._~+/=-]{8,}",  # any Authorization value
+            r"(?P<url>://)[^\s/?#\"'<>,]+(?=@)",  # user:password@ in a URL (up to the last @)
+        )
+    )
+)
+
+
+def _replace(match: re.Match[str]) -> str:
+    return (match["auth"] or match["url"] or "") + REDACTED
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without the given secrets and without anything shaped like a key or password."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return _SHAPES.sub(_replace, text)
 
 
 class RedactSecrets(logging.Filter):
-    """Replace any configured secret in a log record's final text, wherever it came from."""
+    """Redact secrets in a log record's final text, and its traceback, wherever it came from."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
         self.secrets = [s for s in secrets if s and len(s) >= 4]
 
     def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
+        return redact(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         clean = self.scrub(message)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            # An exception's message may quote a request: format it here, where it can be
+            # scrubbed (the formatter reuses exc_text as it is).
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info)
         return True
 
 

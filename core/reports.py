@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from datetime import date
 from typing import Any
 
@@ -11,6 +10,7 @@ import pandas as pd
 from core.auth import Principal
 from core.errors import Forbidden, InvalidRequest
 from core.ledger import Ledger
+from core.tables import csv_text
 
 OK = "ok"
 REFUSED = "refused"
@@ -77,11 +77,10 @@ def by_function(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_csv(rows: pd.DataFrame) -> str:
-    buffer = io.StringIO()
+    """The rows as CSV, safe to open in a spreadsheet (user and model names come from users)."""
     out = rows.copy()
     out["ts"] = out["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    out.to_csv(buffer, index=False)
-    return buffer.getvalue()
+    return csv_text(out)
 
 
 def records(frame: pd.DataFrame) -> list[dict[str, Any]]:

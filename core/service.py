@@ -20,6 +20,7 @@ from core import errors, metrics
 from core.auth import SYSTEM, Principal
 from core.config import Settings
 from core.ledger import QUOTA_FUNCTIONS, Ledger, Reservation
+from core.log import redact
 from core.passthrough import DONE, error_in, is_usage_only, sse_batches, usage_in
 from core.providers import build_provider
 from core.providers.base import Provider
@@ -424,9 +425,7 @@ class Service:
         )
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
+        return redact(text, self._secrets)
 
 
 def _payload(body: dict[str, Any], req: BaseModel, *, stream: bool) -> bytes:

@@ -11,6 +11,8 @@ import pandas as pd
 from core.schemas import EmbeddingResult, ModelInfo
 
 PREVIEW_VALUES = 4
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def embeddings_frame(texts: list[str], result: EmbeddingResult) -> pd.DataFrame:
@@ -49,9 +51,27 @@ def vectors_csv(texts: list[str], result: EmbeddingResult) -> str:
     """CSV of the full vectors: a text column, then one column per dimension."""
     frame = pd.DataFrame(result.vectors, columns=[f"d{i}" for i in range(result.dimensions)])
     frame.insert(0, "text", texts)
+    return csv_text(frame)
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """CSV whose text cells no spreadsheet runs as formulas (OWASP's CSV injection advice)."""
+    out = frame.copy()
+    for column in out.columns:
+        # Only text columns: a negative number is a number, not a formula.
+        if pd.api.types.is_string_dtype(out[column].dtype):
+            out[column] = out[column].map(_inert, na_action="ignore")
     buffer = io.StringIO()
-    frame.to_csv(buffer, index=False)
+    # CRLF line ends (RFC 4180) also make the writer quote a cell holding a lone CR, which
+    # would otherwise split its row in two.
+    out.to_csv(buffer, index=False, lineterminator="\r\n")
     return buffer.getvalue()
+
+
+def _inert(value: object) -> object:
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def models_frame(models: list[ModelInfo]) -> pd.DataFrame:

@@ -178,6 +178,11 @@ async def _model_gate(body: dict) -> Response | None:
         return _error(400, "you must provide a model parameter", param="model")
     if model in ERRORS:
         return _error(*ERRORS[model])
+    if model == "error-echo":
+        # Like servers that quote the input they refuse (not listed by /v1/models).
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        quoted = _text_of(messages[-1].get("content")) if messages else ""
+        return _error(400, f"Could not process the message {quoted!r}")
     if slow := re.fullmatch(r"(?:gpt-image-)?slow-(\d+(?:\.\d*)?)", model):
         await asyncio.sleep(float(slow[1]))  # async sleep so concurrent requests really overlap
     elif model not in REAL_MODELS + MODE_MODELS:
@@ -323,7 +328,7 @@ class _Observe:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 entry["completed"] = True
 
-        authorised = headers.get("authorization") == f"Bearer {self.up.api_key}"
+        authorised = headers.get("authorization") == self.up.authorization
         app = self.app
         if scope["path"].startswith("/v1") and not authorised:
             app = _error(*ERRORS["error-401"])
@@ -340,8 +345,14 @@ class _Observe:
 class FakeUpstream:
     """An OpenAI-compatible server on 127.0.0.1, run by uvicorn in a daemon thread."""
 
-    def __init__(self, *, api_key: str = DEFAULT_KEY) -> None:
+    def __init__(self, *, api_key: str = DEFAULT_KEY, basic: tuple[str, str] | None = None) -> None:
         self.api_key = api_key
+        # The one Authorization value /v1 accepts: Bearer api_key, or Basic user:password.
+        if basic is None:
+            self.authorization = f"Bearer {api_key}"
+        else:
+            pair = base64.b64encode(":".join(basic).encode()).decode()
+            self.authorization = f"Basic {pair}"
         self.url = ""
         self.requests: list[dict] = []
         self.max_in_flight = 0

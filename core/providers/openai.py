@@ -8,13 +8,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import openai
 import orjson
 
 from core import errors
-from core.config import Settings
+from core.config import Settings, public_url
 from core.passthrough import event_data, sse_batches, usage_of
 from core.schemas import (
     ChatRequest,
@@ -109,7 +110,10 @@ class OpenAIProvider:
     supports_passthrough = True
 
     def __init__(self, settings: Settings) -> None:
-        self.base_url = settings.openai_base_url or OPENAI_URL
+        # Credentials in the URL never go further than this: every request sends them as a
+        # header (aiohttp refuses a URL with them next to an Authorization header).
+        url = settings.openai_base_url or OPENAI_URL
+        self.base_url = public_url(url)
         self.configured = (
             settings.openai_api_key is not None or settings.openai_base_url is not None
         )
@@ -124,8 +128,9 @@ class OpenAIProvider:
         self._tokens_param = (
             "max_completion_tokens" if "api.openai.com" in self.base_url else "max_tokens"
         )
+        basic = _basic_auth(url)
         self._headers = {
-            "Authorization": f"Bearer {key or PLACEHOLDER_KEY}",
+            "Authorization": basic or f"Bearer {key or PLACEHOLDER_KEY}",
             "Content-Type": "application/json",
             # Raw bytes are relayed as they are: they must not arrive compressed.
             "Accept-Encoding": "identity",
@@ -138,6 +143,8 @@ class OpenAIProvider:
             "base_url": self.base_url,
             "timeout": settings.request_timeout,
             "max_retries": settings.upstream_max_retries,
+            # The SDK's own Bearer header gives way to its default_headers.
+            "default_headers": {"Authorization": basic} if basic else None,
         }
         self._sdk: tuple[asyncio.AbstractEventLoop, openai.AsyncOpenAI] | None = None
 
@@ -367,6 +374,15 @@ class OpenAIProvider:
         async with self._send(path, payload, model) as response:
             async for chunk in response.content.iter_any():
                 yield chunk
+
+
+def _basic_auth(url: str) -> str | None:
+    """The Basic Authorization value for a URL's user:password@, as httpx would send it."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return None
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
 
 
 def _delta_text(choice: dict) -> str | None:
