@@ -101,6 +101,9 @@ class Service:
             s.get_secret_value() for s in (settings.openai_api_key, settings.access_key) if s
         ]
         self._models: tuple[float, list[ModelInfo]] | None = None
+        # Metric labels: only models configured or listed by the backend, so made-up names
+        # sent by callers cannot grow /metrics without bound.
+        self._labelled = set(self.provider.default_models.values())
         self._ping: tuple[float, bool] | None = None
 
     # ---- the functions -------------------------------------------------------------------
@@ -256,6 +259,7 @@ class Service:
         async with self._track(call):
             models = await self.provider.list_models()
         self._models = (now, models)
+        self._labelled = set(self.provider.default_models.values()) | {m.id for m in models}
         return models
 
     async def health(self) -> dict[str, Any]:
@@ -365,7 +369,7 @@ class Service:
             seconds = time.perf_counter() - call.started
             metrics.observe(
                 function=call.function,
-                model=call.model,
+                model=call.model and (call.model if call.model in self._labelled else "other"),
                 source=call.source,
                 status="refused" if call.refused else status,
                 seconds=seconds,

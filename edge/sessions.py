@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from starlette.exceptions import HTTPException
 from starlette.requests import cookie_parser
 
 from core.auth import LOGIN_CAPTURE, Authenticator, LockedOut, Principal, Revoked
@@ -43,6 +44,7 @@ PUBLIC_PATHS = {
     "/gradio_api/theme.css",
 }
 PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+SESSION_STREAMS = ("/gradio_api/queue/data", "/gradio_api/heartbeat/")
 NOT_SIGNED_IN = "Not signed in: sign in first (POST /login, or the login page)."
 SESSION_ENDED = "Your session ended (signed out, idle too long, or too old). Sign in again."
 LOGOUT_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -153,7 +155,10 @@ class SessionGuard:
             await refuse(scope, send, 401, why)
             return
         scope[SCOPE_KEY] = session
-        await self.app(scope, receive, send)
+        if path.startswith(SESSION_STREAMS):
+            await quietly(self.app, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
     def _session(self, scope: Scope) -> tuple[Session | None, str]:
         """The request's live session (or why there is none). Every token it carries is
@@ -231,6 +236,30 @@ class SessionGuard:
             headers.append((b"set-cookie", f"{name}=; Max-Age=0; Path=/".encode()))
         await send({"type": "http.response.start", "status": 303, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
+
+
+async def quietly(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run a Gradio session stream; when Gradio refuses it after the stream began (an
+    unknown session_hash raises inside the stream), log one line and end the answer cleanly
+    instead of a hundred-line traceback per request."""
+    started = False
+
+    async def watch(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, watch)
+    except Exception as exc:
+        refusal = exc if isinstance(exc, HTTPException) else exc.__cause__
+        if not isinstance(refusal, HTTPException):
+            raise
+        log.info("%s refused: %s %s", scope["path"], refusal.status_code, refusal.detail)
+        if started:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await refuse(scope, send, refusal.status_code, str(refusal.detail))
 
 
 async def _locked(scope: Scope, send: Send, exc: LockedOut) -> None:
