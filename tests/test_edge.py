@@ -456,3 +456,19 @@ def _fn_index(http: httpx.Client, name: str) -> int:
 
 def _hash(job: httpx.Response) -> str:
     return orjson.loads(job.request.content)["session_hash"]
+
+
+def test_uploads_and_outputs_are_deleted_after_their_time(edge: Edge, monkeypatch) -> None:
+    from edge import files
+
+    registry = next(
+        m.kwargs["registry"] for m in edge.app.user_middleware if m.cls is files.FileGuard
+    )
+    monkeypatch.setattr(files, "SWEEP_EVERY", 0.0)
+    monkeypatch.setattr(registry, "ttl", 0.3)
+    nina = edge.login("nina-files", "10.4.7.1")
+    (path,) = upload(nina, "old.txt", b"old").json()
+    time.sleep(0.5)
+    assert nina.get(f"/gradio_api/file={path}").status_code == 404  # the sweep ran first
+    assert not Path(path).exists()
+    assert registry.used_bytes("nina-files") == 0
