@@ -53,6 +53,12 @@ def _title(exc: ServiceError) -> str:
     return "Check your input" if exc.status == 400 else "Upstream error"
 
 
+def code(text: str) -> str:
+    """Text shown as inline code in Markdown; escaped, since a model name may come from the
+    upstream and a backtick in it would otherwise end the code span."""
+    return f"<code>{html.escape(text)}</code>"
+
+
 def caller_of(core: Core, request: gr.Request | None) -> dict[str, Any]:
     """The service keyword arguments for the signed-in user behind a dashboard event."""
     username = request.username if request is not None else None

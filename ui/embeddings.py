@@ -11,7 +11,15 @@ from core import tables
 from core.context import Core
 from core.errors import InvalidRequest, ServiceError
 from edge.files import FileRegistry
-from ui.common import LLM_GROUP, caller_of, optional_int, report, save_text, uploaded_path
+from ui.common import (
+    LLM_GROUP,
+    caller_of,
+    code,
+    optional_int,
+    report,
+    save_text,
+    uploaded_path,
+)
 
 
 @dataclass
@@ -129,7 +137,7 @@ def build(core: Core, files: FileRegistry) -> EmbeddingsTab:
         csv = tables.vectors_csv(items, result)
         csv_path = save_text(files, csv, name="embeddings.csv", user=request.username)
         line = (
-            f"{len(items)} texts · `{result.model}` · {result.dimensions} dimensions · "
+            f"{len(items)} texts · {code(result.model)} · {result.dimensions} dimensions · "
             f"{result.usage.total_tokens} tokens"
         )
         return (

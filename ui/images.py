@@ -11,7 +11,7 @@ from core.context import Core
 from core.errors import ServiceError
 from core.schemas import IMAGE_QUALITIES, IMAGE_SIZES, MAX_IMAGES
 from edge.files import FileRegistry
-from ui.common import LLM_GROUP, caller_of, report, save_images
+from ui.common import LLM_GROUP, caller_of, code, report, save_images
 
 
 @dataclass
@@ -80,7 +80,7 @@ def build(core: Core, files: FileRegistry) -> ImageTab:
         # the download and full-screen buttons in view; thumbnails of the rest below.
         return (
             gr.Gallery(value=paths, selected_index=0),
-            f"{len(paths)} {noun} from `{result.model}`. Use the buttons on the image to "
+            f"{len(paths)} {noun} from {code(result.model)}. Use the buttons on the image to "
             "download it or view it full screen.",
         )
 
