@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import re
 import threading
@@ -15,6 +16,7 @@ from typing import Any, Literal
 from core.config import Settings
 from core.errors import RateLimited, ServiceError
 from core.ledger import Limits
+from core.log import REDACTED, redact
 from core.users import User, UserStore, key_user_id
 
 log = logging.getLogger("core.auth")
@@ -76,15 +78,26 @@ class Authenticator:
         return principal is not None
 
     def login(self, username: str, key: str, *, client: str) -> Principal | None:
-        """A sign-in with a name and key from `client`, counted against its lockout."""
-        name = display_name(username)
-        self.lockout.check(client)
-        principal = self.authenticate(username, key)
-        log.info("login %s for user %r", "accepted" if principal else "refused", name)
-        if principal is None:
-            self.lockout.failure(client, name.lower())
+        """A sign-in with a name and key from `client`, counted against its lockout.
+
+        Every wrong key counts, whatever the name: any login may be a guess at the owner key,
+        so a success (one's own) clears nothing. While the address is locked out only users'
+        own keys (256 random bits: guessing them is hopeless) are checked, never the owner
+        key, so a team behind one address keeps working while a guesser waits.
+        """
+        # The name field may hold a key typed in the wrong box: redact before cleaning it up.
+        hidden = redact(username or "", [self._key.decode()]) != (username or "")
+        name = REDACTED if hidden else display_name(username)
+        if wait := self.lockout.retry_after(client):
+            user = self.users.authenticate(username, key or "") if self.users else None
+            if user is None:
+                raise LockedOut(wait)
+            principal: Principal | None = self._principal(user)
         else:
-            self.lockout.success(client, name.lower())
+            principal = self.authenticate(username, key)
+            if principal is None:
+                self.lockout.failure(client, name.lower())
+        log.info("login %s for user %r", "accepted" if principal else "refused", name)
         return principal
 
     def authenticate(self, username: str, key: str) -> Principal | None:
@@ -99,18 +112,17 @@ class Authenticator:
     def authenticate_bearer(self, key: str, *, client: str = "unknown") -> Principal | None:
         """The caller for an `Authorization: Bearer` key alone (/v1, /metrics), counted
         against the client's lockout like a login; raises LockedOut while it is locked."""
-        self.lockout.check(client)
+        locked = self.lockout.retry_after(client)
+        if not locked and hmac.compare_digest((key or "").encode(), self._key):
+            return Principal(name="owner", role="admin")
+        user = self.users.authenticate_key(key) if self.users else None
+        if user is not None:
+            return self._principal(user)  # users' own keys work even while locked out
+        if locked:
+            raise LockedOut(locked)
         target = f"user #{user_id}" if (user_id := key_user_id(key or "")) else "owner key"
-        if hmac.compare_digest((key or "").encode(), self._key):
-            principal: Principal | None = Principal(name="owner", role="admin")
-        else:
-            user = self.users.authenticate_key(key) if self.users else None
-            principal = self._principal(user) if user else None
-        if principal is None:
-            self.lockout.failure(client, target)
-        else:
-            self.lockout.success(client, target)
-        return principal
+        self.lockout.failure(client, target)
+        return None
 
     def resolve(self, username: str | None) -> Principal:
         """The caller behind a logged-in session's user name.
@@ -155,6 +167,17 @@ class Revoked(ServiceError):
     default_message = "Your access key was disabled or replaced. Sign in again."
 
 
+def _bucket(client: str) -> str:
+    """The unit a lockout counts: an IPv4 address, or an IPv6 address's /64 (one host
+    usually holds a whole /64, so single addresses would be fresh starts without end)."""
+    if ":" not in client:
+        return client
+    try:
+        return str(ipaddress.IPv6Network(f"{client}/64", strict=False))
+    except ValueError:
+        return client
+
+
 def display_name(username: str | None) -> str:
     """A username safe to show and log: printable, short, never empty."""
     # As long as a user name may be (core.users.NAME_PATTERN), so every user's name passes
@@ -177,13 +200,13 @@ class LockedOut(RateLimited):
 
 
 class Lockout:
-    """Failed sign-ins per client address, each noted with the name it was aimed at.
+    """Failed sign-ins per client address (an IPv6 address counts as its /64), each noted
+    with the name it was aimed at (for the log).
 
     Logins and bearer keys (/v1, /metrics) count together. Too many failures within the
-    window lock the address out. A success clears only the failures aimed at the name that
-    succeeded, so signing in with one's own key does not reset guesses at someone else's.
-    Callers check and count in one synchronous step (no await in between), so concurrent
-    guesses cannot all slip past the check before the first failure is counted.
+    window lock the address out; failures only age out, no success clears them (any login
+    can be a guess at the owner key). Callers check and count in one synchronous step (no
+    await in between), so concurrent guesses cannot all slip past the first failure.
     """
 
     def __init__(self, *, max_failures: int, window: float) -> None:
@@ -194,6 +217,7 @@ class Lockout:
 
     def retry_after(self, client: str, now: float | None = None) -> float:
         """Seconds until `client` may try again (0 when it is not locked out)."""
+        client = _bucket(client)
         now = time.monotonic() if now is None else now
         with self._lock:
             attempts = self._recent(client, now)
@@ -207,6 +231,7 @@ class Lockout:
             raise LockedOut(wait)
 
     def failure(self, client: str, name: str, now: float | None = None) -> None:
+        client = _bucket(client)
         now = time.monotonic() if now is None else now
         with self._lock:
             self._recent(client, now).append((now, name))
@@ -219,14 +244,6 @@ class Lockout:
                 self.max_failures,
                 wait,
             )
-
-    def success(self, client: str, name: str) -> None:
-        with self._lock:
-            attempts = self._failures.get(client)
-            if attempts:
-                kept = [a for a in attempts if a[1] != name]
-                attempts.clear()
-                attempts.extend(kept)
 
     def _recent(self, client: str, now: float) -> deque[tuple[float, str]]:
         attempts = self._failures.setdefault(client, deque(maxlen=self.max_failures * 4))

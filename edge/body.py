@@ -4,12 +4,13 @@ with an idle timeout, so a slow or silent client cannot hold the server's memory
 from __future__ import annotations
 
 import asyncio
+import time
 
 from edge.http import ASGIApp, Message, Receive, Scope, Send, header, read_body, refuse, replay
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # Uploads stream to Gradio's own parser; edge/files.py bounds them by the user's upload quota.
-STREAMED_PATHS = ("/gradio_api/upload",)
+STREAMED_PATHS = {"/gradio_api/upload", "/gradio_api/upload/"}
 
 
 class TooLarge(Exception):
@@ -17,16 +18,24 @@ class TooLarge(Exception):
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, *, max_bytes: int, idle_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        idle_seconds: float = 30.0,
+        total_seconds: float = 120.0,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.idle = idle_seconds
+        self.total = total_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        if scope["path"].startswith(STREAMED_PATHS):
+        if scope["path"] in STREAMED_PATHS:
             await self.app(scope, self._idle_limited(receive, disconnect=True), send)
             return
         length = header(scope, b"content-length")
@@ -45,17 +54,19 @@ class BodyLimit:
             await self.app(scope, replay(body, receive), send)
 
     def _idle_limited(self, receive: Receive, *, disconnect: bool = False) -> Receive:
-        """Each piece of the body must come within the idle time (else TimeoutError, or a
-        disconnect for an app that reads the body itself); after the body, receive waits for
-        a disconnect as long as the answer takes (streams are long)."""
+        """Each piece of the body must come within the idle time, and the whole body within
+        the total time (else TimeoutError, or a disconnect for an app that reads the body
+        itself); after the body, receive waits for a disconnect as long as the answer takes."""
         done = False
+        deadline = time.monotonic() + self.total
 
         async def limited() -> Message:
             nonlocal done
             if done:
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.idle)
+                left = min(self.idle, deadline - time.monotonic())
+                message = await asyncio.wait_for(receive(), max(left, 0.001))
             except TimeoutError:
                 if not disconnect:
                     raise

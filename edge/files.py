@@ -64,6 +64,7 @@ class FileRegistry:
         self.quota_bytes = quota_bytes
         self.ttl = ttl
         self._files: dict[str, list[StoredFile]] = {}
+        self._reserved: dict[str, int] = {}  # bytes of uploads still arriving, per user
         self._lock = threading.Lock()
         self._swept = time.monotonic()
 
@@ -106,7 +107,28 @@ class FileRegistry:
 
     def used_bytes(self, user: str) -> int:
         with self._lock:
-            return sum(r.size for rs in self._files.values() for r in rs if r.user == user)
+            return self._used(user)
+
+    def reserve(self, user: str, size: int) -> bool:
+        """Hold `size` bytes of the user's quota for an upload in progress (checked and held
+        in one step, so concurrent uploads cannot all pass the same check); False if full."""
+        with self._lock:
+            if self._used(user) + size > self.quota_bytes:
+                return False
+            self._reserved[user] = self._reserved.get(user, 0) + size
+            return True
+
+    def release(self, user: str, size: int) -> None:
+        with self._lock:
+            left = self._reserved.get(user, 0) - size
+            if left > 0:
+                self._reserved[user] = left
+            else:
+                self._reserved.pop(user, None)
+
+    def _used(self, user: str) -> int:
+        stored = sum(r.size for rs in self._files.values() for r in rs if r.user == user)
+        return stored + self._reserved.get(user, 0)
 
     def end_session(self, session: Session) -> None:
         """Forget (and delete) the uploads of a session that ended."""
@@ -149,9 +171,10 @@ class FileRegistry:
 
 
 class FileGuard:
-    def __init__(self, app: ASGIApp, *, registry: FileRegistry) -> None:
+    def __init__(self, app: ASGIApp, *, registry: FileRegistry, max_bytes: int) -> None:
         self.app = app
         self.files = registry
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -184,12 +207,14 @@ class FileGuard:
     async def _check_inputs(self, scope: Scope, receive: Receive, send: Send, session: Session):
         """Refuse any event input that names a file this session may not use."""
         body, complete = await read_body(receive)
-        if not complete:
+        if not complete or len(body) > self.max_bytes:  # BodyLimit already capped it
             return
         try:
-            data = orjson.loads(body) if body else None
+            data = orjson.loads(body) if body.strip() else None
         except orjson.JSONDecodeError:
-            data = None  # not JSON: names no file; Gradio answers it
+            # Gradio would parse it more leniently (NaN, UTF-16), past this check: refuse.
+            await refuse(scope, send, 400, "The request body must be JSON in UTF-8.")
+            return
         for named in file_paths(data):
             if not self.files.may_use(named, session=session):
                 log.warning("refused a file input %r from user %r", named[:200], session.user)
@@ -202,14 +227,21 @@ class FileGuard:
         if length is None or not length.isdigit():
             await refuse(scope, send, 411, "An upload needs a Content-Length.")
             return
-        used, quota = self.files.used_bytes(session.user), self.files.quota_bytes
-        if used + int(length) > quota:
+        size = int(length)
+        if not self.files.reserve(session.user, size):
+            used, quota = self.files.used_bytes(session.user), self.files.quota_bytes
             message = (
                 f"Upload refused: you store {used / 1e6:.1f} MB of your {quota / 1e6:.0f} MB "
                 "(UPLOAD_QUOTA_MB). Uploads go when you sign out or after UPLOAD_TTL_MINUTES."
             )
             await refuse(scope, send, 413, message)
             return
+        try:
+            await self._store(scope, receive, send, session, size)
+        finally:
+            self.files.release(session.user, size)  # now counted by its records, if stored
+
+    async def _store(self, scope: Scope, receive: Receive, send: Send, session: Session, size: int):
         start: Message | None = None
         chunks: list[bytes] = []
 
@@ -230,7 +262,7 @@ class FileGuard:
                 except (orjson.JSONDecodeError, TypeError):
                     paths = []
                 for path in paths:
-                    self.files.add_upload(path, session=session, size=int(length) // len(paths))
+                    self.files.add_upload(path, session=session, size=size // len(paths))
             if start is not None:
                 await send(start)
             await send({"type": "http.response.body", "body": body})

@@ -24,6 +24,7 @@ from edge.http import (
     Scope,
     Send,
     client_address,
+    header,
     is_bearer_api,
     refuse,
 )
@@ -66,7 +67,10 @@ class Session:
 
 class SessionTable:
     """Live sessions, least recently used first: expiry pops from the front, so each request
-    costs the same however many sessions there are."""
+    costs the same however many sessions there are. A user holds at most MAX_PER_USER
+    sessions (their oldest ends), so one user cannot grow the table without bound."""
+
+    max_per_user = 20
 
     def __init__(
         self, *, idle: float, lifetime: float, on_end: list[Callable[[Session], None]]
@@ -75,6 +79,7 @@ class SessionTable:
         self.lifetime = lifetime
         self.on_end = on_end
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._by_user: dict[str, dict[str, None]] = {}  # user -> their tokens, oldest first
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -84,6 +89,10 @@ class SessionTable:
         self._expire_idle(now)
         session = Session(token, user, principal, created=now, seen=now)
         self._sessions[token] = session
+        mine = self._by_user.setdefault(user, {})
+        mine[token] = None
+        while len(mine) > self.max_per_user:
+            self.end(next(iter(mine)), f"the user opened more than {self.max_per_user} sessions")
         return session
 
     def get(self, token: str) -> Session | None:
@@ -104,6 +113,10 @@ class SessionTable:
         session = self._sessions.pop(token, None)
         if session is None:
             return
+        mine = self._by_user.get(session.user, {})
+        mine.pop(token, None)
+        if not mine:
+            self._by_user.pop(session.user, None)
         log.info("session of %r ended: %s", session.user, reason)
         for callback in self.on_end:
             callback(session)
@@ -127,11 +140,13 @@ class SessionGuard:
         auth: Authenticator,
         sessions: SessionTable,
         gradio_tokens: Callable[[], dict[str, str]],
+        proxies_trusted: bool = False,
     ) -> None:
         self.app = app
         self.auth = auth
         self.sessions = sessions
         self.gradio_tokens = gradio_tokens  # Gradio's own table (token -> user name)
+        self.warned_proxy = proxies_trusted  # nothing to warn about then
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -180,12 +195,17 @@ class SessionGuard:
         return live, why
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The lockout is checked and counted inside the auth hook, in one synchronous step:
+        # a locked-out address may still sign in with a user's own key (see Authenticator).
         client = client_address(scope)
-        try:
-            self.auth.lockout.check(client)
-        except LockedOut as exc:
-            await _locked(scope, send, exc)
-            return
+        if not self.warned_proxy and header(scope, b"x-forwarded-for") is not None:
+            self.warned_proxy = True
+            log.warning(
+                "requests carry X-Forwarded-For from %s, which FORWARDED_ALLOW_IPS does not "
+                "trust: lockouts count every client as that address. Set FORWARDED_ALLOW_IPS "
+                "to your proxy's address if it is one.",
+                client,
+            )
         previous = session_tokens(scope)
         holder: dict = {"client": client}
         status: list[int] = []

@@ -472,3 +472,100 @@ def test_uploads_and_outputs_are_deleted_after_their_time(edge: Edge, monkeypatc
     assert nina.get(f"/gradio_api/file={path}").status_code == 404  # the sweep ran first
     assert not Path(path).exists()
     assert registry.used_bytes("nina-files") == 0
+
+
+def test_a_user_cannot_guess_the_owner_key_between_their_own_sign_ins(edge: Edge) -> None:
+    _, key = edge.core.users.add("olive")
+    http = edge.http("10.3.3.1")
+    statuses = []
+    for _ in range(3):
+        statuses += [
+            http.post("/login", data={"username": "olive", "password": f"owner?{i}"}).status_code
+            for i in range(4)
+        ]
+        assert http.post("/login", data={"username": "olive", "password": key}).status_code == 200
+    assert statuses.count(400) == 5 and statuses[-1] == 429
+
+
+def test_a_locked_address_still_lets_users_own_keys_in(edge: Edge) -> None:
+    _, key = edge.core.users.add("pat")
+    http = edge.http("10.3.4.1")
+    for _ in range(5):
+        http.get("/v1/models", headers={"authorization": "Bearer wrong-guess-123"})
+    # Someone behind the same address guessed: the owner key is no longer even checked...
+    owner = http.get("/v1/models", headers={"authorization": f"Bearer {ACCESS_KEY}"})
+    assert owner.status_code == 429
+    assert http.post("/login", data={"username": "x", "password": ACCESS_KEY}).status_code == 429
+    # ...but a user's own key (256 random bits) still works, by bearer and by login.
+    assert http.get("/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    assert http.post("/login", data={"username": "pat", "password": key}).status_code == 200
+    assert http.get("/v1/models", headers={"authorization": "Bearer dk_1_nope"}).status_code == 429
+
+
+def test_ipv6_addresses_count_by_their_64() -> None:
+    from core.auth import Lockout
+
+    lockout = Lockout(max_failures=3, window=60)
+    for i in range(3):
+        lockout.failure(f"2001:db8:1:2::{i + 1}", "x")
+    assert lockout.retry_after("2001:db8:1:2:ffff::9") > 0
+    assert lockout.retry_after("2001:db8:1:3::1") == 0
+
+
+def test_json_that_only_a_lenient_parser_reads_is_refused(edge: Edge) -> None:
+    http = edge.login("quinn-json", "10.1.4.1")
+    embed = _fn_index(http, "embed")
+    body = orjson.dumps({"data": ["", file_data("/etc/passwd"), "", 0], "fn_index": embed})
+    nan = body[:-1] + b', "x": NaN}'
+    for raw in (nan, body.decode().encode("utf-16")):
+        answer = http.post("/gradio_api/queue/join", content=raw)
+        assert answer.status_code == 400, answer.text
+
+
+def test_no_body_is_read_before_the_session_check(edge: Edge) -> None:
+    port = int(edge.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /gradio_api/queue/join HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n"
+            b"Content-Type: application/json\r\n\r\n{"
+        )
+        assert b" 401 " in sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_only_the_upload_route_skips_the_body_cap(edge: Edge) -> None:
+    http = edge.login("rita-body", "10.4.8.1")
+    for path in ("/gradio_api/upload_progress", "/gradio_api/uploadx"):
+        answer = http.post(path, content=(b"x" * 10_000 for _ in range(20)))
+        assert answer.status_code == 413, path
+
+
+def test_concurrent_uploads_cannot_overshoot_the_quota(edge: Edge) -> None:
+    http = edge.login("sam-files", "10.1.5.1")
+
+    def send(i: int) -> int:
+        return upload(http, f"part{i}.txt", bytes([65 + i]) * 300_000).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        statuses = list(pool.map(send, range(10)))
+    assert statuses.count(200) <= 3  # 1 MB quota, 300 KB each
+    assert edge.core and statuses.count(413) >= 7
+
+
+def test_one_user_cannot_grow_the_session_table_without_bound(edge: Edge) -> None:
+    sessions = edge.app.state.sessions
+    first = edge.login("tom-many", "10.4.9.1")
+    for _ in range(sessions.max_per_user):
+        edge.login("tom-many", "10.4.9.1")
+    assert first.get("/config").status_code == 401  # the oldest session made room
+    assert sum(1 for s in sessions._sessions.values() if s.user == "tom-many") == 20
+
+
+def test_the_owner_key_typed_as_a_user_name_is_not_logged(upstream, tmp_path) -> None:
+    """Cleaning a name for the log (dropping / and =) must not turn the key into a string
+    that no longer matches the secret the log filter knows."""
+    from core.auth import Authenticator
+
+    key = "Xq3/9fPz+Lm2=Rt8vN0a/KbY7wE1sD4h"
+    auth = Authenticator(app_settings(upstream, ACCESS_KEY=key, DATA_DIR=str(tmp_path)))
+    assert auth.login(key + "x", "wrong", client="10.3.5.1") is None
+    assert "Xq39fPz" not in logged() and "9fPz" not in logged()

@@ -63,12 +63,17 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
         on_end=[lambda s: _gradio_tokens(app).pop(s.token, None), files.end_session],
     )
     app.state.sessions = sessions
-    # Added innermost first: a request meets OriginPolicy, BodyLimit, SessionGuard, FileGuard.
-    app.add_middleware(FileGuard, registry=files)
-    app.add_middleware(
-        SessionGuard, auth=core.auth, sessions=sessions, gradio_tokens=lambda: _gradio_tokens(app)
-    )
+    # Added innermost first: a request meets OriginPolicy, SessionGuard, BodyLimit, FileGuard.
+    app.add_middleware(FileGuard, registry=files, max_bytes=settings.max_request_bytes)
+    # Bodies are read only for requests that passed the session check (or /login).
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        SessionGuard,
+        auth=core.auth,
+        sessions=sessions,
+        gradio_tokens=lambda: _gradio_tokens(app),
+        proxies_trusted=bool(settings.forwarded_allow_ips),
+    )
     app.add_middleware(
         OriginPolicy,
         allowed_origins=settings.allowed_origins,
@@ -120,6 +125,8 @@ def server_options() -> dict[str, Any]:
         "proxy_headers": False,
         "http": GuardedHttpToolsProtocol,
         "timeout_keep_alive": 5,
+        # Connections and tasks at once; past it uvicorn answers 503 instead of running out.
+        "limit_concurrency": 2000,
         "h11_max_incomplete_event_size": 64 * 1024,
     }
 
