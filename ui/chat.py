@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,12 @@ import gradio as gr
 from core.context import Core
 from core.errors import ServiceError
 from core.schemas import Usage
-from ui.common import LLM_GROUP, caller_of, optional_int, parse_stop, report
+from ui.common import LLM_GROUP, caller_of, code, optional_int, parse_stop, report
+from ui.markdown import safe_parts
+
+# While a reply streams, redisplaying it costs a Markdown parse of the whole reply: show it at
+# most every SHOW_EVERY seconds, and spend at most a fifth of the time on it.
+SHOW_EVERY = 0.05
 
 
 @dataclass
@@ -19,32 +25,18 @@ class ChatTab:
     model: gr.Dropdown
 
 
-def history_to_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Gradio chat history -> OpenAI messages: text parts only, joined, roles kept."""
-    messages = []
-    for item in history:
-        role = item.get("role")
-        if role not in ("user", "assistant", "system"):
-            continue
-        content = item.get("content")
-        if isinstance(content, list):
-            text = "\n".join(
-                part.get("text", "")
-                for part in content
-                if isinstance(part, dict) and part.get("type") == "text"
-            )
-        else:
-            text = content if isinstance(content, str) else ""
-        if text:
-            messages.append({"role": role, "content": text})
-    return messages
+def to_display(message: dict[str, str], *, remote_images: bool) -> dict[str, Any]:
+    """One conversation message as the Chatbot shows it: safe Markdown parts, never raw HTML."""
+    parts = safe_parts(message["content"], remote_images=remote_images) or [""]
+    # Text parts as dicts: a plain string would go through inspect.cleandoc (indentation lost).
+    return {"role": message["role"], "content": [{"type": "text", "text": p} for p in parts]}
 
 
 def usage_line(usage: Usage | None, model: str) -> str:
     if usage is None:
-        return f"Last reply from `{model}` (the backend reported no token usage)."
+        return f"Last reply from {code(model)} (the backend reported no token usage)."
     return (
-        f"Last reply from `{model}`: {usage.prompt_tokens} prompt + "
+        f"Last reply from {code(model)}: {usage.prompt_tokens} prompt + "
         f"{usage.completion_tokens} completion = **{usage.total_tokens} tokens**"
     )
 
@@ -102,28 +94,37 @@ def build(core: Core) -> ChatTab:
                 label="Stop sequences", lines=2, placeholder="One per line (\\n for a newline)"
             )
 
+    # The conversation as the model sees it (raw text, OpenAI-shaped), kept on the server. The
+    # Chatbot only shows it: it is not an input, so the browser cannot rewrite the history.
+    conversation = gr.State([])
+    remote_images = core.settings.allow_remote_images
+
+    def show(message: dict[str, str]) -> dict[str, Any]:
+        return to_display(message, remote_images=remote_images)
+
     async def respond(
         text: str,
-        history: list[dict[str, Any]],
+        history: list[dict[str, str]],
         system_prompt: str,
         model_name: str,
         temp: float,
         max_toks: float | None,
         stops: str,
         request: gr.Request,
-    ) -> AsyncIterator[tuple[Any, Any, Any]]:
+    ) -> AsyncIterator[tuple[Any, ...]]:
         if not (text or "").strip():
             gr.Warning("Type a message first.")
-            yield history, text, gr.skip()
+            yield gr.skip(), gr.skip(), text, gr.skip()
             return
         before = list(history or [])
-        messages = history_to_messages(before)
+        asked = [*before, {"role": "user", "content": text}]
+        shown = [show(m) for m in asked]
+        # Each yield carries the display and the state together: after Stop they agree.
+        reply = {"role": "assistant", "content": ""}
+        yield [*shown, show(reply)], [*asked, reply], "", "Generating…"
+        messages = [m for m in asked if m["content"]]
         if system_prompt.strip():
             messages.insert(0, {"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": text})
-        shown = [*before, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        yield shown, "", "Generating…"
-        reply, last_usage = "", None
         body = {
             "messages": messages,
             "model": (model_name or "").strip() or None,
@@ -131,25 +132,32 @@ def build(core: Core) -> ChatTab:
             "max_tokens": optional_int(max_toks),
             "stop": parse_stop(stops),
         }
+        text_so_far, last_usage, next_show = "", None, 0.0
         try:
             async for chunk in service.chat_stream(body, **caller_of(core, request)):
                 last_usage = chunk.usage or last_usage
-                if chunk.text:
-                    reply += chunk.text
-                    shown[-1] = {"role": "assistant", "content": reply}
-                    yield shown, "", gr.skip()
+                text_so_far += chunk.text or ""
+                if chunk.text and time.monotonic() >= next_show:
+                    started = time.monotonic()
+                    reply = {"role": "assistant", "content": text_so_far}
+                    yield [*shown, show(reply)], [*asked, reply], "", gr.skip()
+                    next_show = started + max(SHOW_EVERY, 5 * (time.monotonic() - started))
         except ServiceError as exc:
             # Nothing is lost: the conversation returns to before the send, the message to the box.
-            yield before, text, report(exc)
+            yield shown[:-1], before, text, report(exc)
             return
-        yield shown, "", usage_line(last_usage, body["model"] or service.default_model("chat"))
+        reply = {"role": "assistant", "content": text_so_far}
+        model_used = body["model"] or service.default_model("chat")
+        yield [*shown, show(reply)], [*asked, reply], "", usage_line(last_usage, model_used)
 
-    inputs = [message, chatbot, system, model, temperature, max_tokens, stop_text]
-    outputs = [chatbot, message, usage]
+    inputs = [message, conversation, system, model, temperature, max_tokens, stop_text]
+    outputs = [chatbot, conversation, message, usage]
     events = [
         trigger(respond, inputs, outputs, api_visibility="private", concurrency_id=LLM_GROUP)
         for trigger in (message.submit, send.click)
     ]
     stop.click(None, cancels=events, api_visibility="private")
-    clear.click(lambda: ([], "", ""), None, outputs, api_visibility="private", queue=False)
+    clear.click(lambda: ([], [], "", ""), None, outputs, api_visibility="private", queue=False)
+    # The Chatbot's own trash button empties only the browser's copy: forget the conversation too.
+    chatbot.clear(lambda: ([], ""), None, [conversation, usage], api_visibility="private")
     return ChatTab(model=model)
