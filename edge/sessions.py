@@ -153,8 +153,10 @@ class SessionGuard:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope.get("method", "GET")
-        if is_bearer_api(path):
-            await self.app(scope, receive, send)  # keys in a header, checked by the API
+        if is_bearer_api(path) or path.startswith(PUBLIC_PREFIXES):
+            # Keys in a header, checked by the API; or the page's static files, which are the
+            # same for everyone (no session lookup for each of a page load's many requests).
+            await self.app(scope, receive, send)
             return
         if method == "POST" and path.rstrip("/") == "/login":
             await self._login(scope, receive, send)
@@ -163,7 +165,7 @@ class SessionGuard:
         if path == "/logout":
             await self._logout(scope, send, session)
             return
-        if session is None and not (path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)):
+        if session is None and path not in PUBLIC_PATHS:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
