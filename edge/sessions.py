@@ -67,10 +67,11 @@ class Session:
 
 class SessionTable:
     """Live sessions, least recently used first: expiry pops from the front, so each request
-    costs the same however many sessions there are. A user holds at most MAX_PER_USER
-    sessions (their oldest ends), so one user cannot grow the table without bound."""
+    costs the same however many sessions there are. A user holds at most `max_per_user`
+    sessions (the one they used least recently ends), so one user cannot grow the table
+    without bound, while a script's many busy clients all stay signed in."""
 
-    max_per_user = 20
+    max_per_user = 100
 
     def __init__(
         self, *, idle: float, lifetime: float, on_end: list[Callable[[Session], None]]
@@ -79,7 +80,8 @@ class SessionTable:
         self.lifetime = lifetime
         self.on_end = on_end
         self._sessions: OrderedDict[str, Session] = OrderedDict()
-        self._by_user: dict[str, dict[str, None]] = {}  # user -> their tokens, oldest first
+        # user -> their tokens, least recently used first
+        self._by_user: dict[str, OrderedDict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -89,10 +91,10 @@ class SessionTable:
         self._expire_idle(now)
         session = Session(token, user, principal, created=now, seen=now)
         self._sessions[token] = session
-        mine = self._by_user.setdefault(user, {})
+        mine = self._by_user.setdefault(user, OrderedDict())
         mine[token] = None
         while len(mine) > self.max_per_user:
-            self.end(next(iter(mine)), f"the user opened more than {self.max_per_user} sessions")
+            self.end(next(iter(mine)), f"the user has more than {self.max_per_user} sessions")
         return session
 
     def get(self, token: str) -> Session | None:
@@ -107,16 +109,18 @@ class SessionTable:
             return None
         session.seen = now
         self._sessions.move_to_end(token)
+        self._by_user[session.user].move_to_end(token)
         return session
 
     def end(self, token: str, reason: str) -> None:
         session = self._sessions.pop(token, None)
         if session is None:
             return
-        mine = self._by_user.get(session.user, {})
-        mine.pop(token, None)
-        if not mine:
-            self._by_user.pop(session.user, None)
+        mine = self._by_user.get(session.user)
+        if mine is not None:
+            mine.pop(token, None)
+            if not mine:
+                del self._by_user[session.user]
         log.info("session of %r ended: %s", session.user, reason)
         for callback in self.on_end:
             callback(session)

@@ -553,11 +553,14 @@ def test_concurrent_uploads_cannot_overshoot_the_quota(edge: Edge) -> None:
 
 def test_one_user_cannot_grow_the_session_table_without_bound(edge: Edge) -> None:
     sessions = edge.app.state.sessions
-    first = edge.login("tom-many", "10.4.9.1")
-    for _ in range(sessions.max_per_user):
+    busy = edge.login("tom-many", "10.4.9.1")
+    idle = edge.login("tom-many", "10.4.9.1")
+    for _ in range(sessions.max_per_user - 1):
+        assert busy.get("/config").status_code == 200  # in use all along
         edge.login("tom-many", "10.4.9.1")
-    assert first.get("/config").status_code == 401  # the oldest session made room
-    assert sum(1 for s in sessions._sessions.values() if s.user == "tom-many") == 20
+    assert idle.get("/config").status_code == 401  # the least recently used made room
+    assert busy.get("/config").status_code == 200
+    assert sum(1 for s in sessions._sessions.values() if s.user == "tom-many") == 100
 
 
 def test_the_owner_key_typed_as_a_user_name_is_not_logged(upstream, tmp_path) -> None:
