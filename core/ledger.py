@@ -17,11 +17,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from core import db
+from core.endpoints import ENDPOINTS
 from core.errors import QuotaExceeded
 from core.pricing import PriceTable
 
 log = logging.getLogger("core.ledger")
-QUOTA_FUNCTIONS = ("chat", "completion", "image", "embedding")
+QUOTA_FUNCTIONS = tuple(ENDPOINTS)  # every function is counted against the quota
 COLUMNS = [
     "ts",
     "user",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Literal, TypeVar
 
@@ -35,14 +36,24 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
 
+class FunctionRequest(_Request):
+    """A request to one of the service's functions (core.endpoints): it names a model (None:
+    the backend's default for the function) and has an input to count."""
+
+    model: ModelName | None = None
+
+    def prompt_text(self) -> str:
+        """The input as one text (for token estimates and LOG_CONTENT)."""
+        raise NotImplementedError
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
-class ChatRequest(_Request):
+class ChatRequest(FunctionRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-    model: ModelName | None = None
     temperature: Temperature = 0.7
     max_tokens: MaxTokens | None = None
     stop: StopList = []
@@ -56,26 +67,32 @@ class ChatRequest(_Request):
             raise ValueError("there must be at least one non-empty user message")
         return messages
 
+    def prompt_text(self) -> str:
+        return json.dumps([m.model_dump() for m in self.messages], ensure_ascii=False)
 
-class CompletionRequest(_Request):
+
+class CompletionRequest(FunctionRequest):
     prompt: Prompt
-    model: ModelName | None = None
     temperature: Temperature = 0.7
     max_tokens: MaxTokens | None = None
     stop: StopList = []
 
+    def prompt_text(self) -> str:
+        return self.prompt
 
-class ImageRequest(_Request):
+
+class ImageRequest(FunctionRequest):
     prompt: Annotated[str, Field(min_length=1, max_length=32_000)]
-    model: ModelName | None = None
     size: Literal[IMAGE_SIZES + DALLE_SIZES] = "auto"  # type: ignore[valid-type]
     quality: Literal[IMAGE_QUALITIES + DALLE_QUALITIES] = "auto"  # type: ignore[valid-type]
     n: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
 
+    def prompt_text(self) -> str:
+        return self.prompt
 
-class EmbeddingRequest(_Request):
+
+class EmbeddingRequest(FunctionRequest):
     texts: Annotated[list[Prompt], Field(min_length=1, max_length=MAX_EMBEDDING_TEXTS)]
-    model: ModelName | None = None
     dimensions: Annotated[int, Field(ge=1, le=MAX_DIMENSIONS)] | None = None
 
     @field_validator("texts")
@@ -85,6 +102,9 @@ class EmbeddingRequest(_Request):
             if not text.strip():
                 raise ValueError(f"text {i + 1} is blank")
         return texts
+
+    def prompt_text(self) -> str:
+        return "\n".join(self.texts)
 
 
 class Usage(BaseModel):

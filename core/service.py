@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -14,11 +13,11 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel
 
 from core import errors, metrics
 from core.auth import SYSTEM, Principal
 from core.config import Settings
+from core.endpoints import ENDPOINTS
 from core.ledger import QUOTA_FUNCTIONS, Ledger, Reservation
 from core.log import redact
 from core.passthrough import DONE, error_in, is_usage_only, sse_batches, usage_in
@@ -29,6 +28,7 @@ from core.schemas import (
     CompletionRequest,
     EmbeddingRequest,
     EmbeddingResult,
+    FunctionRequest,
     ImageRequest,
     ImageResult,
     ModelInfo,
@@ -38,20 +38,8 @@ from core.schemas import (
 )
 
 log = logging.getLogger("core.service")
-RequestT = TypeVar("RequestT", bound=BaseModel)
+RequestT = TypeVar("RequestT", bound=FunctionRequest)
 MODELS_TTL = 60.0
-PATHS = {
-    "chat": "chat/completions",
-    "completion": "completions",
-    "embedding": "embeddings",
-    "image": "images/generations",
-}
-REQUEST_MODELS: dict[str, type[BaseModel]] = {
-    "chat": ChatRequest,
-    "completion": CompletionRequest,
-    "embedding": EmbeddingRequest,
-    "image": ImageRequest,
-}
 DEFAULT_HOLD = 1024  # tokens a reply without max_tokens holds against the quota while running
 # Output tokens of one gpt-image picture at most, by quality (the largest size; OpenAI's table).
 # An image cannot be cut short like a reply, so its whole bound must fit in the day's quota.
@@ -182,7 +170,7 @@ class Service:
     @property
     def passthrough(self) -> bool:
         """True when the backend takes OpenAI-shaped bytes as they are (OpenAI-compatible)."""
-        return getattr(self.provider, "supports_passthrough", False)
+        return self.provider.supports_passthrough
 
     async def forward_json(
         self,
@@ -196,10 +184,11 @@ class Service:
     ) -> bytes:
         """Validate, reserve, send `body` upstream as it is, account for the answer's usage."""
         call = Call(function, caller, source, request_id or new_request_id())
+        endpoint = ENDPOINTS[function]
         async with self._track(call):
-            req = await self._prepare(REQUEST_MODELS[function], request, call)
+            req = await self._prepare(endpoint.request, request, call)
             payload = _payload(body, req, stream=False)
-            content = await self.provider.forward_json(PATHS[function], payload, call.model)  # type: ignore[attr-defined]
+            content = await self.provider.forward_json(endpoint.path, payload, call.model)
             call.usage = usage_in(content)
             if function == "image":
                 call.images = content.count(b'"b64_json"')
@@ -219,10 +208,11 @@ class Service:
         """Stream SSE events from upstream as they arrive; usage is always asked for (the
         ledger needs it) and its chunk is passed on only when the client asked for it too."""
         call = Call(function, caller, source, request_id or new_request_id())
+        endpoint = ENDPOINTS[function]
         async with self._track(call):
-            req = await self._prepare(REQUEST_MODELS[function], request, call)
+            req = await self._prepare(endpoint.request, request, call)
             payload = _payload(body, req, stream=True)
-            upstream = self.provider.forward_stream(PATHS[function], payload, call.model)  # type: ignore[attr-defined]
+            upstream = self.provider.forward_stream(endpoint.path, payload, call.model)
             finished = False
             async with aclosing(sse_batches(upstream)) as batches:
                 async for events in batches:
@@ -290,13 +280,13 @@ class Service:
         self, model: type[RequestT], request: RequestT | Mapping[str, Any], call: Call
     ) -> RequestT:
         """Validate, fill in the default model, and reserve against the caller's quota."""
-        req = request if isinstance(request, model) else parse(model, dict(request))  # type: ignore[arg-type]
-        if req.model is None:  # type: ignore[attr-defined]
+        req = request if isinstance(request, model) else parse(model, dict(request))
+        if req.model is None:
             req = req.model_copy(update={"model": self.default_model(call.function)})
-        call.model = req.model  # type: ignore[attr-defined]
+        call.model = req.model
         if self.ledger is None:
             return req
-        prompt = _prompt_text(req)
+        prompt = req.prompt_text()
         call.prompt_chars = len(prompt)
         call.prompt_text = prompt if self.settings.log_content else None
         limits = call.caller.limits
@@ -305,7 +295,7 @@ class Service:
         # An upper bound, so the quota holds: byte-level tokenizers never make more tokens
         # than the text has bytes. The ledger settles the real count afterwards.
         needed = len(prompt.encode()) + 1
-        generates = call.function in ("chat", "completion")
+        generates = ENDPOINTS[call.function].generates
         wanted = getattr(req, "max_tokens", None) or (DEFAULT_HOLD if generates else 0)
         if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):
             needed += req.n * IMAGE_TOKENS.get(req.quality, IMAGE_TOKENS["auto"])
@@ -399,7 +389,7 @@ class Service:
         assert self.ledger is not None
         usage = call.usage
         reply = "".join(call.reply)
-        if usage is None and call.reply_chars and call.function in ("chat", "completion"):
+        if usage is None and call.reply_chars and ENDPOINTS[call.function].generates:
             # No usage reported (some servers never do; a stream cut short never got to it):
             # estimate, so quotas still count what the upstream generated.
             usage = Usage(
@@ -432,9 +422,9 @@ class Service:
         return redact(text, self._secrets)
 
 
-def _payload(body: dict[str, Any], req: BaseModel, *, stream: bool) -> bytes:
+def _payload(body: dict[str, Any], req: FunctionRequest, *, stream: bool) -> bytes:
     """The client's body with what the service decided: the model, streaming, a quota cap."""
-    out = {**body, "model": req.model}  # type: ignore[attr-defined]
+    out = {**body, "model": req.model}
     if stream:
         out["stream"] = True
         out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -442,12 +432,3 @@ def _payload(body: dict[str, Any], req: BaseModel, *, stream: bool) -> bytes:
     if cap is not None and cap != (body.get("max_completion_tokens") or body.get("max_tokens")):
         out["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = cap
     return orjson.dumps(out)
-
-
-def _prompt_text(request: BaseModel) -> str:
-    """The input of a request as one text (for token estimates and LOG_CONTENT)."""
-    if isinstance(request, ChatRequest):
-        return json.dumps([m.model_dump() for m in request.messages], ensure_ascii=False)
-    if isinstance(request, EmbeddingRequest):
-        return "\n".join(request.texts)
-    return getattr(request, "prompt", "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from core import errors
 from core.auth import LockedOut, Principal
 from core.context import Core
+from core.endpoints import ENDPOINTS
 from core.service import new_request_id
 from gateway import shapes
 
@@ -112,9 +113,10 @@ def build_router(core: Core) -> APIRouter:
         if options is not None and not isinstance(options, dict):
             message = 'stream_options must be an object, such as {"include_usage": true}.'
             return json_error(shapes.error_body(message, status=400, param="stream_options"), 400)
-        fields = shapes.FIELDS[function](body)
-        params = shapes.param_names(function, body)
-        stream = bool(body.get("stream")) and function in ("chat", "completion")
+        endpoint = ENDPOINTS[function]
+        fields = endpoint.fields(body)
+        params = endpoint.renamed(body)
+        stream = bool(body.get("stream")) and endpoint.streams
         include_usage = bool((options or {}).get("include_usage"))
         if service.passthrough:
             if stream:
@@ -185,21 +187,16 @@ def build_router(core: Core) -> APIRouter:
                     core.auth.check_active(caller)  # Revoked is a ServiceError: _rest reports it
                 yield event
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await handle("chat", request)
+    def route(function: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await handle(function, request)
 
-    @router.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await handle("completion", request)
+        return endpoint
 
-    @router.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await handle("embedding", request)
-
-    @router.post("/v1/images/generations")
-    async def images(request: Request) -> Response:
-        return await handle("image", request)
+    for endpoint in ENDPOINTS.values():
+        router.add_api_route(
+            f"/v1/{endpoint.path}", route(endpoint.name), methods=["POST"], name=endpoint.name
+        )
 
     @router.get("/v1/models")
     async def models(request: Request) -> Response:

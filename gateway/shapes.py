@@ -1,6 +1,6 @@
-"""OpenAI's request and response shapes: client bodies to the service's fields, results back.
+"""OpenAI's response shapes: errors, and the answers the gateway builds from typed results.
 
-The service validates; this module only moves fields between shapes.
+Requests are read by core/endpoints.py (each endpoint's field adapter); the service validates.
 """
 
 from __future__ import annotations
@@ -47,87 +47,6 @@ def service_error_body(
         message = re.sub(rf"\b{re.escape(param)}(?=[.:])", params[param], message)
         param = params[param]
     return error_body(message, status=exc.status, param=param, code=code)
-
-
-def param_names(function: str, body: dict[str, Any]) -> dict[str, str]:
-    """The service's field names that the client knows by another name, for error messages."""
-    if function == "embedding":
-        return {"texts": "input"}
-    if function == "chat" and body.get("max_completion_tokens") is not None:
-        return {"max_tokens": "max_completion_tokens"}
-    return {}
-
-
-def _text(content: Any) -> Any:
-    """Message content as text for validation: parts joined, images left to the upstream."""
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        return "\n".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return content
-
-
-def _stop(value: Any) -> Any:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else value
-
-
-def _common(body: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {"model": body.get("model") or None}
-    if body.get("temperature") is not None:
-        fields["temperature"] = body["temperature"]
-    return fields
-
-
-def chat_fields(body: dict[str, Any]) -> dict[str, Any]:
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        messages = [
-            {"role": m.get("role"), "content": _text(m.get("content"))}
-            if isinstance(m, dict)
-            else m
-            for m in messages
-        ]
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    return {**_common(body), "messages": messages, "max_tokens": max_tokens,
-            "stop": _stop(body.get("stop"))}  # fmt: skip
-
-
-def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    return {**_common(body), "prompt": prompt, "max_tokens": body.get("max_tokens"),
-            "stop": _stop(body.get("stop"))}  # fmt: skip
-
-
-def embedding_fields(body: dict[str, Any]) -> dict[str, Any]:
-    texts = body.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    return {"model": body.get("model") or None, "texts": texts,
-            "dimensions": body.get("dimensions")}  # fmt: skip
-
-
-def image_fields(body: dict[str, Any]) -> dict[str, Any]:
-    fields = {"model": body.get("model") or None, "prompt": body.get("prompt")}
-    for name in ("size", "quality", "n"):
-        if body.get(name) is not None:
-            fields[name] = body[name]
-    return fields
-
-
-FIELDS = {
-    "chat": chat_fields,
-    "completion": completion_fields,
-    "embedding": embedding_fields,
-    "image": image_fields,
-}
 
 
 # ---- responses built here (the embedded backend, which has no OpenAI bytes to pass on) -------

@@ -23,7 +23,10 @@ class Provider(Protocol):
     name: str  # "openai" or "local"
     supports_images: bool
     supports_embeddings: bool
-    default_models: dict[str, str]  # function ("chat", "completion", ...) -> model id
+    # Takes OpenAI-shaped request bytes as they are (the /v1 gateway then relays the
+    # upstream's bytes back); False: the gateway builds answers from the typed calls below.
+    supports_passthrough: bool
+    default_models: dict[str, str]  # endpoint name (core.endpoints) -> model id
 
     def describe(self) -> str:
         """A short, secret-free description for the header line and /health."""
@@ -41,6 +44,14 @@ class Provider(Protocol):
 
     async def ping(self) -> bool:
         """True when the backend answers (used by /health; must be cheap)."""
+        ...
+
+    async def forward_json(self, path: str, payload: bytes, model: str | None) -> bytes:
+        """POST an OpenAI-shaped body to `path`; the upstream's JSON answer, untouched."""
+        ...
+
+    def forward_stream(self, path: str, payload: bytes, model: str | None) -> AsyncIterator[bytes]:
+        """POST a streaming request to `path`; the upstream's SSE bytes as they arrive."""
         ...
 
     async def aclose(self) -> None: ...

@@ -106,6 +106,7 @@ class LocalProvider:
     name = "local"
     supports_images = False
     supports_embeddings = True
+    supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
 
     def __init__(self, settings: Settings) -> None:
         self.path = settings.local_model_path or bundled_model_path()
@@ -309,6 +310,15 @@ class LocalProvider:
 
     async def ping(self) -> bool:
         return not self._closed
+
+    async def forward_json(self, path: str, payload: bytes, model: str | None) -> bytes:
+        raise errors.Unsupported("The embedded model takes typed calls, not OpenAI bytes.")
+
+    async def forward_stream(
+        self, path: str, payload: bytes, model: str | None
+    ) -> AsyncIterator[bytes]:
+        raise errors.Unsupported("The embedded model takes typed calls, not OpenAI bytes.")
+        yield b""  # an async generator, like the OpenAI-compatible provider's
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._close)

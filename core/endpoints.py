@@ -1,0 +1,137 @@
+"""The service's functions as one table: what each one takes, where it goes, how it streams.
+
+The service, the /v1 gateway, the ledger and the metrics loop over ENDPOINTS instead of
+repeating "chat", "embedding"... in if-chains. Adding an endpoint: a request model in
+schemas.py, a row here, and its provider method (and, for the embedded backend's own answers,
+a shape in gateway/shapes.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    FunctionRequest,
+    ImageRequest,
+)
+
+Fields = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str  # the function's name in the ledger, the metrics and the provider's defaults
+    request: type[FunctionRequest]  # what the service validates
+    path: str  # OpenAI's path, under /v1 for clients and under the base URL upstream
+    fields: Fields  # an OpenAI request body -> the request model's fields
+    streams: bool = False  # takes stream=true and answers with server-sent events
+    generates: bool = False  # a reply whose length max_tokens bounds (and the quota holds)
+    # The request model's field names that OpenAI's clients know by another name.
+    renamed: Callable[[dict[str, Any]], dict[str, str]] = field(default=lambda body: {})
+
+
+def _text(content: Any) -> Any:
+    """Message content as text for validation: parts joined, images left to the upstream."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return content
+
+
+def _stop(value: Any) -> Any:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+def _common(body: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {"model": body.get("model") or None}
+    if body.get("temperature") is not None:
+        fields["temperature"] = body["temperature"]
+    return fields
+
+
+def chat_fields(body: dict[str, Any]) -> dict[str, Any]:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        messages = [
+            {"role": m.get("role"), "content": _text(m.get("content"))}
+            if isinstance(m, dict)
+            else m
+            for m in messages
+        ]
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    return {**_common(body), "messages": messages, "max_tokens": max_tokens,
+            "stop": _stop(body.get("stop"))}  # fmt: skip
+
+
+def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return {**_common(body), "prompt": prompt, "max_tokens": body.get("max_tokens"),
+            "stop": _stop(body.get("stop"))}  # fmt: skip
+
+
+def embedding_fields(body: dict[str, Any]) -> dict[str, Any]:
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    return {"model": body.get("model") or None, "texts": texts,
+            "dimensions": body.get("dimensions")}  # fmt: skip
+
+
+def image_fields(body: dict[str, Any]) -> dict[str, Any]:
+    fields = {"model": body.get("model") or None, "prompt": body.get("prompt")}
+    for name in ("size", "quality", "n"):
+        if body.get(name) is not None:
+            fields[name] = body[name]
+    return fields
+
+
+def _chat_renamed(body: dict[str, Any]) -> dict[str, str]:
+    if body.get("max_completion_tokens") is None:
+        return {}
+    return {"max_tokens": "max_completion_tokens"}
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    e.name: e
+    for e in (
+        Endpoint(
+            "chat",
+            ChatRequest,
+            "chat/completions",
+            chat_fields,
+            streams=True,
+            generates=True,
+            renamed=_chat_renamed,
+        ),
+        Endpoint(
+            "completion",
+            CompletionRequest,
+            "completions",
+            completion_fields,
+            streams=True,
+            generates=True,
+        ),
+        Endpoint(
+            "embedding",
+            EmbeddingRequest,
+            "embeddings",
+            embedding_fields,
+            renamed=lambda body: {"texts": "input"},
+        ),
+        Endpoint("image", ImageRequest, "images/generations", image_fields),
+    )
+}
