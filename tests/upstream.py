@@ -151,9 +151,11 @@ async def _stream(
         pieces = pieces[:2]
     elif model == "error-stream":
         pieces = pieces[:1]
+    drip = re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model)
     for piece in pieces:
         yield _sse(chunk(piece, None))
-        await asyncio.sleep(0.01)  # separate writes so clients really see several chunks
+        # Separate writes so clients really see several chunks; drip-X: X seconds apart.
+        await asyncio.sleep(float(drip[1]) if drip else 0.01)
     if model == "cut-stream":
         raise _StreamCut  # no finish_reason, no [DONE]: uvicorn just drops the connection
     if model == "error-stream":
@@ -185,6 +187,8 @@ async def _model_gate(body: dict) -> Response | None:
         return _error(400, f"Could not process the message {quoted!r}")
     if slow := re.fullmatch(r"(?:gpt-image-)?slow-(\d+(?:\.\d*)?)", model):
         await asyncio.sleep(float(slow[1]))  # async sleep so concurrent requests really overlap
+    elif re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model):
+        pass  # streams its words slowly (see _stream)
     elif model not in REAL_MODELS + MODE_MODELS:
         message = f"The model `{model}` does not exist or you do not have access to it."
         return _error(404, message, code="model_not_found")
