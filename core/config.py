@@ -59,7 +59,7 @@ _ALLOWED = {
     "ALLOW_REMOTE_IMAGES": "true or false",
 }
 for _name in ("CHAT_MODEL", "COMPLETION_MODEL", "IMAGE_MODEL", "EMBEDDING_MODEL"):
-    _ALLOWED[_name] = "a model name of letters, digits and . _ - : / @ + (at most 128)"
+    _ALLOWED[_name] = "a model id: visible characters, no spaces, at most 256 (a path is fine)"
 
 
 class Settings(BaseModel):

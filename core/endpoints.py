@@ -35,17 +35,6 @@ class Endpoint:
     renamed: Callable[[dict[str, Any]], dict[str, str]] = field(default=lambda body: {})
 
 
-def _text(content: Any) -> Any:
-    """Message content as text for validation: parts joined, images left to the upstream."""
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        return "\n".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return content
-
-
 def _stop(value: Any) -> Any:
     if value is None:
         return []
@@ -61,13 +50,6 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
 
 def chat_fields(body: dict[str, Any]) -> dict[str, Any]:
     messages = body.get("messages")
-    if isinstance(messages, list):
-        messages = [
-            {"role": m.get("role"), "content": _text(m.get("content"))}
-            if isinstance(m, dict)
-            else m
-            for m in messages
-        ]
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
@@ -87,6 +69,8 @@ def embedding_fields(body: dict[str, Any]) -> dict[str, Any]:
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]
+    elif isinstance(texts, list) and texts and all(isinstance(t, int) for t in texts):
+        texts = [texts]  # one prompt as token ids
     return {"model": body.get("model") or None, "texts": texts,
             "dimensions": body.get("dimensions")}  # fmt: skip
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.errors import InvalidRequest
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+\-]{0,127}$"
-MAX_PROMPT_CHARS = 100_000
-MAX_MESSAGES = 500
-MAX_CONVERSATION_CHARS = 400_000
-MAX_TOKENS = 32_768
+# Real servers use ids like "/models/Qwen2.5-7B-Instruct" (vLLM and llama.cpp list the path):
+# any visible ASCII, no spaces, of a sane length.
+MODEL_NAME_PATTERN = r"^[\x21-\x7e]{1,256}$"
+# Sanity bounds only: what really limits an input is the request's size (MAX_REQUEST_BYTES
+# at the edge) and the model's context, which the upstream knows.
+MAX_PROMPT_CHARS = 16_000_000
+MAX_MESSAGES = 10_000
+MAX_TOKENS = 2_000_000  # reply caps of current models reach hundreds of thousands
+MAX_TOKEN_ID = 2**31 - 1
 MAX_EMBEDDING_TEXTS = 2_048
 MAX_DIMENSIONS = 8_192
 MAX_IMAGES = 10
@@ -28,6 +32,11 @@ ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 Temperature = Annotated[float, Field(ge=0, le=2)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+# A prompt already tokenized by the client (LangChain's OpenAIEmbeddings sends these).
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, strict=True)]],
+    Field(min_length=1, max_length=MAX_PROMPT_CHARS),
+]
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]], Field(max_length=4)]
 Kind = Literal["chat", "completion", "embedding", "image", "audio", "other"]
 
@@ -46,10 +55,43 @@ class FunctionRequest(_Request):
         """The input as one text (for token estimates and LOG_CONTENT)."""
         raise NotImplementedError
 
+    def prompt_bound(self) -> int:
+        """At most how many tokens the input can be: byte-level tokenizers never make more
+        tokens than the text has bytes (token ids count as themselves)."""
+        return len(self.prompt_text().encode())
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content: text, image_url, input_audio, file, refusal... Only
+    its type is read here; the upstream reads the rest."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Annotated[str, Field(min_length=1, max_length=64)]
+    text: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+    """A message as OpenAI's API takes it: content as text or parts (or none, for an assistant
+    message that only calls tools), with the fields tool calling and names use."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[ContentPart] | None = ""
+    name: Annotated[str, Field(max_length=256)] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+
+    def text(self) -> str:
+        """The message's text: its content, or its text parts joined."""
+        if isinstance(self.content, list):
+            return "\n".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+    def has_media(self) -> bool:
+        """Whether a part is something other than text (an image, audio, a file)."""
+        return isinstance(self.content, list) and any(p.type != "text" for p in self.content)
 
 
 class ChatRequest(FunctionRequest):
@@ -58,27 +100,23 @@ class ChatRequest(FunctionRequest):
     max_tokens: MaxTokens | None = None
     stop: StopList = []
 
-    @field_validator("messages")
-    @classmethod
-    def _conversation(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if sum(len(m.content) for m in messages) > MAX_CONVERSATION_CHARS:
-            raise ValueError(f"the conversation is longer than {MAX_CONVERSATION_CHARS} characters")
-        if not any(m.role == "user" and m.content.strip() for m in messages):
-            raise ValueError("there must be at least one non-empty user message")
-        return messages
-
     def prompt_text(self) -> str:
-        return json.dumps([m.model_dump() for m in self.messages], ensure_ascii=False)
+        # Everything the upstream reads counts: parts, tool calls, names (by their size).
+        messages = [m.model_dump(exclude_none=True) for m in self.messages]
+        return json.dumps(messages, ensure_ascii=False)
 
 
 class CompletionRequest(FunctionRequest):
-    prompt: Prompt
+    prompt: Prompt | list[Prompt] | TokenIds | list[TokenIds]
     temperature: Temperature = 0.7
     max_tokens: MaxTokens | None = None
     stop: StopList = []
 
     def prompt_text(self) -> str:
-        return self.prompt
+        return self.prompt if isinstance(self.prompt, str) else json.dumps(self.prompt)
+
+    def prompt_bound(self) -> int:
+        return _bound(self.prompt)
 
 
 class ImageRequest(FunctionRequest):
@@ -92,19 +130,31 @@ class ImageRequest(FunctionRequest):
 
 
 class EmbeddingRequest(FunctionRequest):
-    texts: Annotated[list[Prompt], Field(min_length=1, max_length=MAX_EMBEDDING_TEXTS)]
+    texts: Annotated[
+        list[Prompt] | list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_TEXTS)
+    ]
     dimensions: Annotated[int, Field(ge=1, le=MAX_DIMENSIONS)] | None = None
 
     @field_validator("texts")
     @classmethod
     def _no_blank(cls, texts: list[str]) -> list[str]:
         for i, text in enumerate(texts):
-            if not text.strip():
+            if isinstance(text, str) and not text.strip():
                 raise ValueError(f"text {i + 1} is blank")
         return texts
 
+    @property
+    def tokenized(self) -> bool:
+        """True when the inputs are token ids rather than texts."""
+        return not isinstance(self.texts[0], str)
+
     def prompt_text(self) -> str:
-        return "\n".join(self.texts)
+        if self.tokenized:
+            return json.dumps(self.texts)
+        return "\n".join(t for t in self.texts if isinstance(t, str))
+
+    def prompt_bound(self) -> int:
+        return _bound(self.texts)
 
 
 class Usage(BaseModel):
@@ -164,6 +214,15 @@ def guess_kinds(model_id: str) -> list[Kind]:
                 return ["chat", "completion"]
             return [kind]
     return ["chat"]
+
+
+def _bound(value: object) -> int:
+    """Tokens at most in a prompt given as text, texts, token ids or lists of token ids."""
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, int):
+        return 1
+    return sum(_bound(item) for item in value) if isinstance(value, list) else 0
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)

@@ -292,9 +292,9 @@ class Service:
         limits = call.caller.limits
         if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
             return req  # nothing to check: the outcome is written as one row afterwards
-        # An upper bound, so the quota holds: byte-level tokenizers never make more tokens
-        # than the text has bytes. The ledger settles the real count afterwards.
-        needed = len(prompt.encode()) + 1
+        # An upper bound, so the quota holds (see prompt_bound); the ledger settles the real
+        # count afterwards.
+        needed = req.prompt_bound() + 1
         generates = ENDPOINTS[call.function].generates
         wanted = getattr(req, "max_tokens", None) or (DEFAULT_HOLD if generates else 0)
         if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):

@@ -48,7 +48,7 @@ def test_dotenv_is_read_and_the_environment_wins(tmp_path: Path) -> None:
         ("LOG_LEVEL", "LOUD", "DEBUG, INFO"),
         ("PROVIDER", "azure", "auto, openai or local"),
         ("OPENAI_BASE_URL", "localhost:11434", "http://"),
-        ("CHAT_MODEL", "gpt 4; rm -rf", "model name"),
+        ("CHAT_MODEL", "gpt 4; rm -rf", "model id"),
         ("ACCESS_KEY", "short", "at least 16"),
         ("LOCAL_MODEL_PATH", "/nowhere/model.gguf", ".gguf"),
     ],

@@ -52,6 +52,15 @@ def bundled_model_path() -> Path:
     return path
 
 
+def _unsupported(param: str, what: str) -> errors.InvalidRequest:
+    """A 400 naming the field the embedded model cannot honour, and where to go instead."""
+    error = errors.InvalidRequest(
+        f"The embedded model does not take {what}. Set OPENAI_BASE_URL to a server that does."
+    )
+    error.param = param
+    return error
+
+
 def load_llama(path: Path, **kwargs: Any) -> llama_cpp.Llama:
     """Load a GGUF quietly; a file llama.cpp cannot read becomes a one-line ConfigError."""
     noise = io.StringIO()  # llama-cpp-python prints llama.cpp's log lines to sys.stderr
@@ -138,7 +147,10 @@ class LocalProvider:
     # generator would not close the inner one (and stop the worker) until garbage collection.
     def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
-        messages = [m.model_dump() for m in request.messages]
+        for i, message in enumerate(request.messages):
+            if message.has_media():
+                raise _unsupported(f"messages.{i}.content", "images, audio or files")
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
 
         def pieces() -> Pieces:
             chunks = self.llm.create_chat_completion(messages=messages, **self._sampling(request))
@@ -150,16 +162,17 @@ class LocalProvider:
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
+        if not isinstance(request.prompt, str):
+            raise _unsupported("prompt", "a list of prompts or token ids (one text per call)")
+        prompt = request.prompt
 
         def pieces() -> Pieces:
-            chunks = self.llm.create_completion(prompt=request.prompt, **self._sampling(request))
+            chunks = self.llm.create_completion(prompt=prompt, **self._sampling(request))
             for chunk in chunks:
                 choice = chunk["choices"][0]
                 yield choice["text"] or "", choice["finish_reason"]
 
-        return self._stream(
-            pieces, lambda: len(self._tokenize(request.prompt, special=True)), request
-        )
+        return self._stream(pieces, lambda: len(self._tokenize(prompt, special=True)), request)
 
     def _check_model(self, model: str | None) -> None:
         """Refuse other model names rather than silently answering with this one."""
@@ -266,6 +279,9 @@ class LocalProvider:
 
     async def embeddings(self, request: EmbeddingRequest) -> EmbeddingResult:
         self._check_model(request.model)
+        if request.tokenized:
+            # Token ids are another tokenizer's (OpenAI's): they mean nothing to this model.
+            raise _unsupported("input", "token ids (send the texts themselves)")
         if request.dimensions is not None and request.dimensions != self.dimensions:
             raise errors.InvalidRequest(
                 f"The local model's embeddings have {self.dimensions} dimensions; "

@@ -186,7 +186,7 @@ class OpenAIProvider:
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         body: dict[str, Any] = {
             "model": request.model,
-            "messages": [m.model_dump() for m in request.messages],
+            "messages": [m.model_dump(exclude_none=True) for m in request.messages],
             "temperature": request.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
