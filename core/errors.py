@@ -9,10 +9,23 @@ class ServiceError(Exception):
     status: int = 500
     default_message = "The request failed."
     param: str | None = None  # the input field at fault, when there is one
+    code: str | None = None  # OpenAI's error code (context_length_exceeded, insufficient_quota)
+    error_type: str | None = None  # OpenAI's error type, when the upstream gave one
 
-    def __init__(self, message: str | None = None, *, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        request_id: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
         self.message = message or self.default_message
         self.request_id = request_id
+        self.param = param or self.param
+        self.code = code or self.code
+        self.error_type = error_type or self.error_type
         super().__init__(self.message)
 
     def __str__(self) -> str:
@@ -55,8 +68,19 @@ class UpstreamAuthError(ServiceError):
     )
 
 
+class UpstreamForbidden(ServiceError):
+    """The upstream refused this request for our key (403): a model or feature it may not
+    use. Not the caller's credentials, and no retry will change it."""
+
+    status = 403
+    error_type = "permission_error"
+    default_message = "The upstream does not allow this (for example this model) with our key."
+
+
 class ModelNotFound(ServiceError):
     """The upstream does not know the model, or the key has no access to it."""
+
+    code = "model_not_found"
 
     status = 404
     default_message = "The model does not exist or this key has no access to it."
@@ -66,6 +90,7 @@ class RateLimited(ServiceError):
     """The upstream (or a quota) refused for now; try again later."""
 
     status = 429
+    code = "rate_limit_exceeded"
     default_message = "The upstream is rate limiting requests. Wait a moment and try again."
 
     def __init__(
@@ -74,8 +99,9 @@ class RateLimited(ServiceError):
         *,
         request_id: str | None = None,
         retry_after: float | None = None,
+        code: str | None = None,
     ) -> None:
-        super().__init__(message, request_id=request_id)
+        super().__init__(message, request_id=request_id, code=code)
         self.retry_after = retry_after
 
 
@@ -115,6 +141,8 @@ class StreamInterrupted(UpstreamError):
 
 class QuotaExceeded(RateLimited):
     """The caller's own quota (requests per minute or tokens per day) is used up."""
+
+    code = "quota_exceeded"
 
     default_message = "You reached your usage limit. Try again later."
 

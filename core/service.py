@@ -68,6 +68,7 @@ class Call:
     images: int = 0
     prompt_chars: int = 0
     reply_chars: int = 0
+    reply_cap: int | None = None  # max_tokens as sent upstream, if any
     prompt_text: str | None = None  # only with LOG_CONTENT
     reply: list[str] = field(default_factory=list)  # only with LOG_CONTENT
 
@@ -206,20 +207,27 @@ class Service:
         request_id: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Stream SSE events from upstream as they arrive; usage is always asked for (the
-        ledger needs it) and its chunk is passed on only when the client asked for it too."""
+        ledger needs it) and its chunk is passed on only when the client asked for it too.
+        An upstream that sends none (llama.cpp's server ignores stream_options) gets one made
+        from our estimate, so a client that asked for usage always has it."""
         call = Call(function, caller, source, request_id or new_request_id())
         endpoint = ENDPOINTS[function]
         async with self._track(call):
             req = await self._prepare(endpoint.request, request, call)
+            if isinstance(req, ChatRequest | CompletionRequest):
+                call.reply_cap = req.max_tokens
             payload = _payload(body, req, stream=True)
             upstream = self.provider.forward_stream(endpoint.path, payload, call.model)
-            finished = False
+            finished, first = False, b""
             async with aclosing(sse_batches(upstream)) as batches:
                 async for events in batches:
                     kept = []
                     for event in events:
                         if event.startswith(DONE):
                             finished = True
+                            if include_usage and call.usage is None:
+                                call.usage = _estimate(call)
+                                kept.append(_usage_event(first, call.usage))
                         elif b'"usage"' in event:
                             call.usage = usage_in(event) or call.usage
                             if not include_usage and is_usage_only(event):
@@ -231,6 +239,7 @@ class Service:
                                 f"The upstream reported an error: {message}"
                             )
                         kept.append(event)
+                        first = first or event
                         # About one token per chunk: an estimate for a stream cut short.
                         call.reply_chars += 4
                     if kept:
@@ -392,9 +401,7 @@ class Service:
         if usage is None and call.reply_chars and ENDPOINTS[call.function].generates:
             # No usage reported (some servers never do; a stream cut short never got to it):
             # estimate, so quotas still count what the upstream generated.
-            usage = Usage(
-                prompt_tokens=call.prompt_chars // 4, completion_tokens=call.reply_chars // 4
-            )
+            usage = _estimate(call)
         outcome = {
             "status": status,
             "model": call.model,
@@ -420,6 +427,34 @@ class Service:
 
     def _scrub(self, text: str) -> str:
         return redact(text, self._secrets)
+
+
+def _estimate(call: Call) -> Usage:
+    """Usage for a reply whose upstream reported none: about four characters a token."""
+    prompt, completion = call.prompt_chars // 4, call.reply_chars // 4
+    if call.reply_cap:
+        completion = min(completion, call.reply_cap)  # it cannot have made more than that
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _usage_event(first: bytes, usage: Usage) -> bytes:
+    """A usage-only chunk (choices: []) in the stream's own id, model and object."""
+    try:
+        head = orjson.loads(first.partition(b"data:")[2])
+    except orjson.JSONDecodeError:
+        head = {}
+    head = head if isinstance(head, dict) else {}
+    chunk = {
+        "id": head.get("id", ""),
+        "object": head.get("object", "chat.completion.chunk"),
+        "created": head.get("created", int(time.time())),
+        "model": head.get("model", ""),
+        "choices": [],
+        "usage": usage.model_dump(),
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
 def _payload(body: dict[str, Any], req: FunctionRequest, *, stream: bool) -> bytes:

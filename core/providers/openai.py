@@ -53,36 +53,73 @@ MAX_RETRY_WAIT = 10.0
 
 
 def map_status(
-    status: int, body: object, *, retry_after: str | None = None, model: str | None = None
+    status: int,
+    body: object,
+    *,
+    retry_after: str | None = None,
+    model: str | None = None,
+    path: str = "",
 ) -> errors.ServiceError:
-    """Translate an upstream HTTP error into the service's error tree (never echoing keys)."""
-    if status in (401, 403):
+    """An upstream HTTP error as the service's error, keeping what clients act on: the
+    upstream's message (scrubbed of keys later), type, code and param."""
+    message, kind, code, param = _error_fields(body)
+    said = f": {message}" if message else "."
+    if status == 401:
         # OpenAI's 401 message quotes part of the key: never pass it on.
         return errors.UpstreamAuthError()
+    if status == 403:
+        return errors.UpstreamForbidden(f"The upstream refused the request{said}", code=code)
     if status == 404:
-        return errors.ModelNotFound(
-            f"The upstream has no model {model!r}, or this key has no access to it. "
-            "Pick one from the Models tab."
-            if model
-            else None
+        if code == "model_not_found" or (model and "model" in message.lower()):
+            return errors.ModelNotFound(
+                f"The upstream has no model {model!r}, or this key has no access to it"
+                f"{said} Pick one from the Models tab."
+                if model
+                else None,
+                code="model_not_found",
+            )
+        # No such route at all (llama.cpp's server has no images endpoint, for one).
+        return errors.Unsupported(
+            f"The upstream has no /{path} endpoint (it answered 404{said}): it cannot do this. "
+            "Point OPENAI_BASE_URL at a server that can."
         )
     if status == 429:
         try:
             seconds = float(retry_after) if retry_after else None
         except ValueError:
             seconds = None
-        return errors.RateLimited(retry_after=seconds)
+        if code == "insufficient_quota":
+            text = f"The upstream account has no quota left{said}"
+        else:
+            text = f"The upstream is rate limiting requests{said} Wait a moment and try again."
+        return errors.RateLimited(text, retry_after=seconds, code=code or "rate_limit_exceeded")
     if status >= 500:
-        return errors.UpstreamError(f"The upstream failed with status {status}.")
-    return errors.UpstreamRejected(f"The upstream rejected the request: {_message(body)}")
+        return errors.UpstreamError(f"The upstream failed with status {status}{said}")
+    return errors.UpstreamRejected(
+        f"The upstream rejected the request{said}", param=param, code=code, error_type=kind
+    )
+
+
+def _error_fields(body: object) -> tuple[str, str | None, str | None, str | None]:
+    """(message, type, code, param) of an error body: OpenAI's shape, FastAPI's {"detail"}
+    or a bare {"message"}; strings only, messages cut to 500 characters."""
+
+    def text(value: object) -> str | None:
+        return value if isinstance(value, str) and value else None
+
+    if not isinstance(body, dict):
+        return "", None, None, None
+    inner = body.get("error", body)
+    if isinstance(inner, str):  # {"error": "..."} (Ollama, some proxies)
+        return inner[:500], None, None, None
+    if not isinstance(inner, dict):
+        return "", None, None, None
+    message = text(inner.get("message")) or text(inner.get("detail")) or ""
+    return message[:500], text(inner.get("type")), text(inner.get("code")), text(inner.get("param"))
 
 
 def _message(body: object) -> str:
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return inner["message"][:500]
-    return "no details"
+    return _error_fields(body)[0] or "no details"
 
 
 class OpenAIProvider:
@@ -366,7 +403,9 @@ class OpenAIProvider:
                     except orjson.JSONDecodeError:
                         body = None
                     retry_after = response.headers.get("retry-after")
-                    raise map_status(response.status, body, retry_after=retry_after, model=model)
+                    raise map_status(
+                        response.status, body, retry_after=retry_after, model=model, path=path
+                    )
                 yield response
             finally:
                 response.release()
