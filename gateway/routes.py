@@ -209,6 +209,31 @@ def build_router(core: Core) -> APIRouter:
             return error_response(exc)
         return Response(shapes.models_body(listed), media_type=JSON)
 
+    @router.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> Response:
+        try:
+            caller = caller_of(request)
+            listed = await service.list_models(caller=caller, source="v1")
+        except Refusal as refusal:
+            return refusal.response
+        except errors.ServiceError as exc:
+            return error_response(exc)
+        found = next((m for m in listed if m.id == model), None)
+        if found is None:
+            message = f"The model '{model[:256]}' does not exist or you do not have access to it."
+            body = shapes.error_body(message, status=404, param="model", code="model_not_found")
+            return json_error(body, 404)
+        return Response(shapes.model_body(found), media_type=JSON)
+
+    known = {f"/v1/{e.path}" for e in ENDPOINTS.values()} | {"/v1/models"}
+
+    @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])
+    async def unknown(rest: str, request: Request) -> Response:
+        """What OpenAI answers for a path or method it does not have, in its error shape."""
+        status = 405 if request.url.path.rstrip("/") in known else 404
+        message = f"Invalid URL ({request.method} {request.url.path})"
+        return json_error(shapes.error_body(message, status=status), status)
+
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
         if not core.settings.metrics_public:

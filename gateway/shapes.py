@@ -112,9 +112,13 @@ def embeddings_body(result: EmbeddingResult, *, encoding: str | None) -> bytes:
     return orjson.dumps({"object": "list", "data": data, "model": result.model, "usage": usage})
 
 
+def _model(m: ModelInfo) -> dict[str, Any]:
+    return {"id": m.id, "object": "model", "created": m.created or 0, "owned_by": m.owned_by}
+
+
 def models_body(models: list[ModelInfo]) -> bytes:
-    data = [
-        {"id": m.id, "object": "model", "created": m.created or 0, "owned_by": m.owned_by}
-        for m in models
-    ]
-    return orjson.dumps({"object": "list", "data": data})
+    return orjson.dumps({"object": "list", "data": [_model(m) for m in models]})
+
+
+def model_body(model: ModelInfo) -> bytes:
+    return orjson.dumps(_model(model))
