@@ -69,6 +69,7 @@ class Call:
     prompt_chars: int = 0
     reply_chars: int = 0
     reply_cap: int | None = None  # max_tokens as sent upstream, if any
+    slot: asyncio.Semaphore | None = None  # held while the backend serves the call
     prompt_text: str | None = None  # only with LOG_CONTENT
     reply: list[str] = field(default_factory=list)  # only with LOG_CONTENT
 
@@ -94,6 +95,7 @@ class Service:
         # sent by callers cannot grow /metrics without bound.
         self._labelled = set(self.provider.default_models.values())
         self._ping: tuple[float, bool] | None = None
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     # ---- the functions -------------------------------------------------------------------
 
@@ -288,6 +290,24 @@ class Service:
     async def _prepare(
         self, model: type[RequestT], request: RequestT | Mapping[str, Any], call: Call
     ) -> RequestT:
+        """Validate and reserve, then wait for one of MAX_CONCURRENCY slots: the bound on
+        model calls at once holds for every path (dashboard, Gradio API, /v1), not only for
+        Gradio's queue. The slot is released when the call ends (_track)."""
+        req = await self._reserve(model, request, call)
+        slots = self._slot_pool()
+        await slots.acquire()
+        call.slot = slots
+        return req
+
+    def _slot_pool(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()  # a semaphore belongs to one event loop
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self.settings.max_concurrency))
+        return self._slots[1]
+
+    async def _reserve(
+        self, model: type[RequestT], request: RequestT | Mapping[str, Any], call: Call
+    ) -> RequestT:
         """Validate, fill in the default model, and reserve against the caller's quota."""
         req = request if isinstance(request, model) else parse(model, dict(request))
         if req.model is None:
@@ -363,6 +383,8 @@ class Service:
                 "Something went wrong on our side.", request_id=call.request_id
             ) from None
         finally:
+            if call.slot is not None:
+                call.slot.release()
             metrics.IN_FLIGHT.labels(call.function).dec()
             usage = call.usage
             seconds = time.perf_counter() - call.started

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
@@ -21,6 +23,7 @@ from core.service import new_request_id
 from gateway import shapes
 
 log = logging.getLogger("gateway")
+T = TypeVar("T")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # A stream checks again that its caller's key is still valid at most this often.
@@ -38,6 +41,36 @@ def error_response(exc: errors.ServiceError, params: dict[str, str] | None = Non
     if exc.status == 429 and retry_after:
         headers["Retry-After"] = str(max(1, round(retry_after)))
     return json_error(shapes.service_error_body(exc, params), exc.status, headers)
+
+
+class ClientGone(Exception):
+    """The client hung up before a non-streaming answer was ready."""
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client hangs up first: then `work` is cancelled (the
+    upstream call is dropped, the embedded model stops) and ClientGone is raised. Streams need
+    no such thing: a closed connection already ends them."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientGone
+
+
+async def _hung_up(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Refusal(Exception):
@@ -99,7 +132,11 @@ def build_router(core: Core) -> APIRouter:
     async def handle(function: str, request: Request) -> Response:
         """One /v1 call; its request id (in logs, the ledger and errors) is also a header."""
         request_id = new_request_id()
-        response = await answer(function, request, request_id)
+        try:
+            response = await answer(function, request, request_id)
+        except ClientGone:
+            log.info("request_id=%s: the client left before the answer", request_id)
+            return Response(status_code=499)  # nobody reads it
         response.headers["x-request-id"] = request_id
         return response
 
@@ -130,16 +167,22 @@ def build_router(core: Core) -> APIRouter:
                 )
                 return await stream_response(watched(events, caller), params)
             try:
-                content = await service.forward_json(
-                    function, fields, body, caller=caller, request_id=request_id
+                content = await while_connected(
+                    request,
+                    service.forward_json(
+                        function, fields, body, caller=caller, request_id=request_id
+                    ),
                 )
             except errors.ServiceError as exc:
                 return error_response(exc, params)
             return Response(content, media_type=JSON)
         kwargs = {"caller": caller, "source": "v1", "request_id": request_id}
-        return await built_here(function, fields, body, kwargs, stream, include_usage, params)
+        return await built_here(
+            request, function, fields, body, kwargs, stream, include_usage, params
+        )
 
     async def built_here(
+        request: Request,
         function: str,
         fields: dict[str, Any],
         body: dict[str, Any],
@@ -151,7 +194,7 @@ def build_router(core: Core) -> APIRouter:
         """The embedded backend: run the service's typed calls and shape OpenAI's answers."""
         try:
             if function == "embedding":
-                result = await service.embeddings(fields, **kwargs)
+                result = await while_connected(request, service.embeddings(fields, **kwargs))
                 encoding = body.get("encoding_format")
                 return Response(shapes.embeddings_body(result, encoding=encoding), media_type=JSON)
             if function == "image":
@@ -166,15 +209,20 @@ def build_router(core: Core) -> APIRouter:
         if stream:
             events = _events(shape, chunks, include_usage)
             return await stream_response(watched(events, kwargs["caller"]), params)
-        text, finish, usage = [], None, None
+
+        async def whole() -> bytes:
+            text, finish, usage = [], None, None
+            async with aclosing(chunks):  # closing stops the model between tokens
+                async for chunk in chunks:
+                    text.append(chunk.text)
+                    finish = chunk.finish_reason or finish
+                    usage = chunk.usage or usage
+            return shape.whole("".join(text), finish, usage)
+
         try:
-            async for chunk in chunks:
-                text.append(chunk.text)
-                finish = chunk.finish_reason or finish
-                usage = chunk.usage or usage
+            return Response(await while_connected(request, whole()), media_type=JSON)
         except errors.ServiceError as exc:
             return error_response(exc, params)
-        return Response(shape.whole("".join(text), finish, usage), media_type=JSON)
 
     async def watched(events: AsyncIterator[bytes], caller: Principal) -> AsyncIterator[bytes]:
         """A stream that ends, with an error event, once its caller is disabled or rotated:

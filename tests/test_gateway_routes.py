@@ -38,3 +38,55 @@ def test_one_model_can_be_retrieved(running_app: Served) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         sdk.models.retrieve("no-such/model")
     assert info.value.code == "model_not_found"
+
+
+@pytest.fixture(scope="module")
+def tight(upstream, tmp_path_factory):
+    """An app that serves two model calls at once."""
+    from tests.conftest import app_settings, serve
+    from ui.server import create_app
+
+    data_dir = tmp_path_factory.mktemp("tight-data")
+    app = create_app(app_settings(upstream, DATA_DIR=str(data_dir), MAX_CONCURRENCY="2"))
+    served = serve(app)
+    yield served, app
+    served.server.should_exit = served.server.force_exit = True
+    served.thread.join(timeout=10)
+
+
+def test_max_concurrency_bounds_the_v1_path_too(tight, upstream) -> None:
+    import concurrent.futures
+
+    served, _ = tight
+    sdk = openai.OpenAI(base_url=served.url + "/v1", api_key=ACCESS_KEY, max_retries=0)
+    upstream.reset()
+
+    def call(_: int) -> str:
+        hi = [{"role": "user", "content": "hi"}]
+        reply = sdk.chat.completions.create(model="slow-0.5", messages=hi)
+        return reply.choices[0].message.content or ""
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        replies = list(pool.map(call, range(6)))
+    assert replies == ["Echo: hi"] * 6  # all served, the rest waited their turn
+    assert upstream.max_in_flight == 2
+
+
+def test_a_client_that_leaves_a_non_streaming_call_cancels_it(tight, upstream) -> None:
+    import time
+
+    served, app = tight
+    upstream.reset()
+    body = {"model": "slow-3", "messages": [{"role": "user", "content": "hi"}]}
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=0.5)
+    ledger = app.state.core.ledger
+    # The call ends (cancelled) long before the upstream's 3 s answer would have come.
+    while time.monotonic() - started < 2.5:
+        rows = ledger.rows(users=["owner"])
+        if len(rows) and rows.iloc[-1]["status"] == "cancelled":
+            break
+        time.sleep(0.1)
+    assert rows.iloc[-1]["status"] == "cancelled"
+    assert time.monotonic() - started < 2.5
