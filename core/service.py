@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -195,6 +196,13 @@ class Service:
             call.usage = usage_in(content)
             if function == "image":
                 call.images = content.count(b'"b64_json"')
+            if function == "embedding" and re.search(rb'"embedding"\s*:\s*\[\s*\[', content):
+                # A server without a pooling setting (llama.cpp's) sends one vector per token:
+                # no client can use that, and it is the upstream's fault, not the caller's.
+                raise errors.UpstreamError(
+                    "The upstream returned one vector per token instead of one per input: "
+                    "give that server a pooling type (llama.cpp: --pooling mean)."
+                )
             return content
 
     async def forward_stream(

@@ -90,3 +90,14 @@ def test_a_client_that_leaves_a_non_streaming_call_cancels_it(tight, upstream) -
         time.sleep(0.1)
     assert rows.iloc[-1]["status"] == "cancelled"
     assert time.monotonic() - started < 2.5
+
+
+def test_one_vector_per_token_is_the_upstreams_fault(running_app: Served) -> None:
+    sdk = openai.OpenAI(base_url=running_app.url + "/v1", api_key=ACCESS_KEY, max_retries=0)
+    for encoding in ("float", "base64"):
+        with pytest.raises(openai.APIStatusError) as info:
+            sdk.embeddings.create(
+                model="embed-per-token", input="two words", encoding_format=encoding
+            )
+        assert info.value.status_code == 502
+        assert "one vector per token" in info.value.message

@@ -187,6 +187,8 @@ async def _model_gate(body: dict) -> Response | None:
         return _error(400, f"Could not process the message {quoted!r}")
     if slow := re.fullmatch(r"(?:gpt-image-)?slow-(\d+(?:\.\d*)?)", model):
         await asyncio.sleep(float(slow[1]))  # async sleep so concurrent requests really overlap
+    elif model == "embed-per-token":
+        pass  # answers embeddings with one vector per word (see embeddings)
     elif re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model):
         pass  # streams its words slowly (see _stream)
     elif model not in REAL_MODELS + MODE_MODELS:
@@ -269,7 +271,9 @@ def embeddings(body: dict) -> Response:
     data = []
     for i, text in enumerate(texts):
         vec: Any = embed(text, dims)
-        if as_b64:
+        if body["model"] == "embed-per-token":  # like llama.cpp's server without pooling
+            vec = [embed(word, dims) for word in text.split()]
+        elif as_b64:
             vec = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
         data.append({"object": "embedding", "index": i, "embedding": vec})
     words = sum(len(t.split()) for t in texts)
