@@ -22,6 +22,7 @@ from core.errors import QuotaExceeded
 from core.pricing import PriceTable
 
 log = logging.getLogger("core.ledger")
+HELD_RETRY = 2  # seconds: tokens held by calls in progress come back when they settle
 QUOTA_FUNCTIONS = tuple(ENDPOINTS)  # every function is counted against the quota
 COLUMNS = [
     "ts",
@@ -207,16 +208,25 @@ class Ledger:
                     retry_after=wait,
                 )
         if limits.daily_tokens:
-            budget = self._budget(conn, user, limits, now)
-            if budget is not None and budget < minimum:
+            spent, held, running = self._today(conn, user, now)
+            daily = limits.daily_tokens
+            if daily - spent - held < minimum:
+                if daily - spent >= minimum:
+                    # It fits once the calls in progress settle (most hold more than they use).
+                    return QuotaExceeded(
+                        f"{held:,} of your {daily:,} tokens today are held by {running} "
+                        f"call(s) in progress; this request needs about {minimum:,}. Try "
+                        f"again in {HELD_RETRY} s.",
+                        retry_after=HELD_RETRY,
+                    )
                 midnight = datetime.combine(
                     now.date() + timedelta(days=1), datetime.min.time(), UTC
                 )
                 wait = math.ceil((midnight - now).total_seconds())
                 return QuotaExceeded(
-                    f"Your daily quota of {limits.daily_tokens} tokens is used up "
-                    f"({max(budget, 0)} left, not enough for this request). It resets at "
-                    f"00:00 UTC, in {wait // 3600} h {wait % 3600 // 60} min.",
+                    f"Your daily quota of {daily:,} tokens has {max(daily - spent, 0):,} left, "
+                    f"and this request needs about {minimum:,}. It resets at 00:00 UTC, in "
+                    f"{wait // 3600} h {wait % 3600 // 60} min.",
                     retry_after=wait,
                 )
         return None
@@ -225,16 +235,21 @@ class Ledger:
         """Tokens the user may still spend today, counting what running calls hold."""
         if not limits.daily_tokens:
             return None
+        spent, held, _ = self._today(conn, user, now)
+        return limits.daily_tokens - spent - held
+
+    def _today(self, conn: sa.Connection, user: str, now: datetime) -> tuple[int, int, int]:
+        """(tokens spent today, tokens held by calls in progress, how many such calls)."""
         u = db.usage.c
         start = datetime.combine(now.date(), datetime.min.time(), UTC)
-        spent = conn.execute(
+        spent, held, running = conn.execute(
             sa.select(
-                sa.func.coalesce(
-                    sa.func.sum(u.prompt_tokens + u.completion_tokens + u.reserved_tokens), 0
-                )
+                sa.func.coalesce(sa.func.sum(u.prompt_tokens + u.completion_tokens), 0),
+                sa.func.coalesce(sa.func.sum(u.reserved_tokens), 0),
+                sa.func.count().filter(u.reserved_tokens > 0),
             ).where(u.user == user, u.ts >= start)
-        ).scalar_one()
-        return limits.daily_tokens - int(spent)
+        ).one()
+        return int(spent), int(held), int(running)
 
     def finish(
         self,

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from core import errors, metrics
+from core import errors, metrics, tokens
 from core.auth import SYSTEM, Principal
 from core.config import Settings
 from core.endpoints import ENDPOINTS
@@ -41,7 +41,6 @@ from core.schemas import (
 log = logging.getLogger("core.service")
 RequestT = TypeVar("RequestT", bound=FunctionRequest)
 MODELS_TTL = 60.0
-DEFAULT_HOLD = 1024  # tokens a reply without max_tokens holds against the quota while running
 # Output tokens of one gpt-image picture at most, by quality (the largest size; OpenAI's table).
 # An image cannot be cut short like a reply, so its whole bound must fit in the day's quota.
 IMAGE_TOKENS = {"low": 408, "medium": 1584, "high": 6240, "auto": 6240}
@@ -190,8 +189,8 @@ class Service:
         call = Call(function, caller, source, request_id or new_request_id())
         endpoint = ENDPOINTS[function]
         async with self._track(call):
-            req = await self._prepare(endpoint.request, request, call)
-            payload = _payload(body, req, stream=False)
+            req = await self._prepare(endpoint.request, request, call, body)
+            payload = _payload(body, req, stream=False, cap_param=self.provider.cap_param)
             content = await self.provider.forward_json(endpoint.path, payload, call.model)
             call.usage = usage_in(content)
             if function == "image":
@@ -223,10 +222,10 @@ class Service:
         call = Call(function, caller, source, request_id or new_request_id())
         endpoint = ENDPOINTS[function]
         async with self._track(call):
-            req = await self._prepare(endpoint.request, request, call)
+            req = await self._prepare(endpoint.request, request, call, body)
             if isinstance(req, ChatRequest | CompletionRequest):
                 call.reply_cap = req.max_tokens
-            payload = _payload(body, req, stream=True)
+            payload = _payload(body, req, stream=True, cap_param=self.provider.cap_param)
             upstream = self.provider.forward_stream(endpoint.path, payload, call.model)
             finished, first = False, b""
             async with aclosing(sse_batches(upstream)) as batches:
@@ -296,12 +295,16 @@ class Service:
     # ---- the plumbing --------------------------------------------------------------------
 
     async def _prepare(
-        self, model: type[RequestT], request: RequestT | Mapping[str, Any], call: Call
+        self,
+        model: type[RequestT],
+        request: RequestT | Mapping[str, Any],
+        call: Call,
+        body: dict[str, Any] | None = None,
     ) -> RequestT:
         """Validate and reserve, then wait for one of MAX_CONCURRENCY slots: the bound on
         model calls at once holds for every path (dashboard, Gradio API, /v1), not only for
         Gradio's queue. The slot is released when the call ends (_track)."""
-        req = await self._reserve(model, request, call)
+        req = await self._reserve(model, request, call, body or {})
         slots = self._slot_pool()
         await slots.acquire()
         call.slot = slots
@@ -314,9 +317,14 @@ class Service:
         return self._slots[1]
 
     async def _reserve(
-        self, model: type[RequestT], request: RequestT | Mapping[str, Any], call: Call
+        self,
+        model: type[RequestT],
+        request: RequestT | Mapping[str, Any],
+        call: Call,
+        body: dict[str, Any],
     ) -> RequestT:
-        """Validate, fill in the default model, and reserve against the caller's quota."""
+        """Validate, fill in the default model, and reserve against the caller's quota what the
+        call can cost at most (core.tokens); cap the reply only when the quota needs it."""
         req = request if isinstance(request, model) else parse(model, dict(request))
         if req.model is None:
             req = req.model_copy(update={"model": self.default_model(call.function)})
@@ -329,11 +337,12 @@ class Service:
         limits = call.caller.limits
         if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
             return req  # nothing to check: the outcome is written as one row afterwards
-        # An upper bound, so the quota holds (see prompt_bound); the ledger settles the real
-        # count afterwards.
-        needed = req.prompt_bound() + 1
-        generates = ENDPOINTS[call.function].generates
-        wanted = getattr(req, "max_tokens", None) or (DEFAULT_HOLD if generates else 0)
+        needed = tokens.prompt(req, body) + 1
+        generates = isinstance(req, ChatRequest | CompletionRequest)
+        n = tokens.choices(body) if generates else 1
+        asked = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
+        worst = asked or tokens.max_output(req.model)  # per choice
+        wanted = n * worst if generates else 0
         if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):
             needed += req.n * IMAGE_TOKENS.get(req.quality, IMAGE_TOKENS["auto"])
         call.reservation = await asyncio.to_thread(
@@ -346,13 +355,15 @@ class Service:
             source=call.source,
             request_id=call.request_id,
             estimate=needed + wanted,
-            minimum=needed + 1 if generates else needed,  # room for at least one reply token
+            minimum=needed + n if generates else needed,  # a reply token for each choice
         )
         budget = call.reservation.token_budget
         if budget is not None and generates:
-            # Cap the reply at what today's quota has left, so concurrent calls cannot overshoot.
-            cap = max(1, budget - needed)  # >= 1: the reservation required room for it
-            req = req.model_copy(update={"max_tokens": min(wanted, cap)})
+            room = max(1, (budget - needed) // n)  # >= 1: the reservation required room
+            if room < worst:
+                # Only when the quota needs it: what is left, shared by the choices, so that
+                # concurrent calls cannot overshoot the day.
+                req = req.model_copy(update={"max_tokens": room})
         return req
 
     async def _relay(
@@ -487,13 +498,18 @@ def _usage_event(first: bytes, usage: Usage) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def _payload(body: dict[str, Any], req: FunctionRequest, *, stream: bool) -> bytes:
-    """The client's body with what the service decided: the model, streaming, a quota cap."""
+def _payload(body: dict[str, Any], req: FunctionRequest, *, stream: bool, cap_param: str) -> bytes:
+    """The client's body with what the service decided: the model, streaming, a quota cap
+    (under the parameter the client used, else the one the upstream's chat models take)."""
     out = {**body, "model": req.model}
     if stream:
         out["stream"] = True
         out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    cap = getattr(req, "max_tokens", None)
+    cap = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
     if cap is not None and cap != (body.get("max_completion_tokens") or body.get("max_tokens")):
-        out["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = cap
+        if "max_completion_tokens" in body or "max_tokens" in body:
+            key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        else:
+            key = cap_param if isinstance(req, ChatRequest) else "max_tokens"
+        out[key] = cap
     return orjson.dumps(out)

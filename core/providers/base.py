@@ -26,6 +26,9 @@ class Provider(Protocol):
     # Takes OpenAI-shaped request bytes as they are (the /v1 gateway then relays the
     # upstream's bytes back); False: the gateway builds answers from the typed calls below.
     supports_passthrough: bool
+    # The parameter that caps a chat reply upstream: OpenAI's API wants max_completion_tokens
+    # (its reasoning models take nothing else); compatible servers know max_tokens.
+    cap_param: str
     default_models: dict[str, str]  # endpoint name (core.endpoints) -> model id
 
     def describe(self) -> str:

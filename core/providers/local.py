@@ -116,6 +116,7 @@ class LocalProvider:
     supports_images = False
     supports_embeddings = True
     supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
+    cap_param = "max_tokens"
 
     def __init__(self, settings: Settings) -> None:
         self.path = settings.local_model_path or bundled_model_path()

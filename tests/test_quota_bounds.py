@@ -1,0 +1,124 @@
+"""Quotas that bound the bill (over real HTTP through /v1 with users' own keys): whatever a
+call asks for (n choices, tools, image parts, no max_tokens), what it can cost is held first;
+a call that fits is never refused; the reply is capped only when the quota needs it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from core.schemas import ChatRequest
+from core.service import _payload
+from tests.conftest import app_settings, serve
+from tests.upstream import FakeUpstream
+
+HI = [{"role": "user", "content": "Say hello to me please"}]  # five words
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: FakeUpstream, tmp_path_factory) -> Iterator[Any]:
+    from ui.server import create_app
+
+    data_dir = tmp_path_factory.mktemp("quota-data")
+    app = create_app(app_settings(upstream, DATA_DIR=str(data_dir), LOGIN_MAX_FAILURES="1000"))
+    served = serve(app)
+    yield served, app.state.core
+    served.server.should_exit = served.server.force_exit = True
+    served.thread.join(timeout=10)
+
+
+def sdk_for(gateway: Any, name: str, daily: int) -> tuple[openai.OpenAI, Any]:
+    served, core = gateway
+    _, key = core.users.add(name, daily_tokens=daily)
+    return openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0), core
+
+
+def spent(core: Any, name: str) -> int:
+    core.ledger.flush()
+    rows = core.ledger.rows(users=[name])
+    return int((rows["prompt_tokens"] + rows["completion_tokens"]).sum())
+
+
+def last_upstream_body(upstream: FakeUpstream) -> dict[str, Any]:
+    return [r for r in upstream.requests if r["path"] == "/v1/chat/completions"][-1]["json"]
+
+
+def test_n_choices_share_what_is_left(gateway, upstream: FakeUpstream) -> None:
+    sdk, core = sdk_for(gateway, "quota-n", 2_000)
+    sdk.chat.completions.create(model="gpt-4.1-mini", messages=HI, n=20)
+    sent = last_upstream_body(upstream)
+    # Twenty replies of at most this many tokens each fit in the day: the bill is bounded.
+    assert sent["n"] == 20 and 20 * sent["max_tokens"] <= 2_000
+    assert spent(core, "quota-n") <= 2_000
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": f"f{i}", "description": "x" * 200}}
+    for i in range(100)
+]
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+
+
+@pytest.mark.parametrize(
+    "extra", [{"tools": TOOLS}, {"messages": [{"role": "user", "content": [IMAGE] * 20}]}]
+)
+def test_tools_and_image_parts_count_before_the_call(gateway, upstream, extra) -> None:
+    sdk, _ = sdk_for(gateway, f"quota-{next(iter(extra))}", 2_000)
+    upstream.reset()
+    with pytest.raises(openai.RateLimitError) as info:
+        sdk.chat.completions.create(**{"model": "gpt-4.1-mini", "messages": HI, **extra})
+    assert "needs about" in info.value.message
+    assert upstream.requests == []  # refused before anything was sent
+
+
+def test_a_call_that_fits_is_never_refused(gateway, upstream) -> None:
+    sdk, core = sdk_for(gateway, "quota-fits", 40)
+    reply = sdk.chat.completions.create(model="gpt-4.1-mini", messages=HI)
+    assert reply.choices[0].message.content
+    assert last_upstream_body(upstream)["max_tokens"] < 40  # capped: the quota needs it
+    assert spent(core, "quota-fits") <= 40
+
+
+def test_plenty_left_means_no_cap(gateway, upstream) -> None:
+    sdk, _ = sdk_for(gateway, "quota-plenty", 10_000_000)
+    sdk.chat.completions.create(model="gpt-4.1-mini", messages=HI)
+    sent = last_upstream_body(upstream)
+    assert "max_tokens" not in sent and "max_completion_tokens" not in sent
+
+
+def test_tokens_held_by_running_calls_are_not_used_up(gateway) -> None:
+    sdk, core = sdk_for(gateway, "quota-held", 10_000)
+
+    def call(_: int) -> str:
+        try:
+            sdk.chat.completions.create(model="slow-0.5", messages=HI, max_tokens=3_000)
+            return "ok"
+        except openai.RateLimitError as exc:
+            assert "in progress" in exc.message and "used up" not in exc.message
+            assert int(exc.response.headers["retry-after"]) <= 5
+            return "held"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        outcomes = list(pool.map(call, range(6)))
+    # Each holds about 3,000 of 10,000: three run at once, the others are told to wait.
+    assert outcomes.count("ok") >= 3 and outcomes.count("held") >= 1
+    assert spent(core, "quota-held") <= 10_000
+
+
+def test_the_cap_goes_under_the_parameter_the_model_takes() -> None:
+    req = ChatRequest.model_validate({"messages": HI, "model": "o3", "max_tokens": 50})
+    assert b'"max_completion_tokens":50' in _payload(
+        {"messages": HI}, req, stream=False, cap_param="max_completion_tokens"
+    )
+    assert b'"max_tokens":50' in _payload(
+        {"messages": HI}, req, stream=False, cap_param="max_tokens"
+    )
+    # The client's own parameter wins.
+    body = {"messages": HI, "max_completion_tokens": 900}
+    assert b'"max_completion_tokens":50' in _payload(
+        body, req, stream=False, cap_param="max_tokens"
+    )
