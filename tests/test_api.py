@@ -167,3 +167,15 @@ def test_gradio_monitoring_is_off_and_keeps_no_per_event_analytics(running_app, 
     queue = mount.app.get_blocks()._queue
     assert len(queue.event_analytics) <= 1
     assert queue.cached_event_analytics_summary == {"functions": {}}
+
+
+def test_chat_takes_openai_content_parts_and_gradio_history(client: Client) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello parts"}]}]
+    assert client.predict(messages=parts, api_name="/chat") == "Echo: hello parts"
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None,
+         "options": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "Echo: hi"}], "metadata": {}},
+        {"role": "user", "content": "and again", "metadata": None},
+    ]  # fmt: skip
+    assert client.predict(messages=history, api_name="/chat") == "Echo: and again"

@@ -38,6 +38,17 @@ async def text_so_far(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
         yield text
 
 
+# What a Gradio Chatbot adds to a message that OpenAI's API does not take.
+GRADIO_ONLY = ("metadata", "options")
+
+
+def _openai_message(message: Any) -> Any:
+    """A message as OpenAI takes it: a Gradio chat-history dict loses its display fields."""
+    if isinstance(message, dict):
+        return {k: v for k, v in message.items() if k not in GRADIO_ONLY}
+    return message
+
+
 def register(core: Core, files: FileRegistry) -> None:
     """Add the named endpoints (/chat, /completion, ..., /usage, /users) to the current Blocks."""
     service = core.service
@@ -46,7 +57,7 @@ def register(core: Core, files: FileRegistry) -> None:
         return {"caller": core.auth.resolve(request.username), "source": "api"}
 
     async def chat(
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         model: str = "",
         temperature: float = 0.7,
         max_tokens: int = 0,
@@ -56,12 +67,13 @@ def register(core: Core, files: FileRegistry) -> None:
         """Chat with a model; streams the reply.
 
         messages: OpenAI-style list, e.g. [{"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"}]. model: empty for the server's default.
+        {"role": "user", "content": "Hi"}]; content may be a list of parts, as /v1 takes it,
+        and Gradio's own chat-history dicts work too. model: empty for the server's default.
         temperature: 0 to 2. max_tokens: 0 lets the model decide. stop: up to 4 strings.
         Each streamed value is the reply so far; predict() returns the whole reply.
         """
         body = {
-            "messages": messages,
+            "messages": [_openai_message(m) for m in messages or []],
             "model": model or None,
             "temperature": temperature,
             "max_tokens": max_tokens or None,
