@@ -37,7 +37,9 @@ TokenIds = Annotated[
     list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, strict=True)]],
     Field(min_length=1, max_length=MAX_PROMPT_CHARS),
 ]
-StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]], Field(max_length=4)]
+# Any text the upstream reads as it is (a completion prompt, stop sequences): empty is valid.
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+StopList = Annotated[list[Text], Field(max_length=4)]
 Kind = Literal["chat", "completion", "embedding", "image", "audio", "other"]
 
 
@@ -107,13 +109,16 @@ class ChatRequest(FunctionRequest):
 
 
 class CompletionRequest(FunctionRequest):
-    prompt: Prompt | list[Prompt] | TokenIds | list[TokenIds]
+    # OpenAI's default prompt is <|endoftext|>: None and "" are valid, the model starts afresh.
+    prompt: Text | list[Text] | TokenIds | list[TokenIds] | None = None
     temperature: Temperature = 0.7
     max_tokens: MaxTokens | None = None
     stop: StopList = []
 
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else json.dumps(self.prompt)
+        if self.prompt is None or isinstance(self.prompt, str):
+            return self.prompt or ""
+        return json.dumps(self.prompt)
 
     def prompt_bound(self) -> int:
         return _bound(self.prompt)
@@ -137,10 +142,10 @@ class EmbeddingRequest(FunctionRequest):
 
     @field_validator("texts")
     @classmethod
-    def _no_blank(cls, texts: list[str]) -> list[str]:
+    def _no_empty(cls, texts: list[str]) -> list[str]:
         for i, text in enumerate(texts):
-            if isinstance(text, str) and not text.strip():
-                raise ValueError(f"text {i + 1} is blank")
+            if text == "":  # OpenAI refuses an empty input; whitespace is a text like any other
+                raise ValueError(f"text {i + 1} is empty")
         return texts
 
     @property
@@ -240,9 +245,38 @@ def parse(model: type[RequestT], data: dict[str, object]) -> RequestT:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """Turn pydantic's errors into one line per field, without echoing the input."""
+    """Turn pydantic's errors into one line per field, without echoing the input. Where a
+    field takes several forms (texts or token ids), only the form that came closest (the
+    fewest errors) speaks, and pydantic's names for the forms are left out."""
+    errs = exc.errors(include_input=False, include_url=False)
+    by_form: dict[tuple[str, str], int] = {}
+    for err in errs:
+        if form := _form(err["loc"]):
+            by_form[form] = by_form.get(form, 0) + 1
+    closest: dict[str, str] = {}
+    for (field, form), count in by_form.items():
+        if field not in closest or count < by_form[(field, closest[field])]:
+            closest[field] = form
     parts = []
-    for err in exc.errors(include_input=False, include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "input"
-        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    for err in errs:
+        form = _form(err["loc"])
+        if form and closest[form[0]] != form[1]:
+            continue
+        where = ".".join(str(p) for p in err["loc"] if not _is_form(p)) or "input"
+        line = f"{where}: {err['msg'].removeprefix('Value error, ')}"
+        if line not in parts:
+            parts.append(line)
     return "Invalid input: " + "; ".join(parts)
+
+
+def _is_form(part: object) -> bool:
+    """Pydantic names a union's branch in the location: 'list[constrained-str]'."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "list", "none"))
+
+
+def _form(loc: tuple[int | str, ...]) -> tuple[str, str] | None:
+    """(the field, the branch) of an error inside one branch of a union, else None."""
+    for i, part in enumerate(loc):
+        if _is_form(part):
+            return ".".join(str(p) for p in loc[:i]), str(part)
+    return None

@@ -121,7 +121,7 @@ def test_models_twice(client: Client) -> None:
         ({"messages": HELLO, "temperature": 3}, "/chat", "temperature"),
         ({"messages": []}, "/chat", "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "/chat", "role"),
-        ({"prompt": ""}, "/completion", "prompt"),
+        ({"prompt": "x", "temperature": -1}, "/completion", "temperature"),
         ({"prompt": "cat", "n": 11}, "/generate_image", "n"),
         ({"prompt": "cat", "size": "2x2"}, "/generate_image", "size"),
         ({"texts": ["a"] * 2049}, "/embeddings", "texts"),

@@ -653,7 +653,7 @@ def test_a_bad_field_is_400_naming_it(owner: openai.OpenAI, upstream: FakeUpstre
             ),
             "max_completion_tokens",
         ),
-        (lambda: owner.completions.create(model=COMPLETION_MODEL, prompt=""), "prompt"),
+        (lambda: owner.completions.create(model=COMPLETION_MODEL, prompt=[[1.5]]), "prompt"),  # type: ignore[list-item]
         (lambda: owner.images.generate(model="gpt-image-1", prompt="cat", n=11), "n"),
         (
             lambda: owner.images.generate(model="gpt-image-1", prompt="cat", size="2x2"),  # type: ignore[arg-type]
@@ -680,7 +680,7 @@ def test_missing_messages_is_400_naming_them(gateway: Gateway) -> None:
 
 
 def test_bad_embedding_input_is_400_naming_the_field(owner: openai.OpenAI) -> None:
-    for bad in ([], ["fine", "   "]):
+    for bad in ([], ["fine", ""], [[-1]]):
         with pytest.raises(openai.BadRequestError) as info:
             owner.embeddings.create(model=EMBEDDING_MODEL, input=bad)
         assert info.value.param == "input"

@@ -284,14 +284,22 @@ def embeddings(body: dict) -> Response:
 @_endpoint
 def images(body: dict) -> Response:
     prompt = str(body.get("prompt") or "")
-    n = body.get("n") or 1
+    n = int(body.get("n") or 1)  # JSON's 2.0 is 2, as OpenAI reads it
     data = [{"b64_json": base64.b64encode(tiny_png(f"{prompt}#{i}")).decode()} for i in range(n)]
-    size, quality = body.get("size") or "auto", body.get("quality") or "auto"
-    out = {"created": int(time.time()), "data": data, "size": size, "quality": quality}
+    out: dict[str, Any] = {"created": int(time.time()), "data": data}
     if not str(body.get("model") or "").startswith("gpt-image"):
         return JSONResponse(out)  # like dall-e-3: no token counts
+    # gpt-image answers name the size and quality it used (never "auto").
+    size, quality = body.get("size"), body.get("quality")
+    out["size"] = size if size in ("1024x1024", "1024x1536", "1536x1024") else "1024x1024"
+    out["quality"] = quality if quality in ("low", "medium", "high") else "high"
     words = len(prompt.split())
-    usage = {"input_tokens": words, "output_tokens": 16 * n, "total_tokens": words + 16 * n}
+    usage = {
+        "input_tokens": words,
+        "output_tokens": 16 * n,
+        "total_tokens": words + 16 * n,
+        "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
+    }
     return JSONResponse({**out, "output_format": "png", "usage": usage})
 
 

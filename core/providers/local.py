@@ -163,9 +163,9 @@ class LocalProvider:
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
-        if not isinstance(request.prompt, str):
+        if not isinstance(request.prompt, str | None):
             raise _unsupported("prompt", "a list of prompts or token ids (one text per call)")
-        prompt = request.prompt
+        prompt = request.prompt or ""
 
         def pieces() -> Pieces:
             chunks = self.llm.create_completion(prompt=prompt, **self._sampling(request))
@@ -188,7 +188,7 @@ class LocalProvider:
         return {
             "temperature": request.temperature,
             "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
-            "stop": list(request.stop),
+            "stop": [s for s in request.stop if s],  # "" would stop before the first token
             "seed": secrets.randbelow(2**31),  # a fixed seed would repeat every answer
             "stream": True,
         }
