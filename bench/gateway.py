@@ -7,7 +7,11 @@ with (bench/gradio_peers.py: Gradio's own gr.load_chat, and a bare gr.api relay)
 processes, then measures with the openai SDK: the upstream directly vs through /v1, sequentially
 and with N concurrent callers, streaming and not; and gradio_client calling each Gradio app's chat
 endpoint the same way, with its default settings and with one TLS context handed to it. Prints
-p50/p95/p99 latency and what each adds, requests per second and the ratio to direct.
+p50/p95/p99 latency and what each adds, requests per second and the ratio to direct, and the CPU
+time (user+system) each server process spends per request: the upstream's for direct calls, the
+app's or Gradio peer's for calls through it, i.e. what the gateway itself costs. That time includes
+what a process burns while idle (Gradio's queue loop wakes every millisecond), which weighs most
+in the sequential cases; the idle rates are printed first.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ import certifi
 import httpx
 import httpx2
 import openai
+
+try:
+    import psutil
+except ImportError:  # then /proc (Linux)
+    psutil = None
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-access-key-0123456789"
@@ -56,19 +65,46 @@ def start(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Popen:
     raise SystemExit(f"{cmd} did not start")
 
 
+def cpu_ms(pid: int) -> float:
+    """User+system CPU time a process has used so far, in ms."""
+    if psutil is not None:
+        times = psutil.Process(pid).cpu_times()
+        return (times.user + times.system) * 1000
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # fields 14 and 15 of proc(5)
+    return (int(utime) + int(stime)) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu(pids: dict[str, int], seconds: float = 3.0) -> str:
+    """CPU ms per second each process spends while nothing calls it."""
+    before = {name: cpu_ms(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    return ", ".join(
+        f"{name} {(cpu_ms(pid) - before[name]) / seconds:.0f}" for name, pid in pids.items()
+    )
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def sequential(call: Callable[[], Awaitable[float]], n: int) -> list[float]:
+async def sequential(
+    call: Callable[[], Awaitable[float]], n: int, pid: int
+) -> tuple[list[float], float]:
+    """Latencies (ms) of `n` calls after a warm-up, and the CPU ms per call of process `pid`."""
     for _ in range(10):  # warm-up: connections, caches
         await call()
-    return [await call() for _ in range(n)]
+    cpu = cpu_ms(pid)
+    latencies = [await call() for _ in range(n)]
+    return latencies, (cpu_ms(pid) - cpu) / n
 
 
-async def concurrent(call: Callable[[], Awaitable[float]], n: int, workers: int) -> float:
-    """Requests per second with `workers` callers sharing `n` requests."""
+async def concurrent(
+    call: Callable[[], Awaitable[float]], n: int, workers: int, pid: int
+) -> tuple[float, float]:
+    """Requests per second with `workers` callers sharing `n` requests, and the CPU ms per
+    request of process `pid`."""
     remaining = n
 
     async def worker() -> None:
@@ -79,9 +115,9 @@ async def concurrent(call: Callable[[], Awaitable[float]], n: int, workers: int)
 
     await asyncio.gather(*(worker() for _ in range(workers)))  # warm-up round
     remaining = n
-    started = time.perf_counter()
+    cpu, started = cpu_ms(pid), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(workers)))
-    return n / (time.perf_counter() - started)
+    return n / (time.perf_counter() - started), (cpu_ms(pid) - cpu) / n
 
 
 def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Callable[[], Awaitable[float]]]:
@@ -112,7 +148,14 @@ def row(name: str, direct: list[float], via: list[float], width: int = 28) -> st
     return f"{name:<{width}}" + " | ".join(cells)
 
 
-async def measure_sdk(direct_url: str, app_url: str, args: argparse.Namespace) -> None:
+def cpu_cells(direct: float, via: float) -> str:
+    """CPU ms per request of the upstream (direct calls) and of the server called (via it)."""
+    return f" | {direct:8.2f} {via:6.2f}"
+
+
+async def measure_sdk(
+    direct_url: str, app_url: str, pids: dict[str, int], args: argparse.Namespace
+) -> None:
     def client(url: str, key: str) -> openai.AsyncOpenAI:
         pool = httpx2.Limits(max_connections=256, max_keepalive_connections=256)
         http = openai.DefaultAsyncHttpxClient(limits=pool)
@@ -120,17 +163,24 @@ async def measure_sdk(direct_url: str, app_url: str, args: argparse.Namespace) -
 
     direct, via = client(direct_url, "sk-bench"), client(app_url + "/v1", KEY)
     print(f"\nopenai SDK, direct vs through /v1 (ms; {args.requests} sequential calls)")
-    print(f"{'':<28}{'p50 direct  /v1   added':<25} | {'p95':<22} | p99")
+    print(
+        f"{'':<28}{'p50 direct  /v1   added':<25} | {'p95':<22} | {'p99':<22}"
+        " | cpu ms/req upstream, app"
+    )
     direct_calls, via_calls = sdk_calls(direct), sdk_calls(via)
+    up, app = pids["upstream"], pids["app"]
     for name in direct_calls:
-        d = await sequential(direct_calls[name], args.requests)
-        v = await sequential(via_calls[name], args.requests)
-        print(row(name, d, v))
+        d, d_cpu = await sequential(direct_calls[name], args.requests, up)
+        v, v_cpu = await sequential(via_calls[name], args.requests, app)
+        print(row(name, d, v) + cpu_cells(d_cpu, v_cpu))
     print(f"\nthroughput with {args.concurrency} concurrent callers ({args.total} requests)")
     for name in direct_calls:
-        d = await concurrent(direct_calls[name], args.total, args.concurrency)
-        v = await concurrent(via_calls[name], args.total, args.concurrency)
-        print(f"{name:<28}direct {d:7.1f} req/s   /v1 {v:7.1f} req/s   ratio {v / d:5.2f}")
+        d, d_cpu = await concurrent(direct_calls[name], args.total, args.concurrency, up)
+        v, v_cpu = await concurrent(via_calls[name], args.total, args.concurrency, app)
+        print(
+            f"{name:<28}direct {d:7.1f} req/s   /v1 {v:7.1f} req/s   ratio {v / d:5.2f}"
+            f"   cpu ms/req upstream {d_cpu:5.2f}, app {v_cpu:5.2f}"
+        )
     await direct.close()
     await via.close()
 
@@ -142,6 +192,7 @@ class GradioApp:
     name: str
     url: str
     api_name: str
+    pid: int  # its server process, whose CPU time is measured
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     auth: tuple | None = None
@@ -169,8 +220,11 @@ CLIENT_OPTIONS = {
 }
 
 
-def threaded_rate(call: Callable[[int], object], total: int, workers: int) -> float:
-    """Requests per second with `workers` threads sharing `total` calls."""
+def threaded_rate(
+    call: Callable[[int], object], total: int, workers: int, pid: int
+) -> tuple[float, float]:
+    """Requests per second with `workers` threads sharing `total` calls, and the CPU ms per
+    call of process `pid`."""
     remaining = [total]
     lock = threading.Lock()
 
@@ -182,31 +236,36 @@ def threaded_rate(call: Callable[[int], object], total: int, workers: int) -> fl
                 remaining[0] -= 1
             call(i)
 
-    started = time.perf_counter()
+    cpu, started = cpu_ms(pid), time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(worker, range(workers)))
-    return total / (time.perf_counter() - started)
+    return total / (time.perf_counter() - started), (cpu_ms(pid) - cpu) / total
 
 
 def measure_gradio_app(
     app: GradioApp, options: dict, n: int, total: int, args: argparse.Namespace
-) -> tuple[list[float], float]:
-    """Sequential latencies (ms) of one client, then requests/s of one client per caller."""
+) -> tuple[list[float], float, float, float]:
+    """Sequential latencies (ms) of one client, then requests/s of one client per caller; each
+    with the app's CPU ms per request."""
     client = app.client(**options)
     for _ in range(5):  # warm-up: the first call builds the server-side session
         app.call(client)
-    latencies = []
+    latencies, cpu = [], cpu_ms(app.pid)
     for _ in range(n):
         t = time.perf_counter()
         app.call(client)
         latencies.append((time.perf_counter() - t) * 1000)
+    cpu = (cpu_ms(app.pid) - cpu) / n
     clients = [app.client(**options) for _ in range(args.concurrency)]
     for c in clients:
         app.call(c)
-    return latencies, threaded_rate(lambda i: app.call(clients[i]), total, args.concurrency)
+    rate, rate_cpu = threaded_rate(lambda i: app.call(clients[i]), total, args.concurrency, app.pid)
+    return latencies, cpu, rate, rate_cpu
 
 
-def measure_gradio(direct_url: str, apps: list[GradioApp], args: argparse.Namespace) -> None:
+def measure_gradio(
+    direct_url: str, upstream_pid: int, apps: list[GradioApp], args: argparse.Namespace
+) -> None:
     """gradio_client calling each app's chat endpoint, with each client configuration, next to
     the sync openai SDK calling the upstream directly (gradio_client is synchronous too)."""
     n = max(30, args.requests // 3)
@@ -226,21 +285,30 @@ def measure_gradio(direct_url: str, apps: list[GradioApp], args: argparse.Namesp
 
     for _ in range(5):
         direct_call()
+    cpu = cpu_ms(upstream_pid)
     d = [timed(direct_call) for _ in range(n)]
-    rd = threaded_rate(direct_call, total, args.concurrency)
+    d_cpu = (cpu_ms(upstream_pid) - cpu) / n
+    rd, rd_cpu = threaded_rate(direct_call, total, args.concurrency, upstream_pid)
     print(
         f"\ngradio_client calling each app's chat endpoint vs the openai SDK calling the upstream"
         f" directly\n(ms; {n} sequential calls; then {total} calls from {args.concurrency} callers,"
-        f" one client each; direct: {rd:.1f} req/s)"
+        f" one client each; direct: {rd:.1f} req/s;\n upstream cpu ms/req {d_cpu:.2f} sequential,"
+        f" {rd_cpu:.2f} with {args.concurrency} callers; cpu: each Gradio app's server process)"
     )
-    print(f"{'':<48}{'p50 direct  via  added':<25} | {'p95':<22} | {'p99':<22} | req/s  ratio")
+    print(
+        f"{'':<48}{'p50 direct  via  added':<25} | {'p95':<22} | {'p99':<22} | req/s  ratio"
+        f" | cpu ms/req seq, {args.concurrency} callers"
+    )
     rates: dict[tuple[str, str], float] = {}
     for option, options in CLIENT_OPTIONS.items():
         for app in apps:
-            g, rates[option, app.name] = measure_gradio_app(app, options, n, total, args)
+            g, g_cpu, rate, rate_cpu = measure_gradio_app(app, options, n, total, args)
+            rates[option, app.name] = rate
             label = f"{app.name}, {option}"
-            rate = rates[option, app.name]
-            print(f"{row(label, d, g, width=48)} | {rate:6.1f}  {rate / rd:5.2f}")
+            print(
+                f"{row(label, d, g, width=48)} | {rate:6.1f}  {rate / rd:5.2f}"
+                f" | {g_cpu:6.2f} {rate_cpu:6.2f}"
+            )
     ours, theirs = apps[0].name, apps[1].name
     for option in CLIENT_OPTIONS:
         ratio = rates[option, ours] / rates[option, theirs]
@@ -248,7 +316,7 @@ def measure_gradio(direct_url: str, apps: list[GradioApp], args: argparse.Namesp
 
 
 async def measure_gradio_raw(
-    direct_url: str, app_url: str, args: argparse.Namespace, *, name: str, auth: tuple | None
+    direct_url: str, upstream_pid: int, app: GradioApp, args: argparse.Namespace
 ) -> None:
     """The Gradio queue protocol spoken directly (join, then read the event stream): what the
     server costs, without gradio_client's 50 ms polling."""
@@ -256,6 +324,7 @@ async def measure_gradio_raw(
 
     import aiohttp
 
+    name, app_url, auth = app.name, app.url, app.auth
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         if auth:
             await http.post(f"{app_url}/login", data={"username": auth[0], "password": auth[1]})
@@ -283,12 +352,14 @@ async def measure_gradio_raw(
         for h in hashes:  # each session's first call builds its server-side state
             await call(h)
         direct = openai.AsyncOpenAI(base_url=direct_url, api_key="sk-bench", max_retries=0)
-        d = await sequential(sdk_calls(direct)["non-streaming"], args.requests)
-        g = await sequential(lambda: call(hashes[0]), args.requests)
+        d, d_cpu = await sequential(sdk_calls(direct)["non-streaming"], args.requests, upstream_pid)
+        g, g_cpu = await sequential(lambda: call(hashes[0]), args.requests, app.pid)
         print(f"\n{name}, Gradio's queue protocol, no gradio_client (ms; {args.requests} calls)")
-        print(row(name + " (raw)", d, g))
-        remaining = args.total // 4
-        started = time.perf_counter()
+        print(f"{'':<28}{'p50 direct  via  added':<25} | {'p95':<22} | {'p99':<22}"
+              f" | cpu ms/req upstream, {name}")  # fmt: skip
+        print(row(name + " (raw)", d, g) + cpu_cells(d_cpu, g_cpu))
+        total = remaining = args.total // 4
+        cpu, started = cpu_ms(app.pid), time.perf_counter()
 
         async def worker(session_hash: str) -> None:
             nonlocal remaining
@@ -297,8 +368,12 @@ async def measure_gradio_raw(
                 await call(session_hash)
 
         await asyncio.gather(*(worker(h) for h in hashes))
-        rate = (args.total // 4) / (time.perf_counter() - started)
-        print(f"{name + ' (raw), ' + str(args.concurrency) + ' callers':<28}{rate:7.1f} req/s")
+        rate = total / (time.perf_counter() - started)
+        rate_cpu = (cpu_ms(app.pid) - cpu) / total
+        print(
+            f"{name + ' (raw), ' + str(args.concurrency) + ' callers':<28}{rate:7.1f} req/s"
+            f"   cpu ms/req {name} {rate_cpu:5.2f}"
+        )
         await direct.close()
 
 
@@ -345,11 +420,11 @@ def main() -> None:
         )  # fmt: skip
     direct_url, app_url = f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{app_port}"
     apps = [
-        GradioApp("app /chat", app_url, "/chat", auth=("bench", KEY),
+        GradioApp("app /chat", app_url, "/chat", app.pid, auth=("bench", KEY),
                   kwargs={"messages": MESSAGES, "model": "bench-model"}),
-        GradioApp("gr.load_chat", peer_urls["load_chat"], "/open_api_stream",
+        GradioApp("gr.load_chat", peer_urls["load_chat"], "/open_api_stream", peers[0].pid,
                   args=(MESSAGES[0]["content"],), new_session=True),
-        GradioApp("bare gr.api relay", peer_urls["relay"], "/chat",
+        GradioApp("bare gr.api relay", peer_urls["relay"], "/chat", peers[1].pid,
                   kwargs={"messages": MESSAGES, "model": "bench-model"}),
     ]  # fmt: skip
     try:
@@ -357,12 +432,13 @@ def main() -> None:
             f"upstream latency {args.latency_ms:.0f} ms; {os.cpu_count()} cores; "
             f"client, upstream and app on this machine"
         )
-        asyncio.run(measure_sdk(direct_url, app_url, args))
-        measure_gradio(direct_url, apps, args)
+        pids = {"upstream": upstream.pid, "app": app.pid}
+        idle = pids | {peer.name: peer.pid for peer in apps[1:]}
+        print(f"idle cpu ms/s (counted in the cpu ms/req figures): {idle_cpu(idle)}")
+        asyncio.run(measure_sdk(direct_url, app_url, pids, args))
+        measure_gradio(direct_url, upstream.pid, apps, args)
         for target in (apps[0], apps[2]):  # what the server costs, without gradio_client
-            asyncio.run(
-                measure_gradio_raw(direct_url, target.url, args, name=target.name, auth=target.auth)
-            )
+            asyncio.run(measure_gradio_raw(direct_url, upstream.pid, target, args))
     finally:
         for proc in (app, *peers, upstream):
             proc.terminate()
