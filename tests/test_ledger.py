@@ -630,9 +630,7 @@ def test_daily_tokens_hold_for_twenty_parallel_http_calls(app: App, database) ->
         lambda: client.predict(messages=hello, max_tokens=10, api_name="/chat")
     )
     assert replies and failures
-    assert all(
-        "resets at 00:00 UTC" in message or "in progress" in message for message in failures
-    )
+    assert all("resets at 00:00 UTC" in message or "in progress" in message for message in failures)
     rows = database.usage(user="daily-http")
     assert len(rows) == PARALLEL
     assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= limit
