@@ -337,7 +337,8 @@ class Service:
         limits = call.caller.limits
         if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
             return req  # nothing to check: the outcome is written as one row afterwards
-        needed = tokens.prompt(req, body) + 1
+        # Off the event loop: a long prompt takes a while to tokenize.
+        needed = await asyncio.to_thread(tokens.prompt, req, body) + 1
         generates = isinstance(req, ChatRequest | CompletionRequest)
         n = tokens.choices(body) if generates else 1
         asked = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
