@@ -340,7 +340,7 @@ class Service:
         # Off the event loop: a long prompt takes a while to tokenize.
         needed = await asyncio.to_thread(tokens.prompt, req, body) + 1
         generates = isinstance(req, ChatRequest | CompletionRequest)
-        n = tokens.choices(body) if generates else 1
+        n = tokens.choices(req, body) if generates else 1
         asked = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
         worst = asked or tokens.max_output(req.model)  # per choice
         wanted = n * worst if generates else 0

@@ -9,7 +9,7 @@
   FILE_PART_TOKENS, other parts and every field the service does not read (tools, response
   formats, predictions, unknown ones) by the size of their JSON.
 - A reply: max_tokens if the client set one, else the model's largest reply (MAX_OUTPUT), times
-  the number of choices (n, best_of).
+  the number of replies (n or best_of, for each prompt of a completions call).
 """
 
 from __future__ import annotations
@@ -69,10 +69,16 @@ def max_output(model: str | None) -> int:
     return DEFAULT_MAX_OUTPUT
 
 
-def choices(body: dict[str, Any]) -> int:
-    """How many replies one call makes (n, and best_of for completions)."""
+def choices(request: FunctionRequest, body: dict[str, Any]) -> int:
+    """How many replies one call makes: n (best_of for completions, which makes that many and
+    returns n) for each prompt (a completions call takes a list of them)."""
     values = [body.get("n"), body.get("best_of")]
-    return max([v for v in values if isinstance(v, int) and v > 0] or [1])
+    per_prompt = max([v for v in values if isinstance(v, int) and v > 0] or [1])
+    prompts = 1
+    if isinstance(request, CompletionRequest) and isinstance(request.prompt, list):
+        many = request.prompt and not isinstance(request.prompt[0], int)
+        prompts = len(request.prompt) if many else 1  # a flat list of ids is one prompt
+    return per_prompt * prompts
 
 
 def prompt(request: FunctionRequest, body: dict[str, Any] | None = None) -> int:

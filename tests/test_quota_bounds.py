@@ -122,3 +122,11 @@ def test_the_cap_goes_under_the_parameter_the_model_takes() -> None:
     assert b'"max_completion_tokens":50' in _payload(
         body, req, stream=False, cap_param="max_tokens"
     )
+
+
+def test_each_prompt_of_a_completions_call_gets_its_share(gateway, upstream) -> None:
+    sdk, core = sdk_for(gateway, "quota-prompts", 2_000)
+    sdk.completions.create(model="gpt-3.5-turbo-instruct", prompt=["a"] * 10, n=2)
+    sent = [r for r in upstream.requests if r["path"] == "/v1/completions"][-1]["json"]
+    assert 10 * 2 * sent["max_tokens"] <= 2_000
+    assert spent(core, "quota-prompts") <= 2_000
