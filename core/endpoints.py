@@ -41,18 +41,31 @@ def _stop(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+# Every name a reply's length goes by upstream: the hold is sized from the largest one sent,
+# and a quota cap rewrites each of them (llama.cpp's server also reads n_predict).
+REPLY_LIMITS = ("max_completion_tokens", "max_tokens", "n_predict")
+
+
 def _common(body: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {"model": body.get("model") or None}
-    if body.get("temperature") is not None:
-        fields["temperature"] = body["temperature"]
+    for name in ("temperature", "n", "best_of"):
+        if body.get(name) is not None:
+            fields[name] = body[name]
     return fields
+
+
+def _reply_limit(body: dict[str, Any]) -> Any:
+    """The largest reply length the client asked for, under whichever names it used."""
+    values = [body.get(name) for name in REPLY_LIMITS if body.get(name) is not None]
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if len(numbers) != len(values):
+        return next(v for v in values if v not in numbers)  # validation names what is wrong
+    return max(numbers) if numbers else None
 
 
 def chat_fields(body: dict[str, Any]) -> dict[str, Any]:
     messages = body.get("messages")
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+    max_tokens = _reply_limit(body)
     return {**_common(body), "messages": messages, "max_tokens": max_tokens,
             "stop": _stop(body.get("stop"))}  # fmt: skip
 
@@ -61,7 +74,7 @@ def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
-    return {**_common(body), "prompt": prompt, "max_tokens": body.get("max_tokens"),
+    return {**_common(body), "prompt": prompt, "max_tokens": _reply_limit(body),
             "stop": _stop(body.get("stop"))}  # fmt: skip
 
 

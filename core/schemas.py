@@ -74,7 +74,11 @@ class ContentPart(BaseModel):
 
 class ChatMessage(_Request):
     """A message as OpenAI's API takes it: content as text or parts (or none, for an assistant
-    message that only calls tools), with the fields tool calling and names use."""
+    message that only calls tools), with the fields tool calling and names use. Other fields
+    (reasoning_content, annotations, prefix...) go to the upstream as they are, and count
+    toward the quota by their size (core.tokens)."""
+
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[ContentPart] | None = ""
@@ -96,11 +100,15 @@ class ChatMessage(_Request):
         return isinstance(self.content, list) and any(p.type != "text" for p in self.content)
 
 
+Choices = Annotated[int, Field(ge=1, le=128)]
+
+
 class ChatRequest(FunctionRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     temperature: Temperature = 0.7
     max_tokens: MaxTokens | None = None
     stop: StopList = []
+    n: Choices | None = None  # replies to make (read for the quota; sent as the client sent it)
 
     def prompt_text(self) -> str:
         # Everything the upstream reads counts: parts, tool calls, names (by their size).
@@ -114,6 +122,9 @@ class CompletionRequest(FunctionRequest):
     temperature: Temperature = 0.7
     max_tokens: MaxTokens | None = None
     stop: StopList = []
+    n: Choices | None = None
+    # Makes best_of completions and returns n (OpenAI's spec allows 0 to 20).
+    best_of: Annotated[int, Field(ge=0, le=20)] | None = None
 
     def prompt_text(self) -> str:
         if self.prompt is None or isinstance(self.prompt, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -18,7 +19,7 @@ import orjson
 from core import errors, metrics, tokens
 from core.auth import SYSTEM, Principal
 from core.config import Settings
-from core.endpoints import ENDPOINTS
+from core.endpoints import ENDPOINTS, REPLY_LIMITS
 from core.ledger import QUOTA_FUNCTIONS, Ledger, Reservation
 from core.log import redact
 from core.passthrough import DONE, error_in, is_usage_only, sse_batches, usage_in
@@ -193,6 +194,7 @@ class Service:
             payload = _payload(body, req, stream=False, cap_param=self.provider.cap_param)
             content = await self.provider.forward_json(endpoint.path, payload, call.model)
             call.usage = usage_in(content)
+            call.reply_chars = len(content)  # if no usage came, the ledger estimates from it
             if function == "image":
                 call.images = content.count(b'"b64_json"')
             if function == "embedding" and re.search(rb'"embedding"\s*:\s*\[\s*\[', content):
@@ -340,24 +342,34 @@ class Service:
         # Off the event loop: a long prompt takes a while to tokenize.
         needed = await asyncio.to_thread(tokens.prompt, req, body) + 1
         generates = isinstance(req, ChatRequest | CompletionRequest)
-        n = tokens.choices(req, body) if generates else 1
+        n = tokens.choices(req) if generates else 1
         asked = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
         worst = asked or tokens.max_output(req.model)  # per choice
         wanted = n * worst if generates else 0
         if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):
             needed += req.n * IMAGE_TOKENS.get(req.quality, IMAGE_TOKENS["auto"])
-        call.reservation = await asyncio.to_thread(
-            self.ledger.reserve,
-            user=call.caller.name,
-            limits=call.caller.limits,
-            function=call.function,
-            model=call.model,
-            provider=self.provider.name,
-            source=call.source,
-            request_id=call.request_id,
-            estimate=needed + wanted,
-            minimum=needed + n if generates else needed,  # a reply token for each choice
+        hold = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.ledger.reserve,
+                user=call.caller.name,
+                limits=call.caller.limits,
+                function=call.function,
+                model=call.model,
+                provider=self.provider.name,
+                source=call.source,
+                request_id=call.request_id,
+                estimate=needed + wanted,
+                minimum=needed + n if generates else needed,  # a reply token for each choice
+            )
         )
+        try:
+            call.reservation = await asyncio.shield(hold)
+        except asyncio.CancelledError:
+            # The client left while the row was being written: wait for it, so the call
+            # settles it as cancelled (_track) instead of its tokens staying held.
+            with contextlib.suppress(errors.ServiceError):
+                call.reservation = await hold
+            raise
         budget = call.reservation.token_budget
         if budget is not None and generates:
             room = max(1, (budget - needed) // n)  # >= 1: the reservation required room
@@ -507,10 +519,12 @@ def _payload(body: dict[str, Any], req: FunctionRequest, *, stream: bool, cap_pa
         out["stream"] = True
         out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     cap = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
-    if cap is not None and cap != (body.get("max_completion_tokens") or body.get("max_tokens")):
-        if "max_completion_tokens" in body or "max_tokens" in body:
-            key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if cap is not None:
+        named = [k for k in REPLY_LIMITS if body.get(k) is not None]
+        if named:
+            for key in named:  # every name the upstream might read, not one of them
+                if body[key] != cap:
+                    out[key] = cap
         else:
-            key = cap_param if isinstance(req, ChatRequest) else "max_tokens"
-        out[key] = cap
+            out[cap_param if isinstance(req, ChatRequest) else "max_tokens"] = cap
     return orjson.dumps(out)

@@ -29,7 +29,7 @@ from core.schemas import (
     ImageRequest,
 )
 
-IMAGE_PART_TOKENS = 2_000  # a high-detail image of the largest size OpenAI bills
+IMAGE_PART_TOKENS = 4_000  # an image at the most a vision model of OpenAI's bills (~2.5-3.8k)
 FILE_PART_TOKENS = 100_000  # a file by id: its size is unknown here
 PER_MESSAGE = 4  # the tokens OpenAI's chat format adds around each message
 PER_REPLY = 3  # and to prime the reply
@@ -69,11 +69,13 @@ def max_output(model: str | None) -> int:
     return DEFAULT_MAX_OUTPUT
 
 
-def choices(request: FunctionRequest, body: dict[str, Any]) -> int:
+def choices(request: FunctionRequest) -> int:
     """How many replies one call makes: n (best_of for completions, which makes that many and
     returns n) for each prompt (a completions call takes a list of them)."""
-    values = [body.get("n"), body.get("best_of")]
-    per_prompt = max([v for v in values if isinstance(v, int) and v > 0] or [1])
+    per_prompt = 1
+    if isinstance(request, ChatRequest | CompletionRequest):
+        best_of = request.best_of if isinstance(request, CompletionRequest) else None
+        per_prompt = max(request.n or 1, best_of or 1)
     prompts = 1
     if isinstance(request, CompletionRequest) and isinstance(request.prompt, list):
         many = request.prompt and not isinstance(request.prompt[0], int)
@@ -90,11 +92,14 @@ def prompt(request: FunctionRequest, body: dict[str, Any] | None = None) -> int:
     total = count(orjson.dumps(extra).decode(), model) if extra else 0
     if isinstance(request, ChatRequest):
         for message in request.messages:
-            total += PER_MESSAGE + count(message.text(), model) + count(message.name or "", model)
-            calls = message.tool_calls or message.function_call
-            total += count(orjson.dumps(calls).decode(), model) if calls else 0
-            for part in message.content if isinstance(message.content, list) else []:
-                total += _part(part.model_dump(exclude_none=True), model)
+            # Everything in the message counts, by its JSON (every field, known or not: none
+            # can slip past); parts that are not text at their own rate.
+            data = message.model_dump(exclude_none=True)
+            parts = data.pop("content") if isinstance(message.content, list) else []
+            total += PER_MESSAGE + count(orjson.dumps(data).decode(), model)
+            for part in parts:
+                text = part.get("text") if part.get("type") == "text" else None
+                total += count(text, model) if isinstance(text, str) else _part(part, model)
         return total + PER_REPLY
     if isinstance(request, CompletionRequest | EmbeddingRequest):
         value = request.prompt if isinstance(request, CompletionRequest) else request.texts
@@ -115,8 +120,6 @@ def _tokens(value: Any, model: str | None) -> int:
 
 def _part(part: dict[str, Any], model: str | None) -> int:
     kind = part.get("type")
-    if kind == "text":
-        return 0  # counted with the message's text
     if kind == "image_url":
         return IMAGE_PART_TOKENS
     if kind == "file" and "file_data" not in (part.get("file") or {}):

@@ -130,3 +130,49 @@ def test_each_prompt_of_a_completions_call_gets_its_share(gateway, upstream) -> 
     sent = [r for r in upstream.requests if r["path"] == "/v1/completions"][-1]["json"]
     assert 10 * 2 * sent["max_tokens"] <= 2_000
     assert spent(core, "quota-prompts") <= 2_000
+
+
+def test_every_name_for_the_reply_length_is_held_and_capped(gateway, upstream) -> None:
+    sdk, _ = sdk_for(gateway, "quota-aliases", 2_000)
+    sdk.chat.completions.create(
+        model="gpt-4.1-mini",
+        messages=HI,
+        max_completion_tokens=10,
+        extra_body={"max_tokens": 100_000, "n_predict": 100_000},
+    )
+    sent = last_upstream_body(upstream)
+    assert sent["max_tokens"] == sent["n_predict"] == sent["max_completion_tokens"] < 2_000
+
+
+def test_every_field_of_a_message_counts(gateway, upstream) -> None:
+    sdk, _ = sdk_for(gateway, "quota-fields", 2_000)
+    upstream.reset()
+    big = {"role": "assistant", "content": "ok", "refusal": "word " * 5_000}
+    odd = {"role": "assistant", "content": "ok", "reasoning_content": "word " * 5_000}
+    for message in (big, odd):
+        with pytest.raises(openai.RateLimitError):
+            sdk.chat.completions.create(model="gpt-4.1-mini", messages=[message, *HI])
+    assert upstream.requests == []
+
+
+def test_n_as_a_string_counts_and_nonsense_is_refused(gateway, upstream) -> None:
+    sdk, _ = sdk_for(gateway, "quota-n-string", 2_000)
+    sdk.chat.completions.create(model="gpt-4.1-mini", messages=HI, extra_body={"n": "20"})
+    assert 20 * last_upstream_body(upstream)["max_tokens"] <= 2_000
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(model="gpt-4.1-mini", messages=HI, extra_body={"n": "lots"})
+    assert info.value.param == "n"
+
+
+def test_a_reply_without_usage_is_still_billed(gateway) -> None:
+    sdk, core = sdk_for(gateway, "quota-no-usage", 2_000)
+    reply = sdk.chat.completions.create(model="no-usage", messages=HI)
+    assert reply.usage is None
+    assert spent(core, "quota-no-usage") > 0
+
+
+def test_extra_message_fields_reach_the_upstream(gateway, upstream) -> None:
+    sdk, _ = sdk_for(gateway, "quota-extra-fields", 100_000)
+    messages = [{"role": "assistant", "content": "hi", "reasoning_content": "thought"}, *HI]
+    sdk.chat.completions.create(model="gpt-4.1-mini", messages=messages)
+    assert last_upstream_body(upstream)["messages"][0]["reasoning_content"] == "thought"

@@ -187,6 +187,8 @@ async def _model_gate(body: dict) -> Response | None:
         return _error(400, f"Could not process the message {quoted!r}")
     if slow := re.fullmatch(r"(?:gpt-image-)?slow-(\d+(?:\.\d*)?)", model):
         await asyncio.sleep(float(slow[1]))  # async sleep so concurrent requests really overlap
+    elif model == "no-usage":
+        pass  # answers chat without a usage object (some servers never send one)
     elif model == "embed-per-token":
         pass  # answers embeddings with one vector per word (see embeddings)
     elif re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model):
@@ -232,7 +234,8 @@ def chat_completions(body: dict) -> Response:
         message = {"role": "assistant", "content": reply, "refusal": None}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         return JSONResponse(
-            {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            {**base, "object": "chat.completion", "choices": [choice]}
+            | ({} if body["model"] == "no-usage" else {"usage": usage})
         )
 
     def chunk(text: str, reason: str | None, delta: dict | None = None) -> dict:

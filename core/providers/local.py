@@ -61,6 +61,11 @@ def _unsupported(param: str, what: str) -> errors.InvalidRequest:
     return error
 
 
+def _one_choice(*counts: int | None) -> None:
+    if any((c or 1) > 1 for c in counts):
+        raise _unsupported("n", "several choices in one call (send one call per choice)")
+
+
 def load_llama(path: Path, **kwargs: Any) -> llama_cpp.Llama:
     """Load a GGUF quietly; a file llama.cpp cannot read becomes a one-line ConfigError."""
     noise = io.StringIO()  # llama-cpp-python prints llama.cpp's log lines to sys.stderr
@@ -148,6 +153,7 @@ class LocalProvider:
     # generator would not close the inner one (and stop the worker) until garbage collection.
     def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
+        _one_choice(request.n)
         for i, message in enumerate(request.messages):
             if message.has_media():
                 raise _unsupported(f"messages.{i}.content", "images, audio or files")
@@ -163,6 +169,7 @@ class LocalProvider:
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
+        _one_choice(request.n, request.best_of)
         if not isinstance(request.prompt, str | None):
             raise _unsupported("prompt", "a list of prompts or token ids (one text per call)")
         prompt = request.prompt or ""
