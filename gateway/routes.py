@@ -19,6 +19,7 @@ from core import errors
 from core.auth import LockedOut, Principal
 from core.context import Core
 from core.endpoints import ENDPOINTS
+from core.schemas import ModelInfo
 from core.service import new_request_id
 from gateway import shapes
 
@@ -246,32 +247,33 @@ def build_router(core: Core) -> APIRouter:
             f"/v1/{endpoint.path}", route(endpoint.name), methods=["POST"], name=endpoint.name
         )
 
-    @router.get("/v1/models")
-    async def models(request: Request) -> Response:
+    async def listed(request: Request) -> list[ModelInfo] | Response:
+        """The backend's models for an authenticated caller, or the answer that refuses."""
         try:
-            caller = caller_of(request)
-            listed = await service.list_models(caller=caller, source="v1")
+            return await service.list_models(caller=caller_of(request), source="v1")
         except Refusal as refusal:
             return refusal.response
         except errors.ServiceError as exc:
             return error_response(exc)
-        return Response(shapes.models_body(listed), media_type=JSON)
+
+    @router.get("/v1/models")
+    async def models(request: Request) -> Response:
+        found = await listed(request)
+        if isinstance(found, Response):
+            return found
+        return Response(shapes.models_body(found), media_type=JSON)
 
     @router.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> Response:
-        try:
-            caller = caller_of(request)
-            listed = await service.list_models(caller=caller, source="v1")
-        except Refusal as refusal:
-            return refusal.response
-        except errors.ServiceError as exc:
-            return error_response(exc)
-        found = next((m for m in listed if m.id == model), None)
-        if found is None:
+        found = await listed(request)
+        if isinstance(found, Response):
+            return found
+        one = next((m for m in found if m.id == model), None)
+        if one is None:
             message = f"The model '{model[:256]}' does not exist or you do not have access to it."
             body = shapes.error_body(message, status=404, param="model", code="model_not_found")
             return json_error(body, 404)
-        return Response(shapes.model_body(found), media_type=JSON)
+        return Response(shapes.model_body(one), media_type=JSON)
 
     known = {f"/v1/{e.path}" for e in ENDPOINTS.values()} | {"/v1/models"}
 
