@@ -112,6 +112,13 @@ class UpstreamRejected(ServiceError):
     default_message = "The upstream rejected the request."
 
 
+class UpstreamTooLarge(UpstreamRejected):
+    """The upstream found the request too large (413)."""
+
+    status = 413
+    code = "request_too_large"
+
+
 class UpstreamError(ServiceError):
     """The upstream failed on its side (5xx) or sent something we cannot read."""
 

@@ -93,3 +93,24 @@ def test_upstream_request_errors_are_logged_with_the_request_id(service: Service
     with pytest.raises(errors.ModelNotFound) as info:
         chat(service, "no-such-model")
     assert f"request_id={info.value.request_id} user=system source=core function=chat" in logged()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error", "words", "code"),
+    [
+        (422, {"detail": [{"loc": ["body", "n"], "msg": "too big"}]}, errors.UpstreamRejected,
+         "body.n: too big", None),
+        (400, {"error": {"message": "bad", "code": 400, "type": "invalid"}},
+         errors.UpstreamRejected, "bad", "400"),
+        (413, {"error": "Payload Too Large"}, errors.UpstreamTooLarge, "Payload Too Large",
+         "request_too_large"),
+        (502, "not json", errors.UpstreamError, "status 502", None),
+    ],
+)  # fmt: skip
+def test_error_bodies_of_other_servers_keep_their_reason(status, body, error, words, code) -> None:
+    """FastAPI's detail lists (vLLM, llama.cpp's server), numeric codes, bare strings."""
+    from core.providers.openai import map_status
+
+    mapped = map_status(status, body, model="m", path="chat/completions")
+    assert isinstance(mapped, error) and words in str(mapped)
+    assert mapped.code == code and mapped.status == error.status

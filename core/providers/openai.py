@@ -95,6 +95,8 @@ def map_status(
         return errors.RateLimited(text, retry_after=seconds, code=code or "rate_limit_exceeded")
     if status >= 500:
         return errors.UpstreamError(f"The upstream failed with status {status}{said}")
+    if status == 413:
+        return errors.UpstreamTooLarge(f"The upstream found the request too large{said}")
     return errors.UpstreamRejected(
         f"The upstream rejected the request{said}", param=param, code=code, error_type=kind
     )
@@ -102,10 +104,23 @@ def map_status(
 
 def _error_fields(body: object) -> tuple[str, str | None, str | None, str | None]:
     """(message, type, code, param) of an error body: OpenAI's shape, FastAPI's {"detail"}
-    or a bare {"message"}; strings only, messages cut to 500 characters."""
+    (a text, or a list of {"loc", "msg"}) or a bare {"message"}; a numeric code (llama.cpp,
+    vLLM) as text; messages cut to 500 characters."""
 
     def text(value: object) -> str | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
         return value if isinstance(value, str) and value else None
+
+    def details(value: object) -> str | None:
+        if not isinstance(value, list):
+            return text(value)
+        said = [
+            f"{'.'.join(str(p) for p in d.get('loc') or [])}: {d.get('msg')}".lstrip(": ")
+            for d in value
+            if isinstance(d, dict) and isinstance(d.get("msg"), str)
+        ]
+        return "; ".join(said) or None
 
     if not isinstance(body, dict):
         return "", None, None, None
@@ -114,7 +129,7 @@ def _error_fields(body: object) -> tuple[str, str | None, str | None, str | None
         return inner[:500], None, None, None
     if not isinstance(inner, dict):
         return "", None, None, None
-    message = text(inner.get("message")) or text(inner.get("detail")) or ""
+    message = text(inner.get("message")) or details(inner.get("detail")) or ""
     return message[:500], text(inner.get("type")), text(inner.get("code")), text(inner.get("param"))
 
 
