@@ -341,8 +341,8 @@ class Service:
             return req  # nothing to check: the outcome is written as one row afterwards
         # Off the event loop: a long prompt takes a while to tokenize.
         needed = await asyncio.to_thread(tokens.prompt, req, body) + 1
-        generates = isinstance(req, ChatRequest | CompletionRequest)
-        n = tokens.choices(req) if generates else 1
+        generates = ENDPOINTS[call.function].generates
+        n = tokens.choices(req)  # 1 but for n, best_of and lists of prompts
         asked = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
         worst = asked or tokens.max_output(req.model)  # per choice
         wanted = n * worst if generates else 0
