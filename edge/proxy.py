@@ -7,20 +7,23 @@ import asyncio
 import logging
 from typing import Any
 
-from fastapi import FastAPI
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from edge.http import ASGIApp
 
 log = logging.getLogger("edge.proxy")
 HEADER_TIMEOUT = 10.0  # seconds from a connection (or a keep-alive request's first byte)
 
 
-def trust_proxies(app: FastAPI, proxies: tuple[str, ...]) -> None:
-    """Honour forwarded headers from FORWARDED_ALLOW_IPS only (the default trusts no one:
-    without a proxy, anyone could pick their own address and dodge the login lockout).
-    Added last, so it runs first: every guard sees the client's real address and scheme."""
-    if proxies:
-        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(proxies))
+def trust_proxies(app: ASGIApp, proxies: tuple[str, ...]) -> ASGIApp | None:
+    """`app` honouring forwarded headers from FORWARDED_ALLOW_IPS only, or None when no proxy
+    is trusted (the default: without a proxy, anyone could pick their own address and dodge
+    the login lockout). It goes in front of everything, so every guard sees the client's real
+    address and scheme."""
+    if not proxies:
+        return None
+    return ProxyHeadersMiddleware(app, trusted_hosts=list(proxies))
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):

@@ -1,9 +1,11 @@
-"""The OpenAI-compatible /v1 API and /metrics: bearer keys, the same service, bytes passed on."""
+"""The bearer APIs: OpenAI-compatible /v1, /metrics and /health, the same service, bytes passed on.
+
+A plain Starlette router, not FastAPI: these are the hot path, and need neither FastAPI's
+dependency solving nor the dashboard's session, file and Gradio layers (see ui/server.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,9 +13,10 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route, Router
 
 from core import errors
 from core.auth import LockedOut, Principal
@@ -51,22 +54,29 @@ class ClientGone(Exception):
 async def while_connected(request: Request, work: Awaitable[T]) -> T:
     """`work`'s result, unless the client hangs up first: then `work` is cancelled (the
     upstream call is dropped, the embedded model stops) and ClientGone is raised. Streams need
-    no such thing: a closed connection already ends them."""
-    task = asyncio.ensure_future(work)
+    no such thing: a closed connection already ends them. `work` runs in this task; only the
+    wait for a hang-up is a task of its own."""
+    me = asyncio.current_task()
+    assert me is not None
+    finished, left = False, False
+
+    def on_gone(watcher: asyncio.Future[None]) -> None:
+        nonlocal left
+        if not finished and not watcher.cancelled() and watcher.exception() is None:
+            left = True
+            me.cancel()
+
     gone = asyncio.ensure_future(_hung_up(request))
+    gone.add_done_callback(on_gone)
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
+        if left and me.uncancel() == 0:
+            raise ClientGone from None
         raise
     finally:
+        finished = True
         gone.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientGone
 
 
 async def _hung_up(request: Request) -> None:
@@ -91,10 +101,36 @@ def _bearer(request: Request) -> str:
     return key.strip() if scheme.lower() == "bearer" else ""
 
 
-def build_router(core: Core) -> APIRouter:
-    """Routes for /v1/* and /metrics, served by the same process as the dashboard."""
-    router = APIRouter()
+def answering(
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint whose unexpected failure is a logged 500 in OpenAI's shape, never a bare
+    "Internal Server Error" that clients cannot parse."""
+
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            message = "Something went wrong on our side; the server log has the details."
+            return json_error(shapes.error_body(message, status=500), 500)
+
+    return guarded
+
+
+def build_router(core: Core) -> Router:
+    """Routes for /v1/*, /metrics and /health, served by the same process as the dashboard."""
+    routes: list[BaseRoute] = []
     service = core.service
+
+    def add(path: str, methods: list[str], name: str | None = None):
+        def register(
+            endpoint: Callable[[Request], Awaitable[Response]],
+        ) -> Callable[[Request], Awaitable[Response]]:
+            routes.append(Route(path, answering(endpoint), methods=methods, name=name))
+            return endpoint
+
+        return register
 
     def caller_of(request: Request) -> Principal:
         key = _bearer(request)
@@ -243,9 +279,7 @@ def build_router(core: Core) -> APIRouter:
         return endpoint
 
     for endpoint in ENDPOINTS.values():
-        router.add_api_route(
-            f"/v1/{endpoint.path}", route(endpoint.name), methods=["POST"], name=endpoint.name
-        )
+        add(f"/v1/{endpoint.path}", ["POST"], endpoint.name)(route(endpoint.name))
 
     async def listed(request: Request) -> list[ModelInfo] | Response:
         """The backend's models for an authenticated caller, or the answer that refuses."""
@@ -256,15 +290,16 @@ def build_router(core: Core) -> APIRouter:
         except errors.ServiceError as exc:
             return error_response(exc)
 
-    @router.get("/v1/models")
+    @add("/v1/models", ["GET"])
     async def models(request: Request) -> Response:
         found = await listed(request)
         if isinstance(found, Response):
             return found
         return Response(shapes.models_body(found), media_type=JSON)
 
-    @router.get("/v1/models/{model:path}")
-    async def model(model: str, request: Request) -> Response:
+    @add("/v1/models/{model:path}", ["GET"])
+    async def model(request: Request) -> Response:
+        model = request.path_params["model"]
         found = await listed(request)
         if isinstance(found, Response):
             return found
@@ -277,14 +312,22 @@ def build_router(core: Core) -> APIRouter:
 
     known = {f"/v1/{e.path}" for e in ENDPOINTS.values()} | {"/v1/models"}
 
-    @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])
-    async def unknown(rest: str, request: Request) -> Response:
+    every_method = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+    @add("/v1", every_method)
+    @add("/v1/{rest:path}", every_method)
+    async def unknown(request: Request) -> Response:
         """What OpenAI answers for a path or method it does not have, in its error shape."""
         status = 405 if request.url.path.rstrip("/") in known else 404
         message = f"Invalid URL ({request.method} {request.url.path})"
         return json_error(shapes.error_body(message, status=status), status)
 
-    @router.get("/metrics")
+    @add("/health", ["GET"])
+    async def health(request: Request) -> Response:
+        """Public liveness and upstream status; no secret, no key fragment."""
+        return Response(orjson.dumps(await service.health()), media_type=JSON)
+
+    @add("/metrics", ["GET"])
     async def metrics(request: Request) -> Response:
         if not core.settings.metrics_public:
             key = _bearer(request)
@@ -302,7 +345,7 @@ def build_router(core: Core) -> APIRouter:
                 return json_error(body, 401)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return router
+    return Router(routes=routes, redirect_slashes=False)
 
 
 async def stream_response(

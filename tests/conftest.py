@@ -12,13 +12,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import uvicorn
-from fastapi import FastAPI
 from gradio_client import Client
 
 from core.config import Settings, load_settings
@@ -53,7 +53,7 @@ class Served:
         self.thread.join(timeout=10)
 
 
-def serve(app: FastAPI) -> Served:
+def serve(app: Any) -> Served:
     port = free_port()
     from ui.server import server_options  # served as app.py serves it
 
@@ -110,7 +110,7 @@ def settings(upstream: FakeUpstream) -> Settings:
 
 @pytest.fixture(scope="session")
 def running_app(settings: Settings) -> Iterator[Served]:
-    """The whole app (FastAPI + Gradio behind auth) on a free port, once per session."""
+    """The whole app (the APIs, and Gradio behind auth) on a free port, once per session."""
     from ui.server import create_app
 
     served = serve(create_app(settings))

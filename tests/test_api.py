@@ -163,7 +163,7 @@ def test_gradio_monitoring_is_off_and_keeps_no_per_event_analytics(running_app, 
     with httpx.Client(base_url=running_app.url) as http:
         assert http.post("/login", data={"username": "tester", "password": ACCESS_KEY}).is_success
         assert http.get("/monitoring/summary").status_code == 403
-    mount = next(r for r in running_app.server.config.app.routes if isinstance(r, Mount))
+    mount = next(r for r in running_app.server.config.app.dashboard.routes if isinstance(r, Mount))
     queue = mount.app.get_blocks()._queue
     assert len(queue.event_analytics) <= 1
     assert queue.cached_event_analytics_summary == {"functions": {}}

@@ -13,15 +13,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
 import pytest
-from fastapi import FastAPI
 
 from tests.conftest import ACCESS_KEY, Served, app_settings, logged, serve
 from tests.upstream import FakeUpstream
+
+if TYPE_CHECKING:
+    from ui.server import Server
 
 ORIGIN = "https://tools.example.com"  # the one foreign origin the module's app allows
 EVIL = "https://evil.example.net"
@@ -30,7 +32,7 @@ EVIL = "https://evil.example.net"
 @dataclass
 class Edge:
     url: str
-    app: FastAPI
+    app: Server
     served: Served
     data_dir: Path
 
@@ -136,7 +138,8 @@ def test_gradio_itself_refuses_paths_outside_its_upload_folder(edge: Edge) -> No
     from gradio.context import LocalContext
     from gradio.exceptions import InvalidPathError
 
-    mounted = next(r for r in edge.app.routes if hasattr(getattr(r, "app", None), "get_blocks"))
+    routes = edge.app.dashboard.routes
+    mounted = next(r for r in routes if hasattr(getattr(r, "app", None), "get_blocks"))
     demo = mounted.app.get_blocks()
     block = next(b for b in demo.blocks.values() if type(b).__name__ == "File")
     reset = LocalContext.blocks.set(demo)
@@ -462,7 +465,7 @@ def test_uploads_and_outputs_are_deleted_after_their_time(edge: Edge, monkeypatc
     from edge import files
 
     registry = next(
-        m.kwargs["registry"] for m in edge.app.user_middleware if m.cls is files.FileGuard
+        m.kwargs["registry"] for m in edge.app.dashboard.user_middleware if m.cls is files.FileGuard
     )
     monkeypatch.setattr(files, "SWEEP_EVERY", 0.0)
     monkeypatch.setattr(registry, "ttl", 0.3)

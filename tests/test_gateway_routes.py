@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ACCESS_KEY, Served
+from tests.conftest import ACCESS_KEY, Served, logged
 
 AUTH = {"authorization": f"Bearer {ACCESS_KEY}"}
 
@@ -19,6 +19,8 @@ AUTH = {"authorization": f"Bearer {ACCESS_KEY}"}
         ("POST", "/v1/audio/speech", 404),
         ("GET", "/v1/chat/completions", 405),
         ("DELETE", "/v1/embeddings", 405),
+        ("OPTIONS", "/v1/chat/completions", 405),
+        ("GET", "/v1", 404),
     ],
 )
 def test_unknown_routes_and_methods_answer_in_openais_shape(
@@ -101,3 +103,24 @@ def test_one_vector_per_token_is_the_upstreams_fault(running_app: Served) -> Non
             )
         assert info.value.status_code == 502
         assert "one vector per token" in info.value.message
+
+
+def test_an_unexpected_failure_is_a_500_in_openais_shape_and_the_server_keeps_serving(
+    tight, monkeypatch
+) -> None:
+    served, app = tight
+    service = app.state.core.service
+
+    async def broken(**_: object) -> None:
+        raise RuntimeError("internal detail sk-should-not-leak")
+
+    monkeypatch.setattr(service, "list_models", broken)
+    before = len(logged())
+    answer = httpx.get(served.url + "/v1/models", headers=AUTH)
+    assert answer.status_code == 500
+    error = answer.json()["error"]
+    assert error["type"] == "server_error"
+    assert "sk-should-not-leak" not in answer.text and "Traceback" not in answer.text
+    assert "GET /v1/models failed" in logged()[before:]
+    monkeypatch.undo()
+    assert httpx.get(served.url + "/v1/models", headers=AUTH).status_code == 200

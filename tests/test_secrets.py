@@ -7,10 +7,10 @@ import base64
 import logging
 import secrets
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
@@ -20,6 +20,9 @@ from core.service import Service
 from core.users import new_key
 from tests.conftest import ACCESS_KEY, UPSTREAM_KEY, Served, app_settings, logged, serve
 from tests.upstream import FakeUpstream
+
+if TYPE_CHECKING:
+    from ui.server import Server
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -75,7 +78,7 @@ CREDENTIALS = ("up-user-" + secrets.token_hex(4), "up-pass-" + secrets.token_hex
 @pytest.fixture(scope="module")
 def basic_app(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[FastAPI, Served, FakeUpstream]]:
+) -> Iterator[tuple[Server, Served, FakeUpstream]]:
     """The app on its own upstream that wants the Basic credentials in OPENAI_BASE_URL (and
     with its own login lockout, so the wrong logins here lock nothing else out)."""
     from ui.server import create_app

@@ -1,5 +1,6 @@
-"""The server: FastAPI with /health, /v1 and /metrics, the edge's guards, and the dashboard
-mounted on it behind Gradio's login."""
+"""The server: two stacks behind one port. The bearer APIs (/v1, /metrics, /health) take a
+short path: CORS, the body limit, a Starlette router. Everything else is the dashboard: FastAPI
+with the edge's session, body and file guards, and Gradio mounted behind its login."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
 
 from core.config import Settings
 from core.context import Core, open_core
 from edge.body import BodyLimit
 from edge.files import FileGuard, FileRegistry
+from edge.http import ASGIApp, Receive, Scope, Send, is_bearer_api
 from edge.origin import OriginPolicy
 from edge.proxy import GuardedHttpToolsProtocol, trust_proxies
 from edge.sessions import SessionGuard, SessionTable
@@ -43,9 +44,39 @@ def _skip_gradio_analytics() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**62))
 
 
-def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
-    """The whole server: /health and the APIs, then Gradio behind its login, mounted at the
-    root, with the edge's guards around everything."""
+class Server:
+    """The ASGI app uvicorn serves: a request for the bearer APIs goes to `api`, every other
+    request (and the lifespan, which starts Gradio's queue) to `dashboard`."""
+
+    def __init__(self, api: ASGIApp, dashboard: FastAPI, front: ASGIApp | None = None) -> None:
+        self.api = api
+        self.dashboard = dashboard
+        self.front = front  # forwarded headers, when a proxy is trusted
+
+    @property
+    def state(self) -> Any:
+        return self.dashboard.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is not None:
+            await self.front(scope, receive, send)
+        else:
+            await self.route(scope, receive, send)
+
+    async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_api(scope["path"]):
+            await self.api(scope, receive, send)
+        else:
+            await self.dashboard(scope, receive, send)
+
+
+def is_api(path: str) -> bool:
+    return is_bearer_api(path) or path == "/health"
+
+
+def create_app(settings: Settings, core: Core | None = None) -> Server:
+    """The whole server: the bearer APIs on their own short stack, and Gradio behind its
+    login, mounted at the root, with the edge's guards around it."""
     _record_missing_matplotlib()
     _skip_gradio_analytics()
     core = core or open_core(settings)
@@ -81,14 +112,6 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
         remote_images=settings.allow_remote_images,
     )
 
-    # Registered before the mount, or Gradio's catch-all would shadow them.
-    app.include_router(build_router(core))
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        """Public liveness and upstream status; no secret, no key fragment."""
-        return JSONResponse(await core.service.health())
-
     gr.mount_gradio_app(
         app,
         demo,
@@ -113,8 +136,15 @@ def create_app(settings: Settings, core: Core | None = None) -> FastAPI:
     # launched", which launch() sets and mount_gradio_app() does not: without this, any
     # event input naming /proc/self/environ is copied into the cache and served back.
     demo.has_launched = True
-    trust_proxies(app, settings.forwarded_allow_ips)
-    return app
+    api = OriginPolicy(
+        BodyLimit(build_router(core), max_bytes=settings.max_request_bytes),
+        allowed_origins=settings.allowed_origins,
+        v1_origins=settings.v1_cors_origins,
+        remote_images=settings.allow_remote_images,
+    )
+    server = Server(api, app)
+    server.front = trust_proxies(server.route, settings.forwarded_allow_ips)
+    return server
 
 
 def server_options() -> dict[str, Any]:
