@@ -383,6 +383,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="sequential calls per case")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--total", type=int, default=2000, help="requests per throughput case")
+    parser.add_argument(
+        "--sdk-only", action="store_true", help="only the openai SDK cases (/v1), not Gradio's"
+    )
     args = parser.parse_args()
 
     up_port, app_port = free_port(), free_port()
@@ -436,6 +439,8 @@ def main() -> None:
         idle = pids | {peer.name: peer.pid for peer in apps[1:]}
         print(f"idle cpu ms/s (counted in the cpu ms/req figures): {idle_cpu(idle)}")
         asyncio.run(measure_sdk(direct_url, app_url, pids, args))
+        if args.sdk_only:
+            return
         measure_gradio(direct_url, upstream.pid, apps, args)
         for target in (apps[0], apps[2]):  # what the server costs, without gradio_client
             asyncio.run(measure_gradio_raw(direct_url, upstream.pid, target, args))

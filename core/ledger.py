@@ -85,18 +85,20 @@ class Ledger:
         # this process's writers on a lock instead hands the database over at once.
         self._write = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
         # Outcomes are written by one thread, in batches, off the request path; reads flush it.
-        self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
-        self._unwritten = 0
-        self._idle = threading.Condition()
+        # The writer never takes the submitters' lock, so handing an outcome over never waits.
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._submitting = threading.Lock()
+        self._submitted = 0  # outcomes handed over, counted with their put
+        self._written = 0  # of those, how many are written (set by the writer only)
         self._writer: threading.Thread | None = None
 
     def _submit(self, kind: str, params: dict[str, Any]) -> None:
-        with self._idle:
-            self._unwritten += 1
-            if self._writer is None or not self._writer.is_alive():
+        with self._submitting:
+            if self._writer is None:
                 self._writer = threading.Thread(target=self._drain, name="ledger", daemon=True)
                 self._writer.start()
-        self._queue.put((kind, params))
+            self._submitted += 1
+            self._queue.put((kind, params))
 
     def _write_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """One transaction, one executemany per kind, with statements built once."""
@@ -110,14 +112,16 @@ class Ledger:
 
     def _drain(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < 500:
+            taken = [self._queue.get()]
+            while len(taken) < 500:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    taken.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            batch = [item for item in taken if item[0] != "flush"]
             try:
-                self._write_batch(batch)
+                if batch:
+                    self._write_batch(batch)
             except Exception:
                 log.exception("could not write %d ledger rows; retrying one by one", len(batch))
                 for item in batch:
@@ -125,14 +129,18 @@ class Ledger:
                         self._write_batch([item])
                     except Exception:
                         log.exception("dropped a ledger row")
-            with self._idle:
-                self._unwritten -= len(batch)
-                self._idle.notify_all()
+            self._written += len(batch)  # only this thread writes it
+            for kind, done in taken:
+                if kind == "flush":  # everything queued before the marker is written now
+                    done.set()
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every outcome handed to the ledger is written."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._unwritten == 0, timeout=timeout)
+        """Wait until every outcome handed to the ledger so far is written."""
+        if self._written >= self._submitted:
+            return  # nothing pending: no round trip to the writer
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        done.wait(timeout)
 
     @contextmanager
     def _begin(self) -> Iterator[sa.Connection]:

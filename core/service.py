@@ -67,7 +67,7 @@ class Call:
     reservation: Reservation | None = None
     refused: bool = False
     images: int = 0
-    prompt_chars: int = 0
+    request: FunctionRequest | None = None  # once validated
     reply_chars: int = 0
     reply_cap: int | None = None  # max_tokens as sent upstream, if any
     slot: asyncio.Semaphore | None = None  # held while the backend serves the call
@@ -331,11 +331,11 @@ class Service:
         if req.model is None:
             req = req.model_copy(update={"model": self.default_model(call.function)})
         call.model = req.model
+        call.request = req
         if self.ledger is None:
             return req
-        prompt = req.prompt_text()
-        call.prompt_chars = len(prompt)
-        call.prompt_text = prompt if self.settings.log_content else None
+        if self.settings.log_content:
+            call.prompt_text = req.prompt_text()
         limits = call.caller.limits
         if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
             return req  # nothing to check: the outcome is written as one row afterwards
@@ -485,7 +485,8 @@ class Service:
 
 def _estimate(call: Call) -> Usage:
     """Usage for a reply whose upstream reported none: about four characters a token."""
-    prompt, completion = call.prompt_chars // 4, call.reply_chars // 4
+    prompt_chars = len(call.request.prompt_text()) if call.request is not None else 0
+    prompt, completion = prompt_chars // 4, call.reply_chars // 4
     if call.reply_cap:
         completion = min(completion, call.reply_cap)  # it cannot have made more than that
     return Usage(

@@ -322,6 +322,35 @@ def test_an_upstream_failure_is_recorded(upstream, database) -> None:
     assert interrupted["prompt_tokens"] > 0 and interrupted["completion_tokens"] > 0
 
 
+def test_a_read_sees_every_outcome_handed_over_from_many_threads(upstream, database) -> None:
+    """Outcomes are written in the background; a read (which flushes) must see each one that
+    was handed over before it, whichever thread handed it over and whatever the writer was
+    doing at that moment."""
+    with opened(upstream, database) as core:
+        ledger = core.ledger
+
+        def hand_over(worker: int) -> int:
+            seen = 0
+            for i in range(60):
+                ledger.record(
+                    user=f"row-threads-{worker}",
+                    function="chat",
+                    model="gpt-4.1-mini",
+                    provider="openai",
+                    source="v1",
+                    request_id=f"req_threads_{worker}_{i}",
+                    status="ok",
+                    prompt_tokens=1,
+                )
+                # Each read is right away, while other threads are still handing rows over.
+                seen = len(ledger.rows(users=[f"row-threads-{worker}"]))
+                assert seen == i + 1
+            return seen
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            assert list(pool.map(hand_over, range(6))) == [60] * 6
+
+
 def test_invalid_input_is_recorded_and_never_sent(upstream, database) -> None:
     who = caller("row-invalid")
     upstream.reset()
