@@ -33,6 +33,10 @@ class Endpoint:
     generates: bool = False  # a reply whose length max_tokens bounds (and the quota holds)
     # The request model's field names that OpenAI's clients know by another name.
     renamed: Callable[[dict[str, Any]], dict[str, str]] = field(default=lambda body: {})
+    # What a backend that does not serve it says ({backend}: its name), and how to get it.
+    unavailable: str = (
+        "The {backend} backend does not serve /{path}: set OPENAI_BASE_URL to a server that does."
+    )
 
 
 def _stop(value: Any) -> Any:
@@ -129,6 +133,16 @@ ENDPOINTS: dict[str, Endpoint] = {
             embedding_fields,
             renamed=lambda body: {"texts": "input"},
         ),
-        Endpoint("image", ImageRequest, "images/generations", image_fields),
+        Endpoint(
+            "image",
+            ImageRequest,
+            "images/generations",
+            image_fields,
+            unavailable=(
+                "The {backend} backend has no image model. To generate images, set "
+                "OPENAI_API_KEY (and IMAGE_MODEL), or OPENAI_BASE_URL to a server that serves "
+                "/v1/images/generations."
+            ),
+        ),
     )
 }

@@ -109,9 +109,7 @@ class Service:
         request_id: str | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream a chat reply; the last chunk carries the usage when the backend reports it."""
-        call = Call("chat", caller, source, request_id or new_request_id())
-        async with self._track(call):
-            req = await self._prepare(ChatRequest, request, call)
+        async with self._pipeline("chat", request, caller, source, request_id) as (call, req):
             async for chunk in self._relay(self.provider.chat_stream(req), call):
                 yield chunk
 
@@ -124,9 +122,10 @@ class Service:
         request_id: str | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream a text completion of a prompt."""
-        call = Call("completion", caller, source, request_id or new_request_id())
-        async with self._track(call):
-            req = await self._prepare(CompletionRequest, request, call)
+        async with self._pipeline("completion", request, caller, source, request_id) as (
+            call,
+            req,
+        ):
             async for chunk in self._relay(self.provider.completion_stream(req), call):
                 yield chunk
 
@@ -139,15 +138,7 @@ class Service:
         request_id: str | None = None,
     ) -> ImageResult:
         """Generate one or more images (PNG bytes)."""
-        call = Call("image", caller, source, request_id or new_request_id())
-        async with self._track(call):
-            req = await self._prepare(ImageRequest, request, call)
-            if not self.provider.supports_images:
-                raise errors.Unsupported(
-                    f"The {self.provider.name} backend has no image model. To generate images, "
-                    "set OPENAI_API_KEY (and IMAGE_MODEL), or OPENAI_BASE_URL to a server "
-                    "that serves /v1/images/generations."
-                )
+        async with self._pipeline("image", request, caller, source, request_id) as (call, req):
             result = await self.provider.generate_images(req)
             call.images = len(result.images)
             call.usage = result.usage
@@ -162,9 +153,10 @@ class Service:
         request_id: str | None = None,
     ) -> EmbeddingResult:
         """Embed a list of texts, one vector per text."""
-        call = Call("embedding", caller, source, request_id or new_request_id())
-        async with self._track(call):
-            req = await self._prepare(EmbeddingRequest, request, call)
+        async with self._pipeline("embedding", request, caller, source, request_id) as (
+            call,
+            req,
+        ):
             result = await self.provider.embeddings(req)
             call.usage = result.usage
             return result
@@ -187,10 +179,11 @@ class Service:
         request_id: str | None = None,
     ) -> bytes:
         """Validate, reserve, send `body` upstream as it is, account for the answer's usage."""
-        call = Call(function, caller, source, request_id or new_request_id())
         endpoint = ENDPOINTS[function]
-        async with self._track(call):
-            req = await self._prepare(endpoint.request, request, call, body)
+        async with self._pipeline(function, request, caller, source, request_id, body) as (
+            call,
+            req,
+        ):
             payload = _payload(body, req, stream=False, cap_param=self.provider.cap_param)
             content = await self.provider.forward_json(endpoint.path, payload, call.model)
             call.usage = usage_in(content)
@@ -221,10 +214,11 @@ class Service:
         ledger needs it) and its chunk is passed on only when the client asked for it too.
         An upstream that sends none (llama.cpp's server ignores stream_options) gets one made
         from our estimate, so a client that asked for usage always has it."""
-        call = Call(function, caller, source, request_id or new_request_id())
         endpoint = ENDPOINTS[function]
-        async with self._track(call):
-            req = await self._prepare(endpoint.request, request, call, body)
+        async with self._pipeline(function, request, caller, source, request_id, body) as (
+            call,
+            req,
+        ):
             if isinstance(req, ChatRequest | CompletionRequest):
                 call.reply_cap = req.max_tokens
             payload = _payload(body, req, stream=True, cap_param=self.provider.cap_param)
@@ -296,6 +290,24 @@ class Service:
 
     # ---- the plumbing --------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def _pipeline(
+        self,
+        function: str,
+        request: FunctionRequest | Mapping[str, Any],
+        caller: Principal,
+        source: str,
+        request_id: str | None,
+        body: dict[str, Any] | None = None,
+    ) -> AsyncIterator[tuple[Call, Any]]:
+        """Every call, typed or passed through, takes this one path: validate -> reserve ->
+        (the caller's provider step, inside the block) -> settle -> record. Yields the call
+        (for the step to note usage on) and the validated request."""
+        call = Call(function, caller, source, request_id or new_request_id())
+        async with self._track(call):
+            req = await self._prepare(ENDPOINTS[function].request, request, call, body)
+            yield call, req
+
     async def _prepare(
         self,
         model: type[RequestT],
@@ -303,9 +315,10 @@ class Service:
         call: Call,
         body: dict[str, Any] | None = None,
     ) -> RequestT:
-        """Validate and reserve, then wait for one of MAX_CONCURRENCY slots: the bound on
-        model calls at once holds for every path (dashboard, Gradio API, /v1), not only for
-        Gradio's queue. The slot is released when the call ends (_track)."""
+        """Validate, check the backend serves the function, and reserve; then wait for one of
+        MAX_CONCURRENCY slots: the bound on model calls at once holds for every path
+        (dashboard, Gradio API, /v1), not only for Gradio's queue. The slot is released when
+        the call ends (_track)."""
         req = await self._reserve(model, request, call, body or {})
         slots = self._slot_pool()
         await slots.acquire()
@@ -332,6 +345,10 @@ class Service:
             req = req.model_copy(update={"model": self.default_model(call.function)})
         call.model = req.model
         call.request = req
+        endpoint = ENDPOINTS[call.function]
+        if call.function not in self.provider.functions:
+            message = endpoint.unavailable.format(backend=self.provider.name, path=endpoint.path)
+            raise errors.Unsupported(message)
         if self.ledger is None:
             return req
         if self.settings.log_content:
@@ -341,7 +358,7 @@ class Service:
             return req  # nothing to check: the outcome is written as one row afterwards
         # Off the event loop: a long prompt takes a while to tokenize.
         needed = await asyncio.to_thread(tokens.prompt, req, body) + 1
-        generates = ENDPOINTS[call.function].generates
+        generates = endpoint.generates
         n = tokens.choices(req)  # 1 but for n, best_of and lists of prompts
         asked = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
         worst = asked or tokens.max_output(req.model)  # per choice

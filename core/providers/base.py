@@ -21,8 +21,9 @@ class Provider(Protocol):
     """A backend. Requests arrive validated, with `model` already filled in by the service."""
 
     name: str  # "openai" or "local"
-    supports_images: bool
-    supports_embeddings: bool
+    # The endpoints (core.endpoints names) this backend serves; the service refuses the rest
+    # by name before reserving anything.
+    functions: frozenset[str]
     # Takes OpenAI-shaped request bytes as they are (the /v1 gateway then relays the
     # upstream's bytes back); False: the gateway builds answers from the typed calls below.
     supports_passthrough: bool

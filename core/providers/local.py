@@ -118,8 +118,7 @@ class LocalProvider:
     """One GGUF model served in-process: chat, completion and (mean-pooled) embeddings."""
 
     name = "local"
-    supports_images = False
-    supports_embeddings = True
+    functions = frozenset({"chat", "completion", "embedding"})
     supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
     cap_param = "max_tokens"
 

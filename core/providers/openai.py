@@ -22,6 +22,7 @@ import orjson
 
 from core import errors
 from core.config import Settings, public_url
+from core.endpoints import ENDPOINTS
 from core.passthrough import event_data, sse_batches, usage_of
 from core.schemas import (
     ChatRequest,
@@ -147,8 +148,7 @@ class OpenAIProvider:
     """
 
     name = "openai"
-    supports_images = True
-    supports_embeddings = True
+    functions = frozenset(ENDPOINTS)
     supports_passthrough = True
 
     def __init__(self, settings: Settings) -> None:
