@@ -114,3 +114,30 @@ def test_error_bodies_of_other_servers_keep_their_reason(status, body, error, wo
     mapped = map_status(status, body, model="m", path="chat/completions")
     assert isinstance(mapped, error) and words in str(mapped)
     assert mapped.code == code and mapped.status == error.status
+
+
+def test_a_web_page_where_the_api_should_be_is_the_upstreams_fault(running_app, client) -> None:
+    """A base URL that points at a web page answers 200 with HTML: every path says so and
+    what to check, instead of relaying the page or calling the stream "cut off"."""
+    import httpx
+    from gradio_client.exceptions import AppError
+
+    auth = {"authorization": f"Bearer {ACCESS_KEY}"}
+    hi = [{"role": "user", "content": "hi"}]
+    calls = [
+        ("chat/completions", {"model": "html-page", "messages": hi}),
+        ("chat/completions", {"model": "html-page", "messages": hi, "stream": True}),
+        ("completions", {"model": "html-page", "prompt": "hi"}),
+        ("completions", {"model": "html-page", "prompt": "hi", "stream": True}),
+        ("embeddings", {"model": "html-page", "input": "hi"}),
+    ]
+    for path, body in calls:
+        answer = httpx.post(f"{running_app.url}/v1/{path}", headers=auth, json=body)
+        assert answer.status_code == 502, (path, body)
+        message = answer.json()["error"]["message"]
+        assert "text/html" in message and "OPENAI_BASE_URL" in message, message
+        assert "Welcome to the portal" not in answer.text
+    with pytest.raises(AppError, match=r"text/html.*OPENAI_BASE_URL"):
+        client.predict(messages=hi, model="html-page", api_name="/chat")
+    with pytest.raises(AppError, match="text/html"):
+        client.predict(texts=["hi"], model="html-page", api_name="/embeddings")

@@ -351,6 +351,40 @@ def test_a_read_sees_every_outcome_handed_over_from_many_threads(upstream, datab
             assert list(pool.map(hand_over, range(6))) == [60] * 6
 
 
+def test_a_call_cancelled_while_its_reservation_is_written_releases_it(
+    upstream, database, monkeypatch
+) -> None:
+    """The client leaves while the reservation's row is being written (in a thread): the call
+    waits for the row and settles it as cancelled, so no tokens stay held and nothing is sent."""
+    who = caller("row-cancel-reserve", daily_tokens=5000)
+    upstream.reset()
+    with opened(upstream, database) as core:
+        ledger = core.ledger
+        real = ledger.reserve
+        writing = threading.Event()
+
+        def slow_reserve(**kwargs: Any) -> Any:
+            writing.set()
+            threading.Event().wait(0.5)  # the row is being written when the client leaves
+            return real(**kwargs)
+
+        monkeypatch.setattr(ledger, "reserve", slow_reserve)
+
+        async def scenario() -> None:
+            task = asyncio.ensure_future(chat(core.service, who, content="cancel-marker"))
+            await asyncio.to_thread(writing.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        run(core, scenario())
+    [row] = database.usage(user="row-cancel-reserve")
+    assert row["status"] == "cancelled"
+    assert row["reserved_tokens"] == 0
+    assert tokens_today(database, "row-cancel-reserve") == 0
+    assert chat_requests_with(upstream, "cancel-marker") == 0
+
+
 def test_invalid_input_is_recorded_and_never_sent(upstream, database) -> None:
     who = caller("row-invalid")
     upstream.reset()

@@ -180,6 +180,10 @@ async def _model_gate(body: dict) -> Response | None:
         return _error(400, "you must provide a model parameter", param="model")
     if model in ERRORS:
         return _error(*ERRORS[model])
+    if model == "html-page":
+        # A base URL that points at a web page (a dashboard, a login portal), not an API.
+        page = "<!DOCTYPE html><html><body>Welcome to the portal</body></html>"
+        return Response(page, media_type="text/html")
     if model == "error-echo":
         # Like servers that quote the input they refuse (not listed by /v1/models).
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]

@@ -444,7 +444,7 @@ class OpenAIProvider:
         except orjson.JSONDecodeError:
             answer = None
         if not isinstance(answer, dict):
-            raise errors.UpstreamError(f"The upstream's answer to /{path} is not a JSON object.")
+            raise _not_the_api(response, path, "a JSON object")
         return answer
 
     # ---- the wire relay for the /v1 gateway ------------------------------------------------
@@ -452,15 +452,30 @@ class OpenAIProvider:
     async def forward_json(self, path: str, payload: bytes, model: str | None) -> bytes:
         """POST an OpenAI-shaped JSON body; return the upstream's JSON bytes untouched."""
         async with self._send(path, payload, model) as response:
-            return await response.read()
+            content = await response.read()
+        if content.lstrip()[:1] != b"{":
+            raise _not_the_api(response, path, "JSON")
+        return content
 
     async def forward_stream(
         self, path: str, payload: bytes, model: str | None
     ) -> AsyncIterator[bytes]:
         """POST a streaming request; yield the SSE bytes as they arrive."""
         async with self._send(path, payload, model) as response:
+            if response.content_type in ("application/json", "text/html", "text/plain"):
+                raise _not_the_api(response, path, "an event stream")
             async for chunk in response.content.iter_any():
                 yield chunk
+
+
+def _not_the_api(response: aiohttp.ClientResponse, path: str, wanted: str) -> errors.UpstreamError:
+    """A 200 whose body is not what the API sends: most often a base URL that points at a web
+    page (a dashboard, a login portal) instead of the API, or a server that ignores stream."""
+    kind = response.content_type or "no content type"
+    return errors.UpstreamError(
+        f"The upstream answered /{path} with {kind}, not {wanted}: check that OPENAI_BASE_URL "
+        "is the API's address (usually ending in /v1) and that the server supports this call."
+    )
 
 
 def _retry_wait(response: aiohttp.ClientResponse, attempt: int) -> float | None:
