@@ -50,12 +50,17 @@ def _stop(value: Any) -> Any:
 REPLY_LIMITS = ("max_completion_tokens", "max_tokens", "n_predict")
 
 
+SAMPLING = ("temperature", "n", "top_p", "seed", "presence_penalty", "frequency_penalty")
+CHAT_EXTRAS = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice")
+COMPLETION_EXTRAS = ("best_of", "logprobs")
+
+
+def _copied(body: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: body[name] for name in names if body.get(name) is not None}
+
+
 def _common(body: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {"model": body.get("model") or None}
-    for name in ("temperature", "n", "best_of"):
-        if body.get(name) is not None:
-            fields[name] = body[name]
-    return fields
+    return {"model": body.get("model") or None, **_copied(body, SAMPLING)}
 
 
 def _reply_limit(body: dict[str, Any]) -> Any:
@@ -71,7 +76,7 @@ def chat_fields(body: dict[str, Any]) -> dict[str, Any]:
     messages = body.get("messages")
     max_tokens = _reply_limit(body)
     return {**_common(body), "messages": messages, "max_tokens": max_tokens,
-            "stop": _stop(body.get("stop"))}  # fmt: skip
+            "stop": _stop(body.get("stop")), **_copied(body, CHAT_EXTRAS)}  # fmt: skip
 
 
 def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +84,7 @@ def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     return {**_common(body), "prompt": prompt, "max_tokens": _reply_limit(body),
-            "stop": _stop(body.get("stop"))}  # fmt: skip
+            "stop": _stop(body.get("stop")), **_copied(body, COMPLETION_EXTRAS)}  # fmt: skip
 
 
 def embedding_fields(body: dict[str, Any]) -> dict[str, Any]:

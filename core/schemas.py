@@ -103,12 +103,34 @@ class ChatMessage(_Request):
 Choices = Annotated[int, Field(ge=1, le=128)]
 
 
-class ChatRequest(FunctionRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+TopP = Annotated[float, Field(ge=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, strict=True)]
+
+
+class _Sampling(FunctionRequest):
+    """What OpenAI's chat and completions both take to shape sampling. The OpenAI-compatible
+    backend reads none of it (the body goes upstream as it is); the embedded one honours it."""
+
     temperature: Temperature = 0.7
     max_tokens: MaxTokens | None = None
     stop: StopList = []
     n: Choices | None = None  # replies to make (read for the quota; sent as the client sent it)
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", ...}}
+    response_format: dict[str, Any] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    tool_choice: str | dict[str, Any] | None = None
 
     def prompt_text(self) -> str:
         # Everything the upstream reads counts: parts, tool calls, names (by their size).
@@ -116,13 +138,10 @@ class ChatRequest(FunctionRequest):
         return json.dumps(messages, ensure_ascii=False)
 
 
-class CompletionRequest(FunctionRequest):
+class CompletionRequest(_Sampling):
     # OpenAI's default prompt is <|endoftext|>: None and "" are valid, the model starts afresh.
     prompt: Text | list[Text] | TokenIds | list[TokenIds] | None = None
-    temperature: Temperature = 0.7
-    max_tokens: MaxTokens | None = None
-    stop: StopList = []
-    n: Choices | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5, strict=True)] | None = None  # top tokens per token
     # Makes best_of completions and returns n (OpenAI's spec allows 0 to 20).
     best_of: Annotated[int, Field(ge=0, le=20)] | None = None
 
@@ -180,11 +199,18 @@ class Usage(BaseModel):
 
 
 class StreamChunk(BaseModel):
-    """One piece of a streamed reply: text, and at the end the usage if the backend reports it."""
+    """One piece of a streamed reply: text, and at the end the usage if the backend reports it.
+    A backend that builds its own answers (the embedded one) also says which choice the piece
+    belongs to, and its log probabilities and tool calls, in OpenAI's shapes."""
 
     text: str = ""
     usage: Usage | None = None
     finish_reason: str | None = None
+    index: int = 0  # the choice (n > 1)
+    # chat: [{"token", "logprob", "bytes", "top_logprobs"}...]; completions: OpenAI's legacy
+    # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    logprobs: Any = None
+    tool_calls: list[dict[str, Any]] | None = None  # whole calls, with their arguments
 
 
 class ImageResult(BaseModel):

@@ -107,9 +107,14 @@ class Service:
         caller: Principal = SYSTEM,
         source: str = "core",
         request_id: str | None = None,
+        body: dict[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
-        """Stream a chat reply; the last chunk carries the usage when the backend reports it."""
-        async with self._pipeline("chat", request, caller, source, request_id) as (call, req):
+        """Stream a chat reply; the last chunk carries the usage when the backend reports it.
+        `body`: the OpenAI request it came from (/v1), checked against what the backend honours."""
+        async with self._pipeline("chat", request, caller, source, request_id, body) as (
+            call,
+            req,
+        ):
             async for chunk in self._relay(self.provider.chat_stream(req), call):
                 yield chunk
 
@@ -120,9 +125,10 @@ class Service:
         caller: Principal = SYSTEM,
         source: str = "core",
         request_id: str | None = None,
+        body: dict[str, Any] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream a text completion of a prompt."""
-        async with self._pipeline("completion", request, caller, source, request_id) as (
+        async with self._pipeline("completion", request, caller, source, request_id, body) as (
             call,
             req,
         ):
@@ -136,9 +142,13 @@ class Service:
         caller: Principal = SYSTEM,
         source: str = "core",
         request_id: str | None = None,
+        body: dict[str, Any] | None = None,
     ) -> ImageResult:
         """Generate one or more images (PNG bytes)."""
-        async with self._pipeline("image", request, caller, source, request_id) as (call, req):
+        async with self._pipeline("image", request, caller, source, request_id, body) as (
+            call,
+            req,
+        ):
             result = await self.provider.generate_images(req)
             call.images = len(result.images)
             call.usage = result.usage
@@ -151,9 +161,10 @@ class Service:
         caller: Principal = SYSTEM,
         source: str = "core",
         request_id: str | None = None,
+        body: dict[str, Any] | None = None,
     ) -> EmbeddingResult:
         """Embed a list of texts, one vector per text."""
-        async with self._pipeline("embedding", request, caller, source, request_id) as (
+        async with self._pipeline("embedding", request, caller, source, request_id, body) as (
             call,
             req,
         ):
@@ -325,6 +336,23 @@ class Service:
         call.slot = slots
         return req
 
+    def _check_honoured(self, function: str, body: Mapping[str, Any]) -> None:
+        """A backend that builds its own answers declares the fields it honours; any other
+        field a client sends (and means: not null) is refused by name, never dropped."""
+        honoured = self.provider.honours
+        if honoured is None:
+            return  # the body goes upstream byte for byte: the upstream reads every field
+        allowed = honoured.get(function, frozenset())
+        for name, value in body.items():
+            if value is not None and name not in allowed:
+                path = ENDPOINTS[function].path
+                raise errors.InvalidRequest(
+                    f"The {self.provider.describe()} does not support '{name}' on /{path}; "
+                    f"it honours {', '.join(sorted(allowed))}. For '{name}', set "
+                    "OPENAI_BASE_URL (and OPENAI_API_KEY) to a server that supports it.",
+                    param=name,
+                )
+
     def _slot_pool(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()  # a semaphore belongs to one event loop
         if self._slots is None or self._slots[0] is not loop:
@@ -349,6 +377,7 @@ class Service:
         if call.function not in self.provider.functions:
             message = endpoint.unavailable.format(backend=self.provider.name, path=endpoint.path)
             raise errors.Unsupported(message)
+        self._check_honoured(call.function, body)
         if self.ledger is None:
             return req
         if self.settings.log_content:

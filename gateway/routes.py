@@ -213,7 +213,7 @@ def build_router(core: Core) -> Router:
             except errors.ServiceError as exc:
                 return error_response(exc, params)
             return Response(content, media_type=JSON)
-        kwargs = {"caller": caller, "source": "v1", "request_id": request_id}
+        kwargs = {"caller": caller, "source": "v1", "request_id": request_id, "body": body}
         return await built_here(
             request, function, fields, body, kwargs, stream, include_usage, params
         )
@@ -248,13 +248,12 @@ def build_router(core: Core) -> Router:
             return await stream_response(watched(events, kwargs["caller"]), params)
 
         async def whole() -> bytes:
-            text, finish, usage = [], None, None
+            pieces, usage = [], None
             async with aclosing(chunks):  # closing stops the model between tokens
                 async for chunk in chunks:
-                    text.append(chunk.text)
-                    finish = chunk.finish_reason or finish
+                    pieces.append(chunk)
                     usage = chunk.usage or usage
-            return shape.whole("".join(text), finish, usage)
+            return shape.whole(pieces, usage)
 
         try:
             return Response(await while_connected(request, whole()), media_type=JSON)
@@ -383,7 +382,7 @@ async def _events(
     async with aclosing(chunks):  # a client that leaves stops the generation now
         async for chunk in chunks:
             usage = chunk.usage or usage
-            if chunk.text or chunk.finish_reason:
+            if chunk.text or chunk.finish_reason or chunk.tool_calls or chunk.logprobs:
                 yield shape.event(chunk)
     if include_usage:
         yield shape.usage_event(usage)

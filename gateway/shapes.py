@@ -16,6 +16,9 @@ import orjson
 from core import errors
 from core.schemas import EmbeddingResult, ModelInfo, StreamChunk, Usage
 
+# Which build of the backend answered (OpenAI's system_fingerprint): this app's, for the
+# embedded model, whose answers this module shapes.
+FINGERPRINT = "fp_embedded_llama_cpp"
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -61,7 +64,8 @@ def _usage(usage: Usage | None) -> dict[str, int]:
 
 
 class Completion:
-    """Builds chat.completion(.chunk) and text_completion objects from service chunks."""
+    """Builds chat.completion(.chunk) and text_completion objects from service chunks, with
+    every field OpenAI's schema requires (refusal, logprobs, system_fingerprint)."""
 
     def __init__(self, function: str, model: str, request_id: str) -> None:
         self.chat = function == "chat"
@@ -70,28 +74,111 @@ class Completion:
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
 
-    def _choice(self, text: str | None, finish: str | None, *, stream: bool) -> dict[str, Any]:
+    def _logprobs(self, logprobs: Any) -> Any:
+        if logprobs is None or not self.chat:
+            return logprobs  # completions: OpenAI's legacy shape, as the backend made it
+        return {"content": logprobs, "refusal": None}
+
+    def _choice(
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        *,
+        stream: bool,
+        logprobs: Any = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        logprobs = self._logprobs(logprobs)
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        key = "delta" if stream else "message"
-        message = {"role": "assistant", "content": text} if text is not None or not stream else {}
-        return {"index": 0, key: message, "logprobs": None, "finish_reason": finish}
+            return {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
+        if stream:
+            delta: dict[str, Any] = {}
+            if text is not None:
+                delta = {"role": "assistant", "content": text}
+            if tool_calls:
+                delta = {"role": "assistant", "tool_calls": tool_calls}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if tool_calls:
+            message["tool_calls"] = [
+                {k: v for k, v in c.items() if k != "index"} for c in tool_calls
+            ]
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
     def _envelope(self, choices: list[Any], *, stream: bool, **extra: Any) -> dict[str, Any]:
         kind = self.object + ".chunk" if stream and self.chat else self.object
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": choices, **extra}  # fmt: skip
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            **extra,
+        }
 
     def event(self, chunk: StreamChunk) -> bytes:
-        choice = self._choice(chunk.text if chunk.text else None, chunk.finish_reason, stream=True)
+        choice = self._choice(
+            chunk.index,
+            chunk.text if chunk.text else None,
+            chunk.finish_reason,
+            stream=True,
+            logprobs=chunk.logprobs,
+            tool_calls=chunk.tool_calls,
+        )
         return sse(self._envelope([choice], stream=True))
 
     def usage_event(self, usage: Usage | None) -> bytes:
         return sse(self._envelope([], stream=True, usage=_usage(usage)))
 
-    def whole(self, text: str, finish: str | None, usage: Usage | None) -> bytes:
-        choice = self._choice(text, finish or "stop", stream=False)
-        return orjson.dumps(self._envelope([choice], stream=False, usage=_usage(usage)))
+    def whole(self, chunks: list[StreamChunk], usage: Usage | None) -> bytes:
+        """The non-streaming answer: each choice's pieces put together."""
+        choices: dict[int, dict[str, Any]] = {}
+        for chunk in chunks:
+            choice = choices.setdefault(
+                chunk.index, {"text": [], "finish": None, "logprobs": None, "tool_calls": None}
+            )
+            choice["text"].append(chunk.text)
+            choice["finish"] = chunk.finish_reason or choice["finish"]
+            choice["tool_calls"] = chunk.tool_calls or choice["tool_calls"]
+            if chunk.logprobs is not None:
+                choice["logprobs"] = _join_logprobs(choice["logprobs"], chunk.logprobs)
+        built = []
+        for index in sorted(choices) or [0]:
+            c = choices.get(index) or {
+                "text": [],
+                "finish": None,
+                "logprobs": None,
+                "tool_calls": None,
+            }
+            text = "".join(c["text"])
+            content = None if c["tool_calls"] and not text else text
+            built.append(
+                self._choice(
+                    index,
+                    content,
+                    c["finish"] or "stop",
+                    stream=False,
+                    logprobs=c["logprobs"],
+                    tool_calls=c["tool_calls"],
+                )
+            )
+        return orjson.dumps(self._envelope(built, stream=False, usage=_usage(usage)))
+
+
+def _join_logprobs(so_far: Any, more: Any) -> Any:
+    """Chat logprobs are lists of tokens; the completions' legacy shape is a dict of lists."""
+    if so_far is None:
+        return more
+    if isinstance(more, list):
+        return so_far + more
+    return {key: so_far[key] + more[key] for key in more}
 
 
 def sse(data: dict[str, Any]) -> bytes:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from core.config import load_settings
 from core.context import Core
@@ -160,3 +161,282 @@ def test_bad_input_and_quotas_on_the_embedded_model(local: LocalGateway) -> None
         ("v1", "chat", "refused"),
     ]
     assert rows[0]["prompt_tokens"] > 0 and rows[0]["completion_tokens"] > 0
+
+
+# ---- every field honoured or refused by name (issue 12) ----------------------------------------
+
+AUTH = {"Authorization": f"Bearer {ACCESS_KEY}"}
+CHAT = {"model": MODEL_ID, "messages": SAY_HELLO, "max_tokens": 4}
+COMPLETION = {"model": MODEL_ID, "prompt": "The sky is", "max_tokens": 4}
+EMBEDDING = {"model": MODEL_ID, "input": "a cat"}
+NOT_HONOURED = [
+    ("chat/completions", CHAT, "logit_bias", {"50256": -100}),
+    ("chat/completions", CHAT, "user", "user-1234"),
+    ("chat/completions", CHAT, "store", True),
+    ("chat/completions", CHAT, "metadata", {"team": "a"}),
+    ("chat/completions", CHAT, "modalities", ["text", "audio"]),
+    ("chat/completions", CHAT, "audio", {"voice": "alloy", "format": "wav"}),
+    ("chat/completions", CHAT, "prediction", {"type": "content", "content": "hi"}),
+    ("chat/completions", CHAT, "service_tier", "flex"),
+    ("chat/completions", CHAT, "reasoning_effort", "low"),
+    ("chat/completions", CHAT, "web_search_options", {}),
+    ("chat/completions", CHAT, "functions", [{"name": "f", "parameters": {}}]),
+    ("chat/completions", CHAT, "made_up_field", 1),
+    ("completions", COMPLETION, "suffix", " and so on"),
+    ("completions", COMPLETION, "echo", True),
+    ("completions", COMPLETION, "logit_bias", {"50256": -100}),
+    ("embeddings", EMBEDDING, "user", "user-1234"),
+]
+
+
+def post(local: LocalGateway, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{local.url}/v1/{path}", headers=AUTH, json=body, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "field", "value"),
+    NOT_HONOURED,
+    ids=[f"{path}:{field}" for path, _, field, _ in NOT_HONOURED],
+)
+def test_a_field_the_embedded_model_does_not_honour_is_refused_by_name(
+    local: LocalGateway, path: str, base: dict, field: str, value: object
+) -> None:
+    for stream in (False, True) if path != "embeddings" else (False,):
+        answer = post(local, path, {**base, field: value} | ({"stream": True} if stream else {}))
+        assert answer.status_code == 400, (field, stream, answer.text)
+        error = answer.json()["error"]
+        assert error["param"] == field
+        assert MODEL_ID in error["message"] and "OPENAI_BASE_URL" in error["message"]
+    # null means "not asked for": nothing to refuse
+    assert post(local, path, {**base, field: None}).status_code == 200
+
+
+def test_the_same_seed_gives_the_same_text(local: LocalGateway) -> None:
+    def text(seed: int, *, stream: bool = False) -> str:
+        options = {"model": MODEL_ID, "messages": SAY_HELLO, "max_tokens": 16, "temperature": 1.0}
+        if not stream:
+            reply = local.client.chat.completions.create(**options, seed=seed)
+            return reply.choices[0].message.content or ""
+        chunks = local.client.chat.completions.create(**options, seed=seed, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    first = text(123)
+    assert text(123) == first == text(123, stream=True)
+    assert any(text(seed) != first for seed in (124, 125, 126))  # the seed is really used
+    completion = {"model": MODEL_ID, "prompt": "Once upon", "max_tokens": 12, "temperature": 1.0}
+    again = {local.client.completions.create(**completion, seed=9).choices[0].text for _ in "ab"}
+    assert len(again) == 1
+
+
+def test_n_choices_are_made_one_after_another(local: LocalGateway) -> None:
+    reply = local.client.chat.completions.create(
+        model=MODEL_ID, messages=SAY_HELLO, max_tokens=6, n=3, seed=1, temperature=1.0
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+    assert all((c.message.content or "").strip() for c in reply.choices)
+    assert reply.usage is not None and 3 <= reply.usage.completion_tokens <= 18
+
+    chunks = list(
+        local.client.chat.completions.create(
+            model=MODEL_ID, messages=SAY_HELLO, max_tokens=4, n=2, stream=True
+        )
+    )
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices}
+    assert set(finished) == {0, 1} and all(finished.values())
+
+    prompts = local.client.completions.create(
+        model=MODEL_ID, prompt=["The sky is", "Water is"], max_tokens=3, n=2
+    )
+    assert [c.index for c in prompts.choices] == [0, 1, 2, 3]
+
+    with pytest.raises(openai.BadRequestError) as info:
+        local.client.chat.completions.create(model=MODEL_ID, messages=SAY_HELLO, n=5)
+    assert info.value.param == "n" and "4" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        local.client.completions.create(model=MODEL_ID, prompt="x", n=1, best_of=3)
+    assert info.value.param == "best_of"
+
+
+def test_log_probabilities_on_chat_and_completions(local: LocalGateway) -> None:
+    reply = local.client.chat.completions.create(
+        model=MODEL_ID, messages=SAY_HELLO, max_tokens=6, logprobs=True, top_logprobs=2
+    )
+    choice = reply.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    tokens = choice.logprobs.content
+    assert "".join(t.token for t in tokens) == choice.message.content
+    for token in tokens:
+        assert token.logprob <= 0 and bytes(token.bytes or []) == token.token.encode()
+        tops = [t.logprob for t in token.top_logprobs]
+        assert len(tops) == 2 and tops == sorted(tops, reverse=True) and tops[0] >= token.logprob
+
+    bare = local.client.chat.completions.create(
+        model=MODEL_ID, messages=SAY_HELLO, max_tokens=3, logprobs=True
+    )
+    assert bare.choices[0].logprobs.content and all(
+        t.top_logprobs == [] for t in bare.choices[0].logprobs.content
+    )
+    streamed = [
+        c
+        for c in local.client.chat.completions.create(
+            model=MODEL_ID, messages=SAY_HELLO, max_tokens=4, logprobs=True, stream=True
+        )
+        if c.choices and c.choices[0].delta.content
+    ]
+    assert streamed and all(c.choices[0].logprobs.content for c in streamed)
+    assert local.client.chat.completions.create(**CHAT).choices[0].logprobs is None
+
+    text = local.client.completions.create(**COMPLETION, logprobs=2).choices[0]
+    assert text.logprobs is not None
+    assert "".join(text.logprobs.tokens) == text.text
+    assert all(len(top) == 2 for top in text.logprobs.top_logprobs)
+    assert len(text.logprobs.token_logprobs) == len(text.logprobs.text_offset)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int
+
+
+def test_response_format_json_object_and_json_schema(local: LocalGateway) -> None:
+    ask = [{"role": "user", "content": "Describe a person called Ada, 36, as JSON."}]
+    schema = {"type": "json_schema", "json_schema": {"name": "person",
+              "schema": Person.model_json_schema()}}  # fmt: skip
+    for stream in (False, True):
+        options = {"model": MODEL_ID, "messages": ask, "max_tokens": 80, "seed": 3}
+        if stream:
+            chunks = local.client.chat.completions.create(
+                **options, response_format=schema, stream=True
+            )
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            reply = local.client.chat.completions.create(**options, response_format=schema)
+            assert reply.choices[0].finish_reason == "stop"
+            content = reply.choices[0].message.content or ""
+        Person.model_validate_json(content)  # parses, and follows the schema
+
+    reply = local.client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": 'Reply with the JSON object {"ok": true}.'}],
+        max_tokens=200,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+
+    with pytest.raises(openai.BadRequestError) as info:
+        local.client.chat.completions.create(
+            **CHAT, response_format={"type": "json_schema", "json_schema": {"name": "x"}}
+        )
+    assert info.value.param == "response_format"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time in a time zone.",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 40}},
+            "required": ["zone"],
+        },
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_calls_forced_by_tool_choice(local: LocalGateway) -> None:
+    options = {"model": MODEL_ID, "messages": ASK_WEATHER, "tools": [WEATHER, TIME],
+               "max_tokens": 60}  # fmt: skip
+    reply = local.client.chat.completions.create(**options, tool_choice="required")
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    required = {"get_weather": "city", "get_time": "zone"}[call.function.name]
+    assert isinstance(arguments[required], str)
+
+    named = {"type": "function", "function": {"name": "get_time"}}
+    reply = local.client.chat.completions.create(**options, tool_choice=named)
+    [call] = reply.choices[0].message.tool_calls or []
+    assert call.function.name == "get_time"
+    assert isinstance(json.loads(call.function.arguments)["zone"], str)
+
+    chunks = list(local.client.chat.completions.create(**options, tool_choice=named, stream=True))
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert [t.function.name for t in calls] == ["get_time"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The tool's answer goes back, and the model answers in words.
+    history = [
+        *ASK_WEATHER,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+    ]
+    follow_up = local.client.chat.completions.create(
+        model=MODEL_ID, messages=history, max_tokens=8, tools=[WEATHER, TIME], tool_choice="none"
+    )
+    assert follow_up.choices[0].message.content
+
+    with pytest.raises(openai.BadRequestError) as info:  # "auto" is the default with tools
+        local.client.chat.completions.create(**options)
+    assert info.value.param == "tool_choice" and "required" in info.value.message
+    for wrong in ({"type": "function", "function": {"name": "nope"}}, "sometimes"):
+        with pytest.raises(openai.BadRequestError) as info:
+            local.client.chat.completions.create(**options, tool_choice=wrong)
+        assert info.value.param == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as info:
+        local.client.chat.completions.create(**CHAT, tool_choice="required")
+    assert info.value.param == "tool_choice"
+
+
+def test_langchain_structured_output_on_the_embedded_model(local: LocalGateway) -> None:
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=MODEL_ID, base_url=local.url + "/v1", api_key=ACCESS_KEY, max_tokens=80, seed=3
+    )
+    for method in ("function_calling", "json_schema"):
+        person = chat.with_structured_output(Person, method=method).invoke(
+            "Describe a person called Ada, 36."
+        )
+        assert isinstance(person, Person), method
+
+
+def test_an_image_part_is_refused_not_dropped(local: LocalGateway) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        local.client.chat.completions.create(model=MODEL_ID, messages=messages)
+    assert info.value.param == "messages.0.content" and "image" in info.value.message
+
+
+def test_a_client_that_leaves_frees_the_model_at_once(local: LocalGateway) -> None:
+    import time
+
+    provider = local.core.service.provider
+    body = {"model": MODEL_ID, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{local.url}/v1/completions", headers=AUTH, json=body, timeout=1.0)
+    assert provider.busy  # still counting: a long generation was under way
+    deadline = time.monotonic() + 3
+    while provider.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not provider.busy
+    assert local.client.chat.completions.create(**CHAT).choices[0].message.content

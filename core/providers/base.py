@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 from core.schemas import (
@@ -24,6 +24,10 @@ class Provider(Protocol):
     # The endpoints (core.endpoints names) this backend serves; the service refuses the rest
     # by name before reserving anything.
     functions: frozenset[str]
+    # The request fields, as OpenAI's clients send them, this backend honours, per endpoint;
+    # the service refuses any other field by name. None: the body goes upstream byte for byte
+    # (an OpenAI-compatible server reads every field itself).
+    honours: Mapping[str, frozenset[str]] | None
     # Takes OpenAI-shaped request bytes as they are (the /v1 gateway then relays the
     # upstream's bytes back); False: the gateway builds answers from the typed calls below.
     supports_passthrough: bool

