@@ -105,7 +105,8 @@ Choices = Annotated[int, Field(ge=1, le=128)]
 
 TopP = Annotated[float, Field(ge=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, strict=True)]
+# Not strict: JSON Schema's integers include 7.0, and OpenAI's spec lets clients send them.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Sampling(FunctionRequest):
@@ -141,7 +142,7 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     # OpenAI's default prompt is <|endoftext|>: None and "" are valid, the model starts afresh.
     prompt: Text | list[Text] | TokenIds | list[TokenIds] | None = None
-    logprobs: Annotated[int, Field(ge=0, le=5, strict=True)] | None = None  # top tokens per token
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # top tokens per token
     # Makes best_of completions and returns n (OpenAI's spec allows 0 to 20).
     best_of: Annotated[int, Field(ge=0, le=20)] | None = None
 

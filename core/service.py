@@ -291,7 +291,29 @@ class Service:
         }
 
     def default_model(self, function: str) -> str:
-        return self.provider.default_models[function]
+        """The model a call of `function` gets when it names none ("" if the backend has no
+        model for it)."""
+        return self.provider.default_models.get(function, "")
+
+    def serves(self, function: str) -> bool:
+        """Whether the backend serves `function` at all (the UI says so before anyone tries)."""
+        return function in self.provider.functions
+
+    def unavailable(self, function: str) -> str:
+        """Why `function` is not served, and how to get it."""
+        endpoint = ENDPOINTS[function]
+        return endpoint.unavailable.format(backend=self.provider.name, path=endpoint.path)
+
+    @property
+    def honours(self) -> Mapping[str, frozenset[str]] | None:
+        """The request fields the backend honours per function; None: every field goes to
+        the upstream as sent."""
+        return self.provider.honours
+
+    @property
+    def notice(self) -> str | None:
+        """What a person using this backend should know first (Markdown), if anything."""
+        return self.provider.notice
 
     def describe(self) -> str:
         return self.provider.describe()
@@ -374,9 +396,8 @@ class Service:
         call.model = req.model
         call.request = req
         endpoint = ENDPOINTS[call.function]
-        if call.function not in self.provider.functions:
-            message = endpoint.unavailable.format(backend=self.provider.name, path=endpoint.path)
-            raise errors.Unsupported(message)
+        if not self.serves(call.function):
+            raise errors.Unsupported(self.unavailable(call.function))
         self._check_honoured(call.function, body)
         if self.ledger is None:
             return req

@@ -156,7 +156,9 @@ def test_models_and_health(service: Service) -> None:
     [model] = run(service.list_models(refresh=True))
     assert model.id == MODEL_ID and model.owned_by == "local" and model.created
     assert model.kinds == ["chat", "completion", "embedding"]
-    assert service.default_model("image") == MODEL_ID
+    # No image model: none offered (not the chat model), and the UI can say so up front.
+    assert service.default_model("image") == "" and not service.serves("image")
+    assert service.default_model("chat") == MODEL_ID and service.serves("embedding")
     health = run(service.health())
     assert health["reachable"] is True and MODEL_ID in health["upstream"]
 

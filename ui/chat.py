@@ -12,7 +12,15 @@ import gradio as gr
 from core.context import Core
 from core.errors import ServiceError
 from core.schemas import Usage
-from ui.common import LLM_GROUP, caller_of, code, optional_int, parse_stop, report
+from ui.common import (
+    LLM_GROUP,
+    backend_notice,
+    caller_of,
+    code,
+    optional_int,
+    parse_stop,
+    report,
+)
 from ui.markdown import safe_parts
 
 # While a reply streams, redisplaying it costs a Markdown parse of the whole reply: show it at
@@ -45,6 +53,7 @@ def build(core: Core) -> ChatTab:
     """Build the tab's components and events inside the caller's Blocks."""
     service = core.service
     default_model = service.default_model("chat")
+    backend_notice(service, "chat-notice")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(

@@ -107,3 +107,11 @@ def uploaded_path(files: FileRegistry, path: str, *, user: str | None) -> str:
     if files.resolve(path) is None or not files.may_read(path, user=user or ""):
         raise InvalidRequest("That file is not one of your uploads. Upload it again.")
     return files.resolve(path) or ""
+
+
+def backend_notice(service: Service, elem_id: str) -> gr.Markdown | None:
+    """The backend's first word to a user (the embedded demo model says what it is), shown
+    above a tab's work area; nothing when the backend has none."""
+    if not service.notice:
+        return None
+    return gr.Markdown(service.notice, elem_classes="backend-notice", elem_id=elem_id)

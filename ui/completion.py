@@ -11,7 +11,7 @@ import gradio as gr
 from core.context import Core
 from core.errors import ServiceError
 from ui.chat import usage_line
-from ui.common import LLM_GROUP, caller_of, optional_int, parse_stop, report
+from ui.common import LLM_GROUP, backend_notice, caller_of, optional_int, parse_stop, report
 
 
 @dataclass
@@ -23,6 +23,7 @@ def build(core: Core) -> CompletionTab:
     """Build the tab's components and events inside the caller's Blocks."""
     service = core.service
     default_model = service.default_model("completion")
+    backend_notice(service, "completion-notice")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             prompt = gr.Textbox(

@@ -23,17 +23,28 @@ def build(core: Core, files: FileRegistry) -> ImageTab:
     """Build the tab's components and events inside the caller's Blocks."""
     service = core.service
     default_model = service.default_model("image")
+    served = service.serves("image")
+    if not served:  # said before anyone tries, and nothing offered that cannot work
+        gr.Markdown(
+            f"**Images are not available here.** {service.unavailable('image')}",
+            elem_classes="backend-notice",
+            elem_id="images-notice",
+        )
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             prompt = gr.Textbox(
-                label="Prompt", lines=4, placeholder="A watercolor lighthouse at dawn"
+                label="Prompt",
+                lines=4,
+                placeholder="A watercolor lighthouse at dawn",
+                interactive=served,
             )
-            run = gr.Button("Generate", variant="primary")
+            run = gr.Button("Generate", variant="primary", interactive=served)
             model = gr.Dropdown(
                 label="Model",
-                choices=[default_model],
-                value=default_model,
+                choices=[default_model] if default_model else [],
+                value=default_model or None,
                 allow_custom_value=True,
+                interactive=served,
             )
             with gr.Row():
                 size = gr.Dropdown(label="Size", choices=list(IMAGE_SIZES), value="auto")
@@ -50,7 +61,9 @@ def build(core: Core, files: FileRegistry) -> ImageTab:
                 elem_id="image-gallery",
             )
             status = gr.Markdown(
-                "Generated images appear here, ready to download.",
+                "Generated images appear here, ready to download."
+                if served
+                else "This backend makes no images (see above).",
                 elem_classes="usage-line",
                 elem_id="images-status",
             )

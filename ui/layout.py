@@ -26,6 +26,12 @@ CSS = """
   padding: .5rem .75rem; font-size: .9rem;
 }
 .gradio-container .align-bottom { align-items: flex-end; }
+.backend-notice {
+  border: 1px solid var(--border-color-accent); background: var(--background-fill-secondary);
+  border-radius: var(--radius-md); padding: .5rem .75rem; font-size: .9rem;
+}
+/* Gradio gives the class to the block and to the Markdown inside it: one frame only. */
+.backend-notice .backend-notice { border: 0; padding: 0; background: none; }
 .button-row button { white-space: nowrap; }
 /* Gradio pads the page by 2rem a side, a sixth of a phone's width. Not in the media query:
    Gradio scopes those rules to the content area, and this element is its parent. */
@@ -89,7 +95,10 @@ def build_demo(core: Core, files: FileRegistry) -> gr.Blocks:
             except ServiceError:
                 # The pickers keep their defaults and accept free text; the Models tab says why.
                 return head, *(gr.skip() for _ in pickers)
-            return head, *(model_choices(service, listed, kind) for kind in pickers)
+            return head, *(
+                model_choices(service, listed, kind) if service.serves(kind) else gr.skip()
+                for kind in pickers
+            )
 
         demo.load(on_load, None, [header, *pickers.values()], api_visibility="private")
     demo.queue(default_concurrency_limit=service.settings.max_concurrency)

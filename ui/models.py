@@ -7,10 +7,36 @@ import pandas as pd
 
 from core import tables
 from core.context import Core
+from core.endpoints import ENDPOINTS
 from core.errors import ServiceError
+from core.service import Service
 from ui.common import caller_of, report
 
 KINDS = ["all", "chat", "completion", "embedding", "image", "audio", "other"]
+
+
+def honoured_markdown(service: Service) -> str:
+    """What the backend does with a request's fields, per function (from the provider's own
+    declaration, the list the service enforces)."""
+    if service.honours is None:
+        return (
+            f"{service.describe()}: every field of a `/v1` request goes to the upstream as "
+            "sent, which reads and answers for each of them."
+        )
+    lines = [
+        f"{service.describe()} honours these fields of a `/v1` request and refuses any other "
+        "with a 400 that names it:",
+        "",
+        "| function | fields |",
+        "|---|---|",
+    ]
+    for function in ENDPOINTS:
+        if service.serves(function):
+            names = ", ".join(f"`{n}`" for n in sorted(service.honours.get(function, ())))
+            lines.append(f"| {function} | {names} |")
+        else:
+            lines.append(f"| {function} | not served |")
+    return "\n".join(lines)
 
 
 def build(core: Core, demo: gr.Blocks) -> None:
@@ -34,6 +60,8 @@ def build(core: Core, demo: gr.Blocks) -> None:
         max_height=560,
         elem_id="models-table",
     )
+    with gr.Accordion("Request fields this backend honours", open=False):
+        gr.Markdown(honoured_markdown(service), elem_id="models-honours")
     # The full list lives per browser session, so filtering needs no new upstream call.
     full = gr.State(pd.DataFrame(columns=["id", "owned_by", "created", "kind"]))
 

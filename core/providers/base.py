@@ -34,7 +34,10 @@ class Provider(Protocol):
     # The parameter that caps a chat reply upstream: OpenAI's API wants max_completion_tokens
     # (its reasoning models take nothing else); compatible servers know max_tokens.
     cap_param: str
-    default_models: dict[str, str]  # endpoint name (core.endpoints) -> model id
+    default_models: dict[str, str]  # endpoint name (core.endpoints) -> model id, if served
+    # What a person using this backend should know first, in Markdown (None: nothing): the
+    # embedded demo model says what it is and how to point the app at a real one.
+    notice: str | None
 
     def describe(self) -> str:
         """A short, secret-free description for the header line and /health."""

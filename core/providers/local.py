@@ -202,9 +202,8 @@ class LocalProvider:
     def __init__(self, settings: Settings) -> None:
         self.path = settings.local_model_path or bundled_model_path()
         self.model_id = self.path.stem  # e.g. SmolLM2-135M-Instruct.Q4_1
-        self.default_models = dict.fromkeys(
-            ("chat", "completion", "embedding", "image"), self.model_id
-        )
+        self.default_models = dict.fromkeys(self.functions, self.model_id)
+        self.notice = _notice(self.model_id, bundled=settings.local_model_path is None)
         self._n_ctx = settings.local_context_size
         self._threads = settings.local_threads
         self.llm = load_llama(self.path, n_ctx=self._n_ctx, n_threads=self._threads)
@@ -679,3 +678,18 @@ def _tool_call(chunks: Iterator[dict[str, Any]], tool: ToolPlan) -> Pieces:
         "function": {"name": name, "arguments": arguments},
     }
     yield Piece(spent=text, finish="tool_calls" if complete else "length", tool_calls=[call])
+
+
+def _notice(model_id: str, *, bundled: bool) -> str:
+    how = (
+        "For a real model, set `OPENAI_API_KEY` (OpenAI) or `OPENAI_BASE_URL` (any "
+        "OpenAI-compatible server: Ollama, vLLM, llama.cpp's server, LM Studio), or "
+        "`LOCAL_MODEL_PATH` to a larger GGUF file, and restart."
+    )
+    if bundled:
+        return (
+            f"**Offline demo model.** You are using `{model_id}`, a small model (135M "
+            "parameters) bundled so the app works with no key and no network: expect short, "
+            f"often wrong answers. {how}"
+        )
+    return f"**Embedded model.** You are using `{model_id}` from `LOCAL_MODEL_PATH`, in-process."

@@ -150,6 +150,7 @@ class OpenAIProvider:
     name = "openai"
     functions = frozenset(ENDPOINTS)
     honours = None  # every field goes upstream as the client sent it
+    notice = None
     supports_passthrough = True
 
     def __init__(self, settings: Settings) -> None:
