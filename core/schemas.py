@@ -103,8 +103,11 @@ class ChatMessage(_Request):
 Choices = Annotated[int, Field(ge=1, le=128)]
 
 
+# Sampling values are typed here but bounded by the backend that reads them: on the pass-through
+# path the upstream decides (vLLM takes penalties and logprobs OpenAI does not), and the
+# embedded backend states its own bounds.
 TopP = Annotated[float, Field(ge=0, le=1)]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
+Penalty = float
 # Not strict: JSON Schema's integers include 7.0, and OpenAI's spec lets clients send them.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
@@ -126,7 +129,7 @@ class _Sampling(FunctionRequest):
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", ...}}
     response_format: dict[str, Any] | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
@@ -142,7 +145,7 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     # OpenAI's default prompt is <|endoftext|>: None and "" are valid, the model starts afresh.
     prompt: Text | list[Text] | TokenIds | list[TokenIds] | None = None
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # top tokens per token
+    logprobs: Annotated[int, Field(ge=0)] | None = None  # top tokens per token
     # Makes best_of completions and returns n (OpenAI's spec allows 0 to 20).
     best_of: Annotated[int, Field(ge=0, le=20)] | None = None
 

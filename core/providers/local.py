@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import logging
+import re
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -86,12 +87,32 @@ class ToolPlan:
     note: str  # what the model is told about the tools
 
 
-@functools.lru_cache(maxsize=64)
+# A schema's size bound: llama-cpp-python's converter takes time that grows quadratically with
+# optional properties, and a grammar llama.cpp cannot parse would crash the process in C.
+MAX_SCHEMA_CHARS = 20_000
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+@functools.lru_cache(maxsize=32)
 def grammar_for(schema: str | None) -> llama_cpp.LlamaGrammar:
-    """llama.cpp's grammar for any JSON value (None) or for a JSON schema; built once each."""
+    """llama.cpp's grammar for any JSON value (None) or for a JSON schema; built once each.
+    Check it with `grammar_loads` before sampling with it."""
     if schema is None:
         return llama_cpp.LlamaGrammar.from_string(JSON_GBNF, verbose=False)
     return llama_cpp.LlamaGrammar.from_json_schema(schema, verbose=False)
+
+
+def grammar_loads(llm: llama_cpp.Llama, grammar: llama_cpp.LlamaGrammar) -> bool:
+    """Whether llama.cpp itself accepts the grammar: llama-cpp-python would hand a rejected
+    one on as a null sampler, and the process would die in C (a segfault, not an exception)."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    sampler = llama_cpp.llama_sampler_init_grammar(
+        vocab, grammar._grammar.encode(), grammar._root.encode()
+    )
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
 
 
 def _top(candidates: dict[str, Any], k: int) -> list[tuple[str, float]]:
@@ -237,14 +258,31 @@ class LocalProvider:
             if message.has_media():
                 raise self._unsupported(f"messages.{i}.content", "images, audio or files")
         tool = self._tool_plan(request)
-        grammar = self._grammar(tool.schema, "tools") if tool else self._format(request)
-        messages = _prompt_messages(request.messages, tool.note if tool else None)
+        json_out, schema = self._format(request)
         k = (request.top_logprobs or 0) if request.logprobs else None
+        self._bounded(request, "top_logprobs", request.top_logprobs, 20)
+        if tool is not None:
+            # What a forced tool call would otherwise leave out quietly: refused by name.
+            for name, asked in (("response_format", json_out), ("logprobs", k is not None),
+                                ("stop", bool(request.stop))):  # fmt: skip
+                if asked:
+                    raise self._unsupported(name, f"{name} together with a forced tool call")
+        grammars: list[llama_cpp.LlamaGrammar | None] = [None]
+        messages = _prompt_messages(request.messages, tool.note if tool else None)
 
-        def pieces(choice: int) -> Pieces:
+        def prepare() -> None:  # in a thread: a big schema takes a while to convert
+            if tool is not None:
+                grammars[0] = self._grammar(tool.schema, "tools")
+            elif json_out:
+                grammars[0] = self._grammar(schema, "response_format")
+
+        def pieces(choice: int, stop: threading.Event) -> Pieces:
             llm = self._model_for(k)
-            options = self._sampling(request, choice, llm) | {"grammar": grammar}
-            if k is not None:  # llama-cpp-python gives none for top_logprobs 0: ask one, cut
+            options = self._sampling(request, choice, llm) | {"grammar": grammars[0]}
+            if k is not None and self._formatter is not None:
+                yield from self._chat_with_logprobs(llm, messages, options, k, stop)
+                return
+            if k is not None:  # no template to render with: llama-cpp-python's own stream
                 options |= {"logprobs": True, "top_logprobs": max(k, 1)}
             chunks = llm.create_chat_completion(messages=messages, **options)
             if tool is not None:
@@ -257,7 +295,52 @@ class LocalProvider:
                 yield Piece(text, text, step["finish_reason"], logprobs)
 
         count = lambda: self._count_chat_prompt(messages)  # noqa: E731
-        return self._stream(pieces, n, count, request)
+        return self._stream(pieces, n, count, request, prepare)
+
+    def _chat_with_logprobs(
+        self,
+        llm: llama_cpp.Llama,
+        messages: list[dict[str, str]],
+        options: dict[str, Any],
+        k: int,
+        stop: threading.Event,
+    ) -> Pieces:
+        """A chat reply with log probabilities, generated whole: llama-cpp-python's streamed
+        logprobs drop characters that span tokens (emoji, most non-Latin scripts). The chat
+        template is applied here as its chat handler does, so that a stopping criterion can
+        still end the generation between tokens when the client leaves."""
+        assert self._formatter is not None
+        rendered = self._formatter(messages=messages)
+        prompt = llm.tokenize(
+            rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+        )
+        extra = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
+        options = options | {
+            "stream": False,
+            "stop": options["stop"] + [s for s in extra if s],
+            "logprobs": max(k, 1),
+            "stopping_criteria": llama_cpp.StoppingCriteriaList([lambda *_: stop.is_set()]),
+        }
+        answer = llm.create_completion(prompt=prompt, **options)
+        step = answer["choices"][0]
+        raw = completion_logprobs(step.get("logprobs"), k)
+        tokens = raw and [
+            {
+                "token": token,
+                "logprob": logprob,
+                "bytes": list(token.encode()) if token else None,
+                "top_logprobs": [
+                    {"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in top.items()
+                ],
+            }
+            for token, logprob, top in zip(
+                raw["tokens"], raw["token_logprobs"], raw["top_logprobs"], strict=True
+            )
+        ]
+        text = step["text"] or ""
+        if tokens:
+            _token_bytes(llm, text, tokens)
+        yield Piece(text, text, step["finish_reason"], tokens or None)
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
@@ -269,10 +352,21 @@ class LocalProvider:
             raise self._unsupported("best_of", "best_of above n (it does not rank candidates)")
         self._choices("n" if len(prompts) == 1 else "prompt", len(prompts) * n)
         k = request.logprobs
+        self._bounded(request, "logprobs", k, 20)
 
-        def pieces(choice: int) -> Pieces:
+        def pieces(choice: int, stop: threading.Event) -> Pieces:
             llm = self._model_for(k)
             options = self._sampling(request, choice, llm) | {"logprobs": k}
+            if k is not None:
+                # Generated whole: streamed logprobs drop characters that span tokens. The
+                # stopping criterion still ends it between tokens when the client leaves.
+                criteria = llama_cpp.StoppingCriteriaList([lambda *_: stop.is_set()])
+                options |= {"stream": False, "stopping_criteria": criteria}
+                step = llm.create_completion(prompt=prompts[choice // n], **options)["choices"][0]
+                text = step["text"] or ""
+                logprobs = completion_logprobs(step.get("logprobs"), k)
+                yield Piece(text, text, step["finish_reason"], logprobs)
+                return
             chunks = llm.create_completion(prompt=prompts[choice // n], **options)
             for chunk in chunks:
                 step = chunk["choices"][0]
@@ -301,6 +395,18 @@ class LocalProvider:
             param=param,
         )
 
+    def _bounded(
+        self, request: ChatRequest | CompletionRequest, name: str, value: int | None, most: int
+    ) -> None:
+        """The embedded model's own bounds, where the request model leaves them to the backend
+        (penalties between -2 and 2, as OpenAI's; top tokens up to `most`)."""
+        if value is not None and value > most:
+            raise errors.InvalidRequest(f"{name} must be at most {most}.", param=name)
+        for penalty in ("presence_penalty", "frequency_penalty"):
+            number = getattr(request, penalty)
+            if number is not None and not -2 <= number <= 2:
+                raise errors.InvalidRequest(f"{penalty} must be between -2 and 2.", param=penalty)
+
     def _choices(self, param: str, count: int) -> int:
         if count > MAX_CHOICES:
             raise self._unsupported(
@@ -326,8 +432,18 @@ class LocalProvider:
                 raise errors.InvalidRequest(
                     "Each tool must be {'type': 'function', 'function': {...}}.", param=f"tools.{i}"
                 )
-            if not isinstance(function.get("name"), str) or not function["name"]:
-                raise errors.InvalidRequest("A function needs a name.", param=f"tools.{i}")
+            name = function.get("name")
+            if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+                raise errors.InvalidRequest(
+                    "A function's name must be 1 to 64 letters, digits, _ or -.",
+                    param=f"tools.{i}.function.name",
+                )
+            parameters = function.get("parameters")
+            if parameters is not None and not isinstance(parameters, dict):
+                raise errors.InvalidRequest(
+                    "A function's parameters must be a JSON schema object.",
+                    param=f"tools.{i}.function.parameters",
+                )
             functions.append(function)
         if choice == "none":
             return None
@@ -359,8 +475,13 @@ class LocalProvider:
                 f'{{"name": ..., "arguments": {{...}}}}.\n{listing}'
             )
             return ToolPlan(json.dumps(schema), None, note)
-        name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
-        if not isinstance(choice, dict) or choice.get("type") != "function" or name is None:
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if (
+            not isinstance(choice, dict)
+            or choice.get("type") != "function"
+            or not isinstance(name, str)
+        ):
             raise errors.InvalidRequest(
                 "tool_choice must be 'none', 'auto', 'required' or "
                 "{'type': 'function', 'function': {'name': ...}}.",
@@ -376,15 +497,15 @@ class LocalProvider:
         )
         return ToolPlan(json.dumps(_parameters(by_name[name])), name, note)
 
-    def _format(self, request: ChatRequest) -> llama_cpp.LlamaGrammar | None:
-        """response_format through grammar-constrained sampling: the answer is JSON, and for a
-        schema it follows the schema."""
+    def _format(self, request: ChatRequest) -> tuple[bool, str | None]:
+        """response_format through grammar-constrained sampling: (whether the answer is JSON,
+        the schema it follows as JSON text, if any)."""
         fmt = request.response_format
         kind = fmt.get("type") if fmt else None
         if kind in (None, "text"):
-            return None
+            return False, None
         if kind == "json_object":
-            return self._grammar(None, "response_format")
+            return True, None
         if kind == "json_schema":
             spec = fmt.get("json_schema") if fmt else None
             schema = spec.get("schema") if isinstance(spec, dict) else None
@@ -393,17 +514,30 @@ class LocalProvider:
                     "response_format json_schema needs json_schema.schema, a JSON schema.",
                     param="response_format",
                 )
-            return self._grammar(json.dumps(schema, sort_keys=True), "response_format")
+            return True, json.dumps(schema, sort_keys=True)
         raise errors.InvalidRequest(
             f"response_format type {kind!r} is not one of text, json_object, json_schema.",
             param="response_format",
         )
 
     def _grammar(self, schema: str | None, param: str) -> llama_cpp.LlamaGrammar:
+        """The grammar for a schema, or a 400 naming `param`. Slow for big schemas: called in a
+        thread (see _stream's `prepare`), never on the event loop."""
+        if schema is not None and len(schema) > MAX_SCHEMA_CHARS:
+            raise errors.InvalidRequest(
+                f"The JSON schema is {len(schema):,} characters; the embedded model takes "
+                f"schemas up to {MAX_SCHEMA_CHARS:,}.",
+                param=param,
+            )
         try:
-            return grammar_for(schema)
-        except Exception as exc:  # llama.cpp's converter: an unsupported schema feature
+            grammar = grammar_for(schema)
+        except Exception as exc:  # llama-cpp-python's converter: an unsupported schema feature
             raise self._unsupported(param, f"this JSON schema as a grammar ({exc})") from None
+        if not grammar_loads(self.llm, grammar):
+            raise self._unsupported(
+                param, "this JSON schema (llama.cpp cannot parse the grammar made from it)"
+            )
+        return grammar
 
     def _model_for(self, logprobs: int | None) -> llama_cpp.Llama:
         """The context that generates: the scorer when log probabilities are wanted. Called
@@ -440,10 +574,11 @@ class LocalProvider:
 
     async def _stream(
         self,
-        pieces: Callable[[int], Pieces],
+        pieces: Callable[[int, threading.Event], Pieces],
         choices: int,
         prompt_tokens: Callable[[], int],
         request: ChatRequest | CompletionRequest,
+        prepare: Callable[[], None] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Generate in a worker thread, handing each piece to the event loop as it comes;
         several choices one after another, each ending with its finish reason."""
@@ -463,7 +598,7 @@ class LocalProvider:
                 n_prompt, n_out = prompt_tokens(), 0
                 for choice in range(choices):
                     spent, finish = [], "length"
-                    with contextlib.closing(pieces(choice)) as generation:
+                    with contextlib.closing(pieces(choice, stop)) as generation:
                         for piece in generation:
                             if stop.is_set():
                                 return  # closing llama-cpp's generator ends its decode loop
@@ -487,6 +622,8 @@ class LocalProvider:
             finally:
                 put(_DONE)
 
+        if prepare is not None:  # before taking the model: others generate meanwhile
+            await asyncio.to_thread(prepare)
         future = await self._chat_slot.start(self._executor, work)
         try:
             while (item := await queue.get()) is not _DONE:
@@ -654,7 +791,9 @@ def _prompt_messages(messages: list[ChatMessage], tool_note: str | None) -> list
 
 def _tool_call(chunks: Iterator[dict[str, Any]], tool: ToolPlan) -> Pieces:
     """A grammar-constrained generation read as one tool call: nothing shown while it runs
-    (an empty piece per token, so a stop is seen between tokens), then the whole call."""
+    (an empty piece per token, so a stop is seen between tokens), then the whole call. It is
+    a call (finish_reason "tool_calls") only when what was written parses as one; a call cut
+    short by max_tokens comes back as it stands, with finish_reason "length"."""
     written, finish = [], "length"
     for chunk in chunks:
         step = chunk["choices"][0]
@@ -662,22 +801,33 @@ def _tool_call(chunks: Iterator[dict[str, Any]], tool: ToolPlan) -> Pieces:
         finish = step["finish_reason"] or finish
         yield Piece()
     text = "".join(written)
-    if tool.named is not None:
-        name, arguments = tool.named, text.strip()
-    else:
-        try:
-            call = json.loads(text)
-            name, arguments = call["name"], json.dumps(call["arguments"])
-        except (ValueError, KeyError, TypeError):  # cut short by max_tokens
-            name, arguments = "", text
-    complete = finish == "stop"
+    name, arguments, whole = _read_call(text, tool)
     call = {
         "index": 0,
         "id": "call_" + secrets.token_hex(12),
         "type": "function",
         "function": {"name": name, "arguments": arguments},
     }
-    yield Piece(spent=text, finish="tool_calls" if complete else "length", tool_calls=[call])
+    done = whole and finish == "stop"
+    yield Piece(spent=text, finish="tool_calls" if done else "length", tool_calls=[call])
+
+
+def _read_call(text: str, tool: ToolPlan) -> tuple[str, str, bool]:
+    """(function name, arguments as JSON text, whether the call is complete)."""
+    if tool.named is not None:
+        try:
+            complete = isinstance(json.loads(text), dict)
+        except ValueError:
+            complete = False
+        return tool.named, text.strip(), complete
+    try:
+        call = json.loads(text)
+        return call["name"], json.dumps(call["arguments"]), True
+    except (ValueError, KeyError, TypeError):
+        # Cut short: the name if it was written, the arguments as far as they went.
+        named = re.search(r'"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"', text)
+        arguments = text.partition('"arguments"')[2].lstrip(" :")
+        return (named[1] if named else ""), arguments, False
 
 
 def _notice(model_id: str, *, bundled: bool) -> str:
@@ -693,3 +843,19 @@ def _notice(model_id: str, *, bundled: bool) -> str:
             f"often wrong answers. {how}"
         )
     return f"**Embedded model.** You are using `{model_id}` from `LOCAL_MODEL_PATH`, in-process."
+
+
+def _token_bytes(llm: llama_cpp.Llama, text: str, tokens: list[dict[str, Any]]) -> None:
+    """Bytes for the tokens that hold part of a character (an emoji's first bytes): llama-cpp-
+    python names them "" and drops their bytes. The text tokenizes back to the same tokens (as
+    a rule); where it does, each token gets its own bytes, and the name OpenAI gives such a
+    token (the bytes escaped). Where it does not, those tokens keep null bytes."""
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    if len(ids) != len(tokens):
+        return
+    for token, token_id in zip(tokens, ids, strict=True):
+        if token["token"]:
+            continue
+        raw = llm.detokenize([token_id], special=True)
+        token["bytes"] = list(raw)
+        token["token"] = raw.decode("utf-8", errors="backslashreplace")

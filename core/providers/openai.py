@@ -455,8 +455,8 @@ class OpenAIProvider:
         """POST an OpenAI-shaped JSON body; return the upstream's JSON bytes untouched."""
         async with self._send(path, payload, model) as response:
             content = await response.read()
-        if content.lstrip()[:1] != b"{":
-            raise _not_the_api(response, path, "JSON")
+        if content.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] != b"{":  # a BOM is still JSON
+            raise _not_the_api(response, path, "a JSON object", empty=not content.strip())
         return content
 
     async def forward_stream(
@@ -464,18 +464,22 @@ class OpenAIProvider:
     ) -> AsyncIterator[bytes]:
         """POST a streaming request; yield the SSE bytes as they arrive."""
         async with self._send(path, payload, model) as response:
-            if response.content_type in ("application/json", "text/html", "text/plain"):
+            # Some servers label a good event stream text/plain: only what is surely not one.
+            if response.content_type in ("application/json", "text/html"):
                 raise _not_the_api(response, path, "an event stream")
             async for chunk in response.content.iter_any():
                 yield chunk
 
 
-def _not_the_api(response: aiohttp.ClientResponse, path: str, wanted: str) -> errors.UpstreamError:
+def _not_the_api(
+    response: aiohttp.ClientResponse, path: str, wanted: str, *, empty: bool = False
+) -> errors.UpstreamError:
     """A 200 whose body is not what the API sends: most often a base URL that points at a web
     page (a dashboard, a login portal) instead of the API, or a server that ignores stream."""
     kind = response.content_type or "no content type"
+    got = "an empty body" if empty else kind
     return errors.UpstreamError(
-        f"The upstream answered /{path} with {kind}, not {wanted}: check that OPENAI_BASE_URL "
+        f"The upstream answered /{path} with {got}, not {wanted}: check that OPENAI_BASE_URL "
         "is the API's address (usually ending in /v1) and that the server supports this call."
     )
 
