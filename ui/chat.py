@@ -17,7 +17,9 @@ from ui.common import (
     backend_notice,
     caller_of,
     code,
-    optional_int,
+    count_of,
+    field_error,
+    notice,
     parse_stop,
     report,
 )
@@ -76,7 +78,10 @@ def build(core: Core) -> ChatTab:
             # Small minimum widths keep the three buttons on one line on a phone.
             with gr.Row(elem_classes="button-row"):
                 send = gr.Button("Send", variant="primary", size="md", scale=3, min_width=80)
-                stop = gr.Button("Stop", variant="stop", size="md", scale=2, min_width=80)
+                # Send becomes Stop while a reply streams.
+                stop = gr.Button(
+                    "Stop", variant="stop", size="md", scale=3, min_width=80, visible=False
+                )
                 clear = gr.Button("New chat", size="md", scale=2, min_width=80)
             usage = gr.Markdown(elem_classes="usage-line", elem_id="chat-status")
         with gr.Column(scale=1, min_width=260):
@@ -95,8 +100,6 @@ def build(core: Core) -> ChatTab:
                 label="Max tokens",
                 value=0,
                 precision=0,
-                minimum=0,
-                maximum=32768,
                 info="0 lets the model decide.",
             )
             stop_text = gr.Textbox(
@@ -105,15 +108,25 @@ def build(core: Core) -> ChatTab:
 
     # The conversation as the model sees it (raw text, OpenAI-shaped), kept on the server. The
     # Chatbot only shows it: it is not an input, so the browser cannot rewrite the history.
+    # A reply being written carries "pending" until it ends; one cut short by Stop, "stopped".
     conversation = gr.State([])
+    # A message whose call failed, to give back to the message box once the call has ended.
+    unsent = gr.State("")
     remote_images = core.settings.allow_remote_images
 
-    def show(message: dict[str, str]) -> dict[str, Any]:
-        return to_display(message, remote_images=remote_images)
+    def show(message: dict[str, Any]) -> dict[str, Any]:
+        shown = to_display(message, remote_images=remote_images)
+        if message.get("stopped"):  # in the reply's own bubble, after its last words
+            last = shown["content"][-1]
+            last["text"] = f"{last['text']}\n\n*(stopped)*"
+        return shown
+
+    def raw(message: dict[str, Any]) -> dict[str, str]:
+        return {"role": message["role"], "content": message["content"]}
 
     async def respond(
         text: str,
-        history: list[dict[str, str]],
+        history: list[dict[str, Any]],
         system_prompt: str,
         model_name: str,
         temp: float,
@@ -122,23 +135,28 @@ def build(core: Core) -> ChatTab:
         request: gr.Request,
     ) -> AsyncIterator[tuple[Any, ...]]:
         if not (text or "").strip():
-            gr.Warning("Type a message first.")
-            yield gr.skip(), gr.skip(), text, gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), notice("Type a message first."), ""
+            return
+        try:
+            cap = count_of(max_toks, "Max tokens")
+        except ValueError as exc:
+            yield gr.skip(), gr.skip(), gr.skip(), field_error(str(exc)), ""
             return
         before = list(history or [])
         asked = [*before, {"role": "user", "content": text}]
         shown = [show(m) for m in asked]
-        # Each yield carries the display and the state together: after Stop they agree.
-        reply = {"role": "assistant", "content": ""}
-        yield [*shown, show(reply)], [*asked, reply], "", "Generating…"
-        messages = [m for m in asked if m["content"]]
+        # Each yield carries the display and the state together: after Stop they agree. The
+        # message box is emptied once, here, and never written again while the reply streams.
+        reply: dict[str, Any] = {"role": "assistant", "content": "", "pending": True}
+        yield [*shown, show(reply)], [*asked, reply], "", "Generating…", ""
+        messages = [raw(m) for m in asked if m["content"]]
         if system_prompt.strip():
             messages.insert(0, {"role": "system", "content": system_prompt})
         body = {
             "messages": messages,
             "model": (model_name or "").strip() or None,
             "temperature": temp,
-            "max_tokens": optional_int(max_toks),
+            "max_tokens": cap,
             "stop": parse_stop(stops),
         }
         text_so_far, last_usage, next_show = "", None, 0.0
@@ -148,25 +166,77 @@ def build(core: Core) -> ChatTab:
                 text_so_far += chunk.text or ""
                 if chunk.text and time.monotonic() >= next_show:
                     started = time.monotonic()
-                    reply = {"role": "assistant", "content": text_so_far}
-                    yield [*shown, show(reply)], [*asked, reply], "", gr.skip()
+                    reply = {"role": "assistant", "content": text_so_far, "pending": True}
+                    yield [*shown, show(reply)], [*asked, reply], gr.skip(), gr.skip(), gr.skip()
                     next_show = started + max(SHOW_EVERY, 5 * (time.monotonic() - started))
         except ServiceError as exc:
-            # Nothing is lost: the conversation returns to before the send, the message to the box.
-            yield shown[:-1], before, text, report(exc)
+            # Nothing is lost: the conversation returns to before the send; the message goes
+            # back to the box once the call has ended (settle), unless something new is there.
+            yield shown[:-1], before, gr.skip(), report(exc), text
             return
         reply = {"role": "assistant", "content": text_so_far}
         model_used = body["model"] or service.default_model("chat")
-        yield [*shown, show(reply)], [*asked, reply], "", usage_line(last_usage, model_used)
+        yield (
+            [*shown, show(reply)],
+            [*asked, reply],
+            gr.skip(),
+            usage_line(last_usage, model_used),
+            "",
+        )
+
+    def settle(history: list[dict[str, Any]], box: str, failed: str) -> tuple[Any, ...]:
+        """After a reply ends, however it ended: Stop comes back as Send; a reply Stop cut short
+        is kept and marked stopped; a question Stop cut before any reply goes back to the box
+        (so the next send does not carry two questions in a row); a failed message goes back
+        to the box if nothing new was typed there."""
+        history = list(history or [])
+        buttons = gr.Button(visible=True), gr.Button(visible=False)
+        if not (history and history[-1].get("pending")):
+            box_now = failed if failed and not (box or "").strip() else gr.skip()
+            return gr.skip(), gr.skip(), box_now, gr.skip(), "", *buttons
+        reply = history.pop()
+        if reply["content"]:
+            history.append({"role": "assistant", "content": reply["content"], "stopped": True})
+            status = notice("Stopped. The partial reply is kept.")
+        else:
+            question = history.pop() if history and history[-1]["role"] == "user" else None
+            if question and not (box or "").strip():
+                box = question["content"]
+            status = notice("Stopped before the reply began; your message is back in the box.")
+        return [show(m) for m in history], history, box, status, "", *buttons
 
     inputs = [message, conversation, system, model, temperature, max_tokens, stop_text]
-    outputs = [chatbot, conversation, message, usage]
-    events = [
-        trigger(respond, inputs, outputs, api_visibility="private", concurrency_id=LLM_GROUP)
-        for trigger in (message.submit, send.click)
-    ]
-    stop.click(None, cancels=events, api_visibility="private")
-    clear.click(lambda: ([], [], "", ""), None, outputs, api_visibility="private", queue=False)
+    outputs = [chatbot, conversation, message, usage, unsent]
+    for trigger in (message.submit, send.click):
+        started = trigger(
+            lambda: (gr.Button(visible=False), gr.Button(visible=True)),
+            None,
+            [send, stop],
+            api_visibility="private",
+            queue=False,
+        )
+        event = started.then(
+            respond, inputs, outputs, api_visibility="private", concurrency_id=LLM_GROUP
+        )
+        # .then runs however the reply ended: finished, failed, or cancelled by Stop.
+        event.then(
+            settle,
+            [conversation, message, unsent],
+            [chatbot, conversation, message, usage, unsent, send, stop],
+            api_visibility="private",
+            queue=False,
+        )
+        # Stop brings Send back itself too: a call cancelled while still queued never runs,
+        # and then nothing after it does.
+        stop.click(
+            lambda: (gr.Button(visible=True), gr.Button(visible=False)),
+            None,
+            [send, stop],
+            cancels=[event],
+            api_visibility="private",
+            queue=False,
+        )
+    clear.click(lambda: ([], [], "", ""), None, outputs[:4], api_visibility="private", queue=False)
     # The Chatbot's own trash button empties only the browser's copy: forget the conversation too.
     chatbot.clear(lambda: ([], ""), None, [conversation, usage], api_visibility="private")
     return ChatTab(model=model)

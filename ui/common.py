@@ -26,15 +26,19 @@ def to_gr_error(exc: ServiceError) -> gr.Error:
 
 
 def report(exc: ServiceError) -> str:
-    """The dashboard form: a toast, plus an error box to show in the tab's status line.
+    """The dashboard form: an error box for the tab's status line, shown once, in one place.
 
-    Raising gr.Error would cover every output with an error badge and hide the conversation;
-    this leaves the outputs as they were. Gradio 6's toast heads every warning "Warning" and
-    drops `title`, so the title leads the message instead. Both render HTML: escape the text.
+    Raising gr.Error would cover every output with an error badge and hide the conversation,
+    and a toast beside the box would say it twice; this leaves the outputs as they were. The
+    box is HTML (role=alert, so screen readers announce it): the text is escaped.
     """
     title, text = html.escape(_title(exc)), html.escape(str(exc))
-    gr.Warning(f"<strong>{title}</strong><br>{text}")
     return f'<div class="error-line" role="alert">⚠️ <strong>{title}:</strong> {text}</div>'
+
+
+def notice(text: str) -> str:
+    """A status-line message that is not an error (already escaped by the caller)."""
+    return f'<span role="status">{text}</span>'
 
 
 _TITLES = {
@@ -83,9 +87,20 @@ def parse_stop(text: str) -> list[str]:
     return [line.replace("\\n", "\n").replace("\\t", "\t") for line in lines if line]
 
 
-def optional_int(value: float | int | None) -> int | None:
-    """Gradio numbers arrive as floats, and 0 or empty means 'use the default'."""
-    return int(value) if value else None
+def count_of(value: float | int | None, field: str) -> int | None:
+    """A number box (Max tokens, Dimensions, limits) checked in the handler, not by the
+    component, whose own error covers every output with a badge and does not name the field:
+    0 or empty means none; anything else must be a whole number above 0."""
+    if value is None or value == 0:
+        return None
+    if value < 0 or value != int(value):
+        raise ValueError(f"{field} must be a whole number, 0 or more (not {value:g}).")
+    return int(value)
+
+
+def field_error(message: str) -> str:
+    """A status-line error for a form field, named in `message`."""
+    return f'<div class="error-line" role="alert">⚠️ {html.escape(message)}</div>'
 
 
 def save_images(files: FileRegistry, images: list[bytes], *, user: str | None) -> list[str]:

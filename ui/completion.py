@@ -11,7 +11,16 @@ import gradio as gr
 from core.context import Core
 from core.errors import ServiceError
 from ui.chat import usage_line
-from ui.common import LLM_GROUP, backend_notice, caller_of, optional_int, parse_stop, report
+from ui.common import (
+    LLM_GROUP,
+    backend_notice,
+    caller_of,
+    count_of,
+    field_error,
+    notice,
+    parse_stop,
+    report,
+)
 
 
 @dataclass
@@ -55,8 +64,6 @@ def build(core: Core) -> CompletionTab:
                 label="Max tokens",
                 value=256,
                 precision=0,
-                minimum=0,
-                maximum=32768,
                 info="0 lets the model decide.",
             )
             stop_text = gr.Textbox(
@@ -71,11 +78,16 @@ def build(core: Core) -> CompletionTab:
         stops: str,
         request: gr.Request,
     ) -> AsyncIterator[tuple[Any, Any]]:
+        try:
+            cap = count_of(max_toks, "Max tokens")
+        except ValueError as exc:
+            yield gr.skip(), field_error(str(exc))
+            return
         body = {
             "prompt": text or "",
             "model": (model_name or "").strip() or None,
             "temperature": temp,
-            "max_tokens": optional_int(max_toks),
+            "max_tokens": cap,
             "stop": parse_stop(stops),
         }
         result, last_usage = "", None
@@ -97,4 +109,14 @@ def build(core: Core) -> CompletionTab:
         complete, inputs, [output, usage], api_visibility="private", concurrency_id=LLM_GROUP
     )
     stop.click(None, cancels=[event], api_visibility="private")
+    # Runs however the completion ended: after Stop, the status must not stay "Generating…".
+    event.then(
+        lambda status: (
+            notice("Stopped. The text so far is kept.") if status == "Generating…" else gr.skip()
+        ),
+        [usage],
+        [usage],
+        api_visibility="private",
+        queue=False,
+    )
     return CompletionTab(model=model)

@@ -15,7 +15,8 @@ from ui.common import (
     LLM_GROUP,
     caller_of,
     code,
-    optional_int,
+    count_of,
+    field_error,
     report,
     save_text,
     uploaded_path,
@@ -80,8 +81,6 @@ def build(core: Core, files: FileRegistry) -> EmbeddingsTab:
                     label="Dimensions",
                     value=0,
                     precision=0,
-                    minimum=0,
-                    maximum=8192,
                     info="0 = the model's default",
                     scale=2,
                     min_width=120,
@@ -125,11 +124,12 @@ def build(core: Core, files: FileRegistry) -> EmbeddingsTab:
                 return report(InvalidRequest(f"Could not read the upload: {exc}")), *unchanged
         if not items:
             return report(InvalidRequest("Enter at least one text, or upload a file.")), *unchanged
-        body = {
-            "texts": items,
-            "model": (model_name or "").strip() or None,
-            "dimensions": optional_int(dims),
-        }
+        try:
+            dimensions = count_of(dims, "Dimensions")
+        except ValueError as exc:
+            return field_error(str(exc)), *unchanged
+        model_id = (model_name or "").strip() or None
+        body = {"texts": items, "model": model_id, "dimensions": dimensions}
         try:
             result = await service.embeddings(body, **caller_of(core, request))
         except ServiceError as exc:

@@ -50,11 +50,15 @@ CSS = """
 
 def header_html(username: str | None, upstream: str) -> str:
     """The header line: product, upstream, user, logout (all escaped)."""
-    user = html.escape(display_name(username))
+    signed_in = ""
+    if username is not None:  # filled in by the page's load event, once the user is known
+        user = html.escape(display_name(username))
+        signed_in = (
+            f'<span class="meta">Signed in as <b>{user}</b> · <a href="logout">Log out</a></span>'
+        )
     return (
         '<div class="app-header"><h1>AI dashboard</h1>'
-        f'<span class="meta">Upstream: {html.escape(upstream)}</span>'
-        f'<span class="meta">Signed in as <b>{user}</b> · <a href="logout">Log out</a></span></div>'
+        f'<span class="meta">Upstream: {html.escape(upstream)}</span>{signed_in}</div>'
     )
 
 

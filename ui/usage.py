@@ -11,9 +11,9 @@ import pandas as pd
 from core import reports
 from core.auth import Principal
 from core.context import Core
-from core.errors import Forbidden, ServiceError
+from core.errors import Forbidden, InvalidRequest, ServiceError
 from edge.files import FileRegistry
-from ui.common import report, save_text
+from ui.common import count_of, report, save_text
 
 EVERYONE = ("Everyone", "")
 ALL_MODELS = ("All models", "")
@@ -62,8 +62,8 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
         with gr.Row():
             name = gr.Textbox(label="User name", placeholder="alice", scale=2)
             is_admin = gr.Checkbox(label="Admin", scale=0, min_width=90)
-            daily = gr.Number(label="Daily tokens (0 = default)", value=0, precision=0, minimum=0)
-            rpm = gr.Number(label="Requests/min (0 = default)", value=0, precision=0, minimum=0)
+            daily = gr.Number(label="Daily tokens (0 = default)", value=0, precision=0)
+            rpm = gr.Number(label="Requests/min (0 = default)", value=0, precision=0)
         with gr.Row():
             add = gr.Button("Add user", variant="primary")
             limits = gr.Button("Set limits")
@@ -182,19 +182,19 @@ def _apply(
 ) -> tuple[str | None, str]:
     """Do one admin action with the same rules as the CLI; returns (new key or None, message)."""
     users = core.users
+    try:
+        day = count_of(day_limit, "Daily tokens") or 0
+        minute = count_of(minute_limit, "Requests/min") or 0
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
     if action == "add":
-        user, key = users.add(
-            name,
-            role="admin" if admin else "user",
-            daily_tokens=int(day_limit or 0),
-            rpm=int(minute_limit or 0),
-        )
+        user, key = users.add(name, role="admin" if admin else "user", daily_tokens=day, rpm=minute)
         return key, f"Added **{user.name}** ({user.role}). Copy the key below: it is shown once."
     if action == "rotate":
         user, key = users.rotate(name)
         return key, f"New key for **{user.name}**; the old key and its sessions stopped working."
     if action == "limits":
-        user = users.set_limits(name, daily_tokens=int(day_limit or 0), rpm=int(minute_limit or 0))
+        user = users.set_limits(name, daily_tokens=day, rpm=minute)
         return None, f"Limits for **{user.name}** saved."
     user = users.set_disabled(name, action == "disable")
     state = "disabled: their key and sessions stopped working" if user.disabled else "enabled"

@@ -74,3 +74,22 @@ def test_the_models_tab_lists_what_the_backend_honours(offline: Page) -> None:
     expect(honours).to_contain_text("top_logprobs")
     expect(honours).to_contain_text("not served")  # images
     screenshot(offline, "offline-models")
+
+
+def test_stop_in_mid_stream_on_the_embedded_model_leaves_no_error(offline: Page) -> None:
+    """Three tries: Stop once the reply has begun keeps the words so far, marked stopped."""
+    for _ in range(3):
+        offline.get_by_role("button", name="New chat").click()  # a long reply each time
+        ask = "Count from 1 to 300, separated by commas."
+        offline.get_by_role("textbox", name="Message").fill(ask)
+        offline.get_by_role("button", name="Send").click()
+        bot = offline.get_by_test_id("bot").first
+        expect(bot).not_to_have_text("", timeout=60_000)
+        offline.get_by_role("button", name="Stop").click()
+        status = offline.locator("#chat-status")
+        expect(status).to_contain_text("Stopped. The partial reply is kept.")
+        expect(bot).to_contain_text("(stopped)")
+        expect(offline.get_by_role("button", name="Send")).to_be_visible()
+        expect(offline.locator(".error").locator("visible=true")).to_have_count(0)
+        expect(offline.get_by_test_id("toast-body")).to_have_count(0)
+    screenshot(offline, "offline-chat-stopped")

@@ -163,17 +163,21 @@ def test_the_model_gets_the_raw_text_and_stop_keeps_what_was_shown(
     send(page, long)
     expect(bots.last).to_contain_text("Echo: word0 word1")
     page.get_by_role("button", name="Stop").click()
+    expect(page.locator("#chat-status")).to_contain_text("Stopped")
     page.wait_for_timeout(500)  # nothing more arrives after Stop
     shown = bots.last.inner_text().strip()
-    assert shown.startswith("Echo: word0") and not shown.endswith("word599"), shown
+    assert shown.startswith("Echo: word0") and shown.endswith("(stopped)"), shown
+    kept = shown.removesuffix("(stopped)").strip()
+    assert not kept.endswith("word599"), kept
 
     send(page, "And now?")
     expect(bots.last).to_contain_text("Echo: And now?")
     messages = last_chat_request(upstream)
     assert [m["role"] for m in messages[-3:]] == ["user", "assistant", "user"]
-    # The stopped reply went back to the model exactly as the page still shows it.
-    assert messages[-2]["content"].strip() == shown
-    expect(bots.nth(-2)).to_have_text(re.compile(rf"^\s*{re.escape(shown)}\s*$"))
+    # The stopped reply went back to the model exactly as the page still shows it (without
+    # the page's "(stopped)" mark).
+    assert messages[-2]["content"].strip() == kept
+    expect(bots.nth(-2)).to_have_text(re.compile(rf"^\s*{re.escape(kept)}\s*\(stopped\)\s*$"))
 
 
 @pytest.mark.parametrize("how", ["New chat", "Clear"])
