@@ -12,9 +12,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
-from starlette.requests import cookie_parser
+from starlette.requests import Request, cookie_parser
 
 from core.auth import LOGIN_CAPTURE, Authenticator, LockedOut, Principal, Revoked
 from edge.http import (
@@ -27,7 +29,9 @@ from edge.http import (
     header,
     is_bearer_api,
     refuse,
+    replay,
 )
+from edge.login_page import login_page
 
 log = logging.getLogger("edge.sessions")
 SESSION_COOKIE = "access-token"
@@ -48,6 +52,8 @@ PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 SESSION_STREAMS = ("/gradio_api/queue/data", "/gradio_api/heartbeat/")
 NOT_SIGNED_IN = "Not signed in: sign in first (POST /login, or the login page)."
 SESSION_ENDED = "Your session ended (signed out, idle too long, or too old). Sign in again."
+LOGIN_PAGES = {"/", "/login", "/login/"}
+MAX_LOGIN_BYTES = 16 * 1024  # a name and a key; read here, before the body limit's guard
 LOGOUT_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Sign out</title>
 <style>body{font-family:system-ui,sans-serif;display:grid;place-items:center;height:90vh}
@@ -145,8 +151,10 @@ class SessionGuard:
         sessions: SessionTable,
         gradio_tokens: Callable[[], dict[str, str]],
         proxies_trusted: bool = False,
+        login_message: str = "Sign in with your user name and access key.",
     ) -> None:
         self.app = app
+        self.login_page = login_page(login_message)
         self.auth = auth
         self.sessions = sessions
         self.gradio_tokens = gradio_tokens  # Gradio's own table (token -> user name)
@@ -163,9 +171,12 @@ class SessionGuard:
             await self.app(scope, receive, send)
             return
         if method == "POST" and path.rstrip("/") == "/login":
-            await self._login(scope, receive, send)
+            await self._checked_login(scope, receive, send)
             return
         session, why = self._session(scope)
+        if session is None and method in ("GET", "HEAD") and path in LOGIN_PAGES:
+            await self._page(send, self.login_page)
+            return
         if path == "/logout":
             await self._logout(scope, send, session)
             return
@@ -199,6 +210,47 @@ class SessionGuard:
                 break
             live = live or session
         return live, why
+
+    async def _page(self, send: Send, body: bytes) -> None:
+        headers = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _checked_login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The sign-in form, read and tidied before Gradio's /login sees it: surrounding spaces
+        trimmed from the name and the key (a pasted key often ends in one), and an empty field
+        refused with a message, without counting toward the lockout (it guesses nothing)."""
+        body, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            seen += len(message.get("body", b""))
+            if seen > MAX_LOGIN_BYTES:
+                await refuse(scope, send, 413, "The sign-in form is too large.")
+                return
+            body.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            form: FormData = await Request(scope, replay(b"".join(body), receive)).form()
+        except Exception:  # not a form at all (multipart or urlencoded)
+            form = FormData()
+        name = str(form.get("username") or "").strip()
+        key = str(form.get("password") or "").strip()
+        for value, missing in ((name, "Enter your user name."), (key, "Enter your access key.")):
+            if not value:
+                await refuse(scope, send, 400, missing)
+                return
+        tidy = urlencode({"username": name, "password": key}).encode()
+        headers = [
+            (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
+        ]
+        headers += [
+            (b"content-type", b"application/x-www-form-urlencoded"),
+            (b"content-length", str(len(tidy)).encode()),
+        ]
+        await self._login({**scope, "headers": headers}, replay(tidy, receive), send)
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The lockout is checked and counted inside the auth hook, in one synchronous step:

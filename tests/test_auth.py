@@ -110,3 +110,39 @@ def test_a_successful_login_does_not_reset_the_failure_count(upstream) -> None:
             assert statuses == [400, 400, 429]
     finally:
         served.stop()
+
+
+def test_the_sign_in_form_is_tidied_and_empty_fields_are_not_guesses(upstream) -> None:
+    """An empty name or key is refused with a message and counts toward no lockout; a key
+    pasted with spaces around it works; multipart forms (Gradio's own page) are read too."""
+    from ui.server import create_app
+
+    served = serve(create_app(app_settings(upstream, LOGIN_MAX_FAILURES="2")))
+    try:
+        with httpx.Client(base_url=served.url) as http:
+            for form in ({"username": "", "password": ACCESS_KEY}, {"username": "  "},
+                         {"username": "carol", "password": " "}, {}) * 3:  # fmt: skip
+                empty = http.post("/login", data=form)
+                assert empty.status_code == 400
+                assert empty.json()["detail"] in ("Enter your user name.", "Enter your access key.")
+            pasted = {"username": " carol ", "password": f" {ACCESS_KEY}\n"}
+            spaced = http.post("/login", data=pasted)
+            assert spaced.status_code == 200
+            assert http.get("/config").status_code == 200  # signed in
+        with httpx.Client(base_url=served.url) as http:
+            multipart = {"username": (None, "dave"), "password": (None, ACCESS_KEY)}
+            parts = http.post("/login", files=multipart)
+            assert parts.status_code == 200
+            huge = http.post("/login", data={"username": "x" * 20_000, "password": "y"})
+            assert huge.status_code == 413
+    finally:
+        served.stop()
+
+
+def test_the_login_page_is_ours_and_only_without_a_session(running_app: Served) -> None:
+    with httpx.Client(base_url=running_app.url) as http:
+        page = http.get("/")
+        assert page.status_code == 200 and 'id="sign-in"' in page.text
+        assert "Sign in with your user name and access key." in page.text
+        assert http.post("/login", data={"username": "erin", "password": ACCESS_KEY}).is_success
+        assert 'id="sign-in"' not in http.get("/").text  # the dashboard now

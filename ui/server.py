@@ -26,6 +26,7 @@ from gateway.routes import build_router
 from ui.layout import CSS, THEME, build_demo
 
 log = logging.getLogger("ui.server")
+LOGIN_MESSAGE = "Sign in with your user name and access key."
 
 
 def _record_missing_matplotlib() -> None:
@@ -104,6 +105,7 @@ def create_app(settings: Settings, core: Core | None = None) -> Server:
         sessions=sessions,
         gradio_tokens=lambda: _gradio_tokens(app),
         proxies_trusted=bool(settings.forwarded_allow_ips),
+        login_message=LOGIN_MESSAGE,
     )
     app.add_middleware(
         OriginPolicy,
@@ -117,7 +119,7 @@ def create_app(settings: Settings, core: Core | None = None) -> Server:
         demo,
         path="/",
         auth=core.auth,
-        auth_message="Sign in with your user name and access key.",
+        auth_message=LOGIN_MESSAGE,
         # Never together with auth: Gradio's MCP server is not behind the login.
         mcp_server=False,
         enable_monitoring=False,

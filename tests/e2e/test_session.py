@@ -9,17 +9,17 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
 from tests.conftest import ACCESS_KEY
-from tests.e2e.conftest import MOBILE, open_dashboard, screenshot
+from tests.e2e.conftest import DESKTOP, MOBILE, open_dashboard, screenshot
 
 pytestmark = pytest.mark.e2e
 NewContext = Callable[..., BrowserContext]
 
 
-def sign_in(page: Page, user: str, key: str) -> None:
-    """Fill Gradio's login form (user name, then key) and submit it."""
-    fields = page.locator("input")
-    fields.nth(0).fill(user)
-    fields.nth(1).fill(key)
+def sign_in(page: Page, user: str | None, key: str) -> None:
+    """Fill the login form (user name unless None, then key) and submit it."""
+    if user is not None:
+        page.get_by_label("User name").fill(user)
+    page.get_by_label("Access key").fill(key)
     page.get_by_role("button", name="Login").click()
 
 
@@ -30,12 +30,42 @@ def test_login_refuses_a_wrong_key_and_accepts_the_right_one(new_context: NewCon
     screenshot(page, "login", full_page=False)
 
     sign_in(page, "alice", "not-the-access-key")
-    expect(page.get_by_text("Incorrect Credentials")).to_be_visible()
+    expect(page.get_by_role("alert")).to_have_text("Wrong user name or access key.")
+    expect(page.get_by_label("User name")).to_have_value("alice")  # kept for the next try
     expect(page.get_by_text("Signed in as")).to_have_count(0)
+    screenshot(page, "login-wrong-key", full_page=False)
 
-    sign_in(page, "alice", ACCESS_KEY)
+    sign_in(page, None, f"{ACCESS_KEY} ")  # pasted with a trailing space
     expect(page.get_by_text("Signed in as alice")).to_be_visible()
     expect(page.get_by_role("tab", name="Chat")).to_be_visible()
+
+
+def test_the_login_page_says_what_is_wrong(browser, upstream, tmp_path) -> None:
+    """An empty name is refused with a message (not counted); a locked-out address sees the
+    lockout and its wait, not a blank page. Its own app: the lockout must not touch others."""
+    from tests.conftest import app_settings, serve
+    from ui.server import create_app
+
+    served = serve(create_app(app_settings(upstream, LOGIN_MAX_FAILURES="2",
+                                           DATA_DIR=str(tmp_path))))  # fmt: skip
+    context = browser.new_context(base_url=served.url, viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        page.goto("/")
+        for _ in range(3):
+            sign_in(page, "", ACCESS_KEY)
+            expect(page.get_by_role("alert")).to_have_text("Enter your user name.")
+        for _ in range(2):
+            sign_in(page, "mallory", "a-guess")
+            expect(page.get_by_role("alert")).to_have_text("Wrong user name or access key.")
+        sign_in(page, "mallory", "another-guess")
+        alert = page.get_by_role("alert")
+        expect(alert).to_contain_text("Too many failed sign-ins from your address")
+        expect(alert).to_contain_text("Try again in about")
+        screenshot(page, "login-locked-out", full_page=False)
+    finally:
+        context.close()
+        served.stop()
 
 
 def test_logout_returns_to_the_login_page(new_context: NewContext) -> None:
