@@ -10,6 +10,7 @@ from datetime import timedelta
 from core import db
 from core.auth import Authenticator
 from core.config import Settings
+from core.conversations import ConversationStore
 from core.ledger import Ledger
 from core.pricing import PriceTable
 from core.providers.base import Provider
@@ -28,6 +29,7 @@ class Core:
     users: UserStore
     ledger: Ledger
     auth: Authenticator
+    conversations: ConversationStore
 
 
 def open_core(settings: Settings, provider: Provider | None = None) -> Core:
@@ -50,4 +52,5 @@ def open_core(settings: Settings, provider: Provider | None = None) -> Core:
         users=users,
         ledger=ledger,
         auth=Authenticator(settings, users),
+        conversations=ConversationStore(engine),
     )

@@ -54,6 +54,21 @@ usage = sa.Table(
     sa.Index("ix_usage_ts", "ts"),
 )
 
+# Saved chats, one row each, owned by one user; the messages and settings are JSON text.
+conversations = sa.Table(
+    "conversations",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("title", sa.String(200), nullable=False),
+    sa.Column("model", sa.String(256), nullable=True),
+    sa.Column("settings", sa.Text, nullable=False),
+    sa.Column("messages", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_conversations_user_updated", "user", "updated_at"),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -67,9 +82,14 @@ def _v1(conn: Connection) -> None:
     usage.create(conn)
 
 
+def _v2(conn: Connection) -> None:
+    conversations.create(conn)
+
+
 # Append only: never edit or reorder a released migration; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "users and usage ledger", _v1),
+    (2, "saved conversations", _v2),
 ]
 
 

@@ -159,3 +159,10 @@ class Forbidden(ServiceError):
 
     status = 403
     default_message = "Only admins may do that."
+
+
+class NotFound(ServiceError):
+    """A thing the caller named does not exist, or is not theirs (the same answer for both)."""
+
+    status = 404
+    default_message = "Not found."

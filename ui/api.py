@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from core import conversations as conversations_
 from core import reports
 from core.context import Core
 from core.errors import Forbidden, ServiceError
@@ -199,7 +200,55 @@ def register(core: Core, files: FileRegistry) -> None:
             for u in core.users.list()
         ]
 
+    store = core.conversations
+
+    def mine(request: gr.Request) -> str:
+        return who(request)["caller"].name
+
+    def conversations(
+        search: str = "",
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> list[dict[str, Any]]:
+        """Your saved chats, newest first: id, title, model, messages (count), updated_at.
+
+        search: words in a title or message (empty for all).
+        """
+        return [c.model_dump(mode="json") for c in store.list(mine(request), search=search)]
+
+    def conversation(
+        id: str,
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> dict[str, Any]:
+        """One of your chats as JSON: title, model, settings, and OpenAI messages (the system
+        prompt first), each reply with its token usage. The Chat tab's Import reads it back."""
+        try:
+            return conversations_.export_json(store.get(mine(request), id))
+        except ServiceError as exc:
+            raise to_gr_error(exc) from None
+
+    def conversation_markdown(
+        id: str,
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> str:
+        """One of your chats as Markdown, to read or paste elsewhere."""
+        try:
+            return conversations_.export_markdown(store.get(mine(request), id))
+        except ServiceError as exc:
+            raise to_gr_error(exc) from None
+
+    def delete_conversation(
+        id: str,
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> str:
+        """Delete one of your chats; returns its id."""
+        try:
+            store.delete(mine(request), id)
+        except ServiceError as exc:
+            raise to_gr_error(exc) from None
+        return id
+
     for fn in (chat, completion, generate_image, embeddings):
         gr.api(fn, api_name=fn.__name__, concurrency_id=LLM_GROUP)
-    for fn in (models, usage, users):
+    for fn in (models, usage, users, conversations, conversation, conversation_markdown,
+               delete_conversation):  # fmt: skip
         gr.api(fn, api_name=fn.__name__)

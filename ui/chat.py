@@ -1,7 +1,10 @@
-"""The Chat tab: streaming multi-turn chat with a system prompt, model and sampling settings."""
+"""The Chat tab: streaming multi-turn chat with a system prompt, model and sampling settings;
+conversations saved per user (core.conversations), with retry, edit and undo."""
 
 from __future__ import annotations
 
+import html
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -9,9 +12,11 @@ from typing import Any
 
 import gradio as gr
 
+from core import conversations as saved
 from core.context import Core
-from core.errors import ServiceError
+from core.errors import InvalidRequest, ServiceError
 from core.schemas import Usage
+from edge.files import FileRegistry
 from ui.common import (
     LLM_GROUP,
     backend_notice,
@@ -22,6 +27,8 @@ from ui.common import (
     notice,
     parse_stop,
     report,
+    save_text,
+    uploaded_path,
 )
 from ui.markdown import safe_parts
 
@@ -51,12 +58,30 @@ def usage_line(usage: Usage | None, model: str) -> str:
     )
 
 
-def build(core: Core) -> ChatTab:
+def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     """Build the tab's components and events inside the caller's Blocks."""
     service = core.service
+    store = core.conversations
     default_model = service.default_model("chat")
     backend_notice(service, "chat-notice")
     with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=220, elem_id="chat-history"):
+            search = gr.Textbox(
+                label="Search chats", placeholder="Words in a title or message", max_lines=1
+            )
+            chats = gr.Radio(label="Chats", choices=[], elem_id="chat-list")
+            with gr.Accordion("This chat", open=False, elem_id="chat-manage"):
+                title = gr.Textbox(label="Title", max_lines=1)
+                with gr.Row(elem_classes="button-row"):
+                    rename = gr.Button("Rename", size="sm", min_width=60)
+                    delete = gr.Button("Delete", size="sm", variant="stop", min_width=60)
+                with gr.Row(elem_classes="button-row"):
+                    export_md = gr.Button("Export .md", size="sm", min_width=60)
+                    export_json = gr.Button("Export .json", size="sm", min_width=60)
+                exported = gr.File(label="Download", visible=False, elem_id="chat-export")
+                importer = gr.UploadButton(
+                    "Import .json", file_types=[".json"], size="sm", elem_id="chat-import"
+                )
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(
                 label="Conversation",
@@ -67,6 +92,7 @@ def build(core: Core) -> ChatTab:
                 buttons=["copy", "copy_all"],
                 placeholder="Send a message to start a conversation.",
                 feedback_options=None,
+                editable="user",  # edit a question and run the chat again from there
             )
             message = gr.Textbox(
                 label="Message",
@@ -108,21 +134,37 @@ def build(core: Core) -> ChatTab:
 
     # The conversation as the model sees it (raw text, OpenAI-shaped), kept on the server. The
     # Chatbot only shows it: it is not an input, so the browser cannot rewrite the history.
-    # A reply being written carries "pending" until it ends; one cut short by Stop, "stopped".
+    # A reply being written carries "pending" until it ends; one cut short by Stop, "stopped";
+    # a finished one its token usage.
     conversation = gr.State([])
+    current = gr.State("")  # the saved conversation's id ("" until its first reply)
+    asking = gr.State("")  # the question the next reply answers (sent, retried or edited)
     # A message whose call failed, to give back to the message box once the call has ended.
     unsent = gr.State("")
     remote_images = core.settings.allow_remote_images
 
     def show(message: dict[str, Any]) -> dict[str, Any]:
         shown = to_display(message, remote_images=remote_images)
+        last = shown["content"][-1]
         if message.get("stopped"):  # in the reply's own bubble, after its last words
-            last = shown["content"][-1]
             last["text"] = f"{last['text']}\n\n*(stopped)*"
+        elif message.get("completion_tokens") is not None:
+            spent = f"{message['prompt_tokens']} + {message['completion_tokens']} tokens"
+            last["text"] = f"{last['text']}\n\n*{spent}*"
         return shown
 
     def raw(message: dict[str, Any]) -> dict[str, str]:
         return {"role": message["role"], "content": message["content"]}
+
+    def user_of(request: gr.Request) -> str:
+        return caller_of(core, request)["caller"].name
+
+    def listing(user: str, text: str = "", chosen: str = "") -> gr.Radio:
+        found = store.list(user, search=text or "")
+        choices = [(c.title, c.id) for c in found]
+        return gr.Radio(
+            choices=choices, value=chosen if chosen in dict(map(reversed, choices)) else None
+        )
 
     async def respond(
         text: str,
@@ -135,20 +177,20 @@ def build(core: Core) -> ChatTab:
         request: gr.Request,
     ) -> AsyncIterator[tuple[Any, ...]]:
         if not (text or "").strip():
-            yield gr.skip(), gr.skip(), gr.skip(), notice("Type a message first."), ""
+            yield gr.skip(), gr.skip(), notice("Type a message first."), ""
             return
         try:
             cap = count_of(max_toks, "Max tokens")
         except ValueError as exc:
-            yield gr.skip(), gr.skip(), gr.skip(), field_error(str(exc)), ""
+            yield gr.skip(), gr.skip(), field_error(str(exc)), text
             return
         before = list(history or [])
         asked = [*before, {"role": "user", "content": text}]
         shown = [show(m) for m in asked]
         # Each yield carries the display and the state together: after Stop they agree. The
-        # message box is emptied once, here, and never written again while the reply streams.
+        # message box is never written while the reply streams (what is typed there stays).
         reply: dict[str, Any] = {"role": "assistant", "content": "", "pending": True}
-        yield [*shown, show(reply)], [*asked, reply], "", "Generating…", ""
+        yield [*shown, show(reply)], [*asked, reply], "Generating…", ""
         messages = [raw(m) for m in asked if m["content"]]
         if system_prompt.strip():
             messages.insert(0, {"role": "system", "content": system_prompt})
@@ -167,65 +209,169 @@ def build(core: Core) -> ChatTab:
                 if chunk.text and time.monotonic() >= next_show:
                     started = time.monotonic()
                     reply = {"role": "assistant", "content": text_so_far, "pending": True}
-                    yield [*shown, show(reply)], [*asked, reply], gr.skip(), gr.skip(), gr.skip()
+                    yield [*shown, show(reply)], [*asked, reply], gr.skip(), gr.skip()
                     next_show = started + max(SHOW_EVERY, 5 * (time.monotonic() - started))
         except ServiceError as exc:
             # Nothing is lost: the conversation returns to before the send; the message goes
             # back to the box once the call has ended (settle), unless something new is there.
-            yield shown[:-1], before, gr.skip(), report(exc), text
+            yield [show(m) for m in before], before, report(exc), text
             return
         reply = {"role": "assistant", "content": text_so_far}
+        if last_usage is not None:
+            reply |= {"prompt_tokens": last_usage.prompt_tokens,
+                      "completion_tokens": last_usage.completion_tokens}  # fmt: skip
         model_used = body["model"] or service.default_model("chat")
-        yield (
-            [*shown, show(reply)],
-            [*asked, reply],
-            gr.skip(),
-            usage_line(last_usage, model_used),
-            "",
-        )
+        status = usage_line(last_usage, model_used)
+        yield [*shown, show(reply)], [*asked, reply], status, ""
 
-    def settle(history: list[dict[str, Any]], box: str, failed: str) -> tuple[Any, ...]:
+    def settle(
+        history: list[dict[str, Any]],
+        box: str,
+        failed: str,
+        chat_id: str,
+        system_prompt: str,
+        model_name: str,
+        temp: float,
+        max_toks: float | None,
+        stops: str,
+        search_text: str,
+        request: gr.Request,
+    ) -> tuple[Any, ...]:
         """After a reply ends, however it ended: Stop comes back as Send; a reply Stop cut short
         is kept and marked stopped; a question Stop cut before any reply goes back to the box
         (so the next send does not carry two questions in a row); a failed message goes back
-        to the box if nothing new was typed there."""
+        to the box if nothing new was typed there. Then the conversation is saved."""
         history = list(history or [])
         buttons = gr.Button(visible=True), gr.Button(visible=False)
-        if not (history and history[-1].get("pending")):
-            box_now = failed if failed and not (box or "").strip() else gr.skip()
-            return gr.skip(), gr.skip(), box_now, gr.skip(), "", *buttons
-        reply = history.pop()
-        if reply["content"]:
-            history.append({"role": "assistant", "content": reply["content"], "stopped": True})
-            status = notice("Stopped. The partial reply is kept.")
-        else:
-            question = history.pop() if history and history[-1]["role"] == "user" else None
-            if question and not (box or "").strip():
-                box = question["content"]
-            status = notice("Stopped before the reply began; your message is back in the box.")
-        return [show(m) for m in history], history, box, status, "", *buttons
+        shown: Any = gr.skip()
+        status: Any = gr.skip()
+        # The box is written only to give a message back: what is typed there meanwhile stays.
+        box_out: Any = gr.skip()
+        if history and history[-1].get("pending"):
+            reply = history.pop()
+            if reply["content"]:
+                history.append({"role": "assistant", "content": reply["content"], "stopped": True})
+                status = notice("Stopped. The partial reply is kept.")
+            else:
+                question = history.pop() if history and history[-1]["role"] == "user" else None
+                if question and not (box or "").strip():
+                    box_out = question["content"]
+                status = notice("Stopped before the reply began; your message is back in the box.")
+            shown = [show(m) for m in history]
+        elif failed and not (box or "").strip():
+            box_out = failed
+        user = user_of(request)
+        settings = settings_of(system_prompt, temp, max_toks, stops)
+        if history:
+            kept = saved.Conversation(
+                id=chat_id,
+                model=(model_name or "").strip() or None,
+                settings=settings,
+                messages=[saved.Message.model_validate(_stored(m)) for m in history],
+            )
+            try:
+                chat_id = store.save(user, kept).id
+            except ServiceError as exc:
+                status = report(exc)
+        chosen = listing(user, search_text, chat_id)
+        return shown, history, box_out, status, "", *buttons, chat_id, chosen
 
-    inputs = [message, conversation, system, model, temperature, max_tokens, stop_text]
-    outputs = [chatbot, conversation, message, usage, unsent]
-    for trigger in (message.submit, send.click):
-        started = trigger(
-            lambda: (gr.Button(visible=False), gr.Button(visible=True)),
-            None,
-            [send, stop],
-            api_visibility="private",
-            queue=False,
+    def settings_of(system_prompt: str, temp: float, max_toks: float | None, stops: str):
+        try:
+            cap = count_of(max_toks, "Max tokens") or 0
+        except ValueError:
+            cap = 0
+        return saved.Settings(
+            system=system_prompt or "", temperature=temp, max_tokens=cap,
+            stop=parse_stop(stops)[:4],
+        )  # fmt: skip
+
+    def opened(chat: saved.Conversation) -> tuple[Any, ...]:
+        """A saved conversation on screen: the chat, its state, and the settings it ran with."""
+        history = [_live(m) for m in chat.messages]
+        st = chat.settings
+        return (
+            [show(m) for m in history],
+            history,
+            chat.id,
+            chat.title,
+            chat.model or default_model,
+            st.system,
+            st.temperature,
+            st.max_tokens,
+            "\n".join(x.replace("\n", "\\n") for x in st.stop),
         )
+
+    chat_fields = [chatbot, conversation, current, title, model, system, temperature,
+                   max_tokens, stop_text]  # fmt: skip
+
+    def open_chat(chat_id: str | None, request: gr.Request) -> tuple[Any, ...]:
+        if not chat_id:
+            return (*(gr.skip() for _ in chat_fields), gr.skip())
+        try:
+            chat = store.get(user_of(request), chat_id)
+        except ServiceError as exc:
+            return (*(gr.skip() for _ in chat_fields), report(exc))
+        return (*opened(chat), notice(f"Opened “{html_escape(chat.title)}”."))
+
+    def on_load(request: gr.Request) -> tuple[Any, ...]:
+        """A reload, or another device: the user's chats, with the latest one open."""
+        user = user_of(request)
+        found = store.list(user, limit=1)
+        if not found:
+            return (listing(user), *(gr.skip() for _ in chat_fields))
+        chat = store.get(user, found[0].id)
+        return (listing(user, "", chat.id), *opened(chat))
+
+    def new_chat(search_text: str, request: gr.Request) -> tuple[Any, ...]:
+        return [], [], "", "", "", "", listing(user_of(request), search_text)
+
+    async def begin(box: str) -> tuple[Any, ...]:
+        """Send: the box's text becomes the question, the box empties once, Send becomes Stop."""
+        return box, "", gr.Button(visible=False), gr.Button(visible=True)
+
+    def prepare_retry(history: list[dict[str, Any]]) -> tuple[Any, ...]:
+        """Retry: the last question again, its reply dropped."""
+        history = list(history or [])
+        while history and history[-1]["role"] == "assistant":
+            history.pop()
+        question = history.pop()["content"] if history else ""
+        return question, history, gr.Button(visible=False), gr.Button(visible=True)
+
+    def prepare_edit(history: list[dict[str, Any]], edit: gr.EditData) -> tuple[Any, ...]:
+        """Edit a question: the chat runs again from there (what came after it goes)."""
+        history = list(history or [])
+        index = edit.index if isinstance(edit.index, int) else edit.index[0]
+        # The Chatbot shows one bubble per message here (text parts of one message share it).
+        index = min(max(index, 0), len(history))
+        new_text = edit.value if isinstance(edit.value, str) else str(edit.value)
+        return new_text, history[:index], gr.Button(visible=False), gr.Button(visible=True)
+
+    def undo(history: list[dict[str, Any]], box: str, chat_id: str, request: gr.Request):
+        """Undo the last exchange: the question goes back to the box, the chat is saved."""
+        history = list(history or [])
+        while history and history[-1]["role"] == "assistant":
+            history.pop()
+        question = history.pop()["content"] if history else ""
+        if chat_id:
+            chat = store.get(user_of(request), chat_id)
+            messages = [saved.Message.model_validate(_stored(m)) for m in history]
+            store.save(user_of(request), chat.model_copy(update={"messages": messages}))
+        return [show(m) for m in history], history, box or question
+
+    reply_inputs = [asking, conversation, system, model, temperature, max_tokens, stop_text]
+    reply_outputs = [chatbot, conversation, usage, unsent]
+    settle_inputs = [conversation, message, unsent, current, system, model, temperature,
+                     max_tokens, stop_text, search]  # fmt: skip
+    settle_outputs = [chatbot, conversation, message, usage, unsent, send, stop, current, chats]
+
+    def chain(started: Any) -> None:
         event = started.then(
-            respond, inputs, outputs, api_visibility="private", concurrency_id=LLM_GROUP
-        )
+            respond, reply_inputs, reply_outputs, api_visibility="private",
+            concurrency_id=LLM_GROUP,
+        )  # fmt: skip
         # .then runs however the reply ended: finished, failed, or cancelled by Stop.
-        event.then(
-            settle,
-            [conversation, message, unsent],
-            [chatbot, conversation, message, usage, unsent, send, stop],
-            api_visibility="private",
-            queue=False,
-        )
+        event.then(settle, settle_inputs, settle_outputs, api_visibility="private")
         # Stop brings Send back itself too: a call cancelled while still queued never runs,
         # and then nothing after it does.
         stop.click(
@@ -236,7 +382,109 @@ def build(core: Core) -> ChatTab:
             api_visibility="private",
             queue=False,
         )
-    clear.click(lambda: ([], [], "", ""), None, outputs[:4], api_visibility="private", queue=False)
-    # The Chatbot's own trash button empties only the browser's copy: forget the conversation too.
-    chatbot.clear(lambda: ([], ""), None, [conversation, usage], api_visibility="private")
+
+    for trigger in (message.submit, send.click):
+        chain(trigger(begin, [message], [asking, message, send, stop], api_visibility="private",
+                      queue=False))  # fmt: skip
+    chain(chatbot.retry(prepare_retry, [conversation], [asking, conversation, send, stop],
+                        api_visibility="private", queue=False))  # fmt: skip
+    chain(chatbot.edit(prepare_edit, [conversation], [asking, conversation, send, stop],
+                       api_visibility="private", queue=False))  # fmt: skip
+    chatbot.undo(undo, [conversation, message, current], [chatbot, conversation, message],
+                 api_visibility="private")  # fmt: skip
+
+    clear.click(
+        new_chat, [search], [chatbot, conversation, current, title, message, usage, chats],
+        api_visibility="private",
+    )  # fmt: skip
+    # The Chatbot's own trash button: a new chat too (the saved one stays in the list).
+    chatbot.clear(
+        new_chat, [search], [chatbot, conversation, current, title, message, usage, chats],
+        api_visibility="private",
+    )  # fmt: skip
+    chats.input(open_chat, [chats], [*chat_fields, usage], api_visibility="private")
+
+    def find(text: str, chosen: str, request: gr.Request) -> gr.Radio:
+        return listing(user_of(request), text, chosen or "")
+
+    search.change(find, [search, current], [chats], api_visibility="private")
+    demo.load(on_load, None, [chats, *chat_fields], api_visibility="private")
+
+    def do_rename(chat_id: str, new_title: str, search_text: str, request: gr.Request):
+        if not chat_id:
+            return gr.skip(), notice("Send a message first: there is no saved chat to rename.")
+        try:
+            chat = store.rename(user_of(request), chat_id, new_title)
+        except ServiceError as exc:
+            return gr.skip(), report(exc)
+        return listing(user_of(request), search_text, chat.id), notice("Renamed.")
+
+    def do_delete(chat_id: str, search_text: str, request: gr.Request):
+        if not chat_id:
+            return (*new_chat(search_text, request), notice("Nothing saved to delete."))
+        try:
+            store.delete(user_of(request), chat_id)
+        except ServiceError as exc:
+            return (*(gr.skip() for _ in range(7)), report(exc))
+        return (*new_chat(search_text, request), notice("Deleted."))
+
+    def do_export(kind: str):
+        def export(chat_id: str, request: gr.Request):
+            if not chat_id:
+                return gr.File(visible=False), notice("Nothing saved to export yet.")
+            user = user_of(request)
+            chat = store.get(user, chat_id)
+            if kind == "md":
+                text, name = saved.export_markdown(chat), "conversation.md"
+            else:
+                text, name = json.dumps(saved.export_json(chat), indent=2), "conversation.json"
+            path = save_text(files, text, name=name, user=request.username)
+            return gr.File(value=path, visible=True), notice(f"Exported as {name}.")
+
+        return export
+
+    def do_import(upload: Any, search_text: str, request: gr.Request):
+        path = upload if isinstance(upload, str) else getattr(upload, "name", "")
+        user = user_of(request)
+        try:
+            real = uploaded_path(files, path, user=request.username)
+            with open(real, encoding="utf-8") as handle:
+                data = json.load(handle)
+            chat = store.import_json(user, data)
+        except (ValueError, UnicodeDecodeError):
+            error = InvalidRequest("That file is not a conversation exported as JSON.")
+            return (*(gr.skip() for _ in chat_fields), gr.skip(), report(error))
+        except ServiceError as exc:
+            return (*(gr.skip() for _ in chat_fields), gr.skip(), report(exc))
+        shown = opened(chat)
+        return (*shown, listing(user, search_text, chat.id), notice("Imported."))
+
+    rename.click(do_rename, [current, title, search], [chats, usage], api_visibility="private")
+    delete.click(
+        do_delete, [current, search],
+        [chatbot, conversation, current, title, message, usage, chats, usage],
+        api_visibility="private",
+    )  # fmt: skip
+    export_md.click(do_export("md"), [current], [exported, usage], api_visibility="private")
+    export_json.click(do_export("json"), [current], [exported, usage], api_visibility="private")
+    importer.upload(
+        do_import, [importer, search], [*chat_fields, chats, usage], api_visibility="private"
+    )
     return ChatTab(model=model)
+
+
+def html_escape(text: str) -> str:
+    return html.escape(text)
+
+
+def _stored(message: dict[str, Any]) -> dict[str, Any]:
+    """A live message as saved: role, content, usage, stopped."""
+    keys = ("role", "content", "prompt_tokens", "completion_tokens", "stopped")
+    return {k: message[k] for k in keys if k in message}
+
+
+def _live(message: saved.Message) -> dict[str, Any]:
+    return message.model_dump(exclude_defaults=True) | {
+        "role": message.role,
+        "content": message.content,
+    }

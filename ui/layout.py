@@ -71,7 +71,7 @@ def build_demo(core: Core, files: FileRegistry) -> gr.Blocks:
         # "wrap": on a phone the tabs take a second line instead of hiding in a "..." menu.
         with gr.Tabs(overflow_behavior="wrap"):
             with gr.Tab("Chat"):
-                chat_tab = chat.build(core)
+                chat_tab = chat.build(core, files, demo)
             with gr.Tab("Completion"):
                 completion_tab = completion.build(core)
             with gr.Tab("Images"):

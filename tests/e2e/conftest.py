@@ -67,10 +67,15 @@ def new_context(browser: Browser, running_app: Served) -> Iterator[Callable[...,
     """Makes clean browser profiles (closed after the test); with `user`, already signed in."""
     made: list[BrowserContext] = []
 
-    def make(*, user: str | None = "alice", **options: Any) -> BrowserContext:
+    def make(*, user: str | None = "alice", fresh: bool = True, **options: Any) -> BrowserContext:
         options.setdefault("viewport", DESKTOP)
         context = browser.new_context(base_url=running_app.url, **options)
         made.append(context)
+        if user is not None and fresh:
+            # Saved chats outlive a test (the latest opens on load): each test starts with none.
+            store = running_app.server.config.app.state.core.conversations
+            for chat in store.list(user, limit=10_000):
+                store.delete(user, chat.id)
         if user is not None:
             # The same POST the login form sends; the session cookie lands in this context.
             form = {"username": user, "password": ACCESS_KEY}

@@ -54,7 +54,10 @@ def test_chat_reply_streams_in_and_stays_after_a_second_message(page: Page) -> N
     # The reply grew in the page piece by piece, not all at once at the end.
     seen = page.evaluate("window.replySeen")
     assert len(seen) >= 3, f"the reply did not stream: {seen}"
-    assert all(f"Echo: {words}".startswith(s) for s in seen), seen
+    # (A finished reply ends with its own token usage, which the page adds.)
+    texts = [re.sub(r"\s*\d+ \+ \d+ tokens$", "", s) for s in seen]
+    assert all(f"Echo: {words}".startswith(t) for t in texts), seen
+    assert re.search(r"\d+ \+ \d+ tokens$", seen[-1]), seen[-1]
 
     send(page, "And a second question")
     expect(bots).to_have_count(2)

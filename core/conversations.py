@@ -1,0 +1,259 @@
+"""Saved chats: each user's conversations, in the project's database, and their exports.
+
+A conversation is OpenAI-shaped messages (each reply with its own token usage) plus the model
+and settings it ran with. A user sees, changes and exports only their own: every method takes
+the user and looks rows up by (user, id), so another user's id is simply not found.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.engine import Engine
+
+from core import db
+from core.errors import InvalidRequest, NotFound
+from core.schemas import MAX_PROMPT_CHARS, describe_validation_error
+
+MAX_CONVERSATIONS = 1_000  # per user; the oldest goes when a new one would pass it
+MAX_CONVERSATION_BYTES = 4_000_000  # the messages of one conversation, as JSON
+MAX_TITLE = 120
+
+
+class Settings(BaseModel):
+    """What a chat ran with, besides its model."""
+
+    model_config = ConfigDict(extra="forbid")
+    system: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    max_tokens: Annotated[int, Field(ge=0)] = 0
+    stop: Annotated[list[str], Field(max_length=4)] = []
+
+
+class Message(BaseModel):
+    """One message: OpenAI's role and text; a reply also has its usage and whether Stop cut
+    it short."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    stopped: bool = False
+
+
+class Conversation(BaseModel):
+    id: str = ""
+    title: str = ""
+    model: str | None = None
+    settings: Settings = Settings()
+    messages: list[Message] = []
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class Summary(BaseModel):
+    id: str
+    title: str
+    model: str | None
+    messages: int
+    updated_at: datetime
+
+
+def title_of(messages: list[Message]) -> str:
+    """A title from the first user message: its first line, cut at a word."""
+    first = next((m.content for m in messages if m.role == "user" and m.content.strip()), "")
+    line = " ".join(first.strip().split("\n", 1)[0].split())
+    if len(line) <= 60:
+        return line or "New chat"
+    return line[:60].rsplit(" ", 1)[0] + "…"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class ConversationStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def list(self, user: str, *, search: str = "", limit: int = 200) -> list[Summary]:
+        """The user's conversations, newest first; `search` matches titles and messages."""
+        c = db.conversations.c
+        query = sa.select(c.id, c.title, c.model, c.messages, c.updated_at).where(c.user == user)
+        if search.strip():
+            like = f"%{search.strip().lower()}%"
+            query = query.where(
+                sa.or_(sa.func.lower(c.title).like(like), sa.func.lower(c.messages).like(like))
+            )
+        query = query.order_by(c.updated_at.desc(), c.id).limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            Summary(
+                id=r.id,
+                title=r.title,
+                model=r.model,
+                messages=len(json.loads(r.messages)),
+                updated_at=_aware(r.updated_at),
+            )
+            for r in rows
+        ]
+
+    def get(self, user: str, conversation_id: str) -> Conversation:
+        c = db.conversations.c
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(db.conversations).where(c.user == user, c.id == conversation_id)
+            ).first()
+        if row is None:
+            raise NotFound(f"No conversation {conversation_id[:40]!r} of yours.")
+        return Conversation(
+            id=row.id,
+            title=row.title,
+            model=row.model,
+            settings=Settings.model_validate_json(row.settings),
+            messages=[Message.model_validate(m) for m in json.loads(row.messages)],
+            created_at=_aware(row.created_at),
+            updated_at=_aware(row.updated_at),
+        )
+
+    def save(self, user: str, conversation: Conversation) -> Conversation:
+        """Insert or update one of the user's conversations; returns it with its id, title
+        (from the first message, unless renamed) and times."""
+        messages = json.dumps([m.model_dump(exclude_defaults=True) for m in conversation.messages])
+        if len(messages) > MAX_CONVERSATION_BYTES:
+            raise InvalidRequest(
+                f"The conversation is too long to save ({len(messages):,} bytes; at most "
+                f"{MAX_CONVERSATION_BYTES:,}). Start a new chat.",
+                param="messages",
+            )
+        now = _now()
+        title = (conversation.title or title_of(conversation.messages))[:MAX_TITLE]
+        values = {
+            "title": title,
+            "model": conversation.model,
+            "settings": conversation.settings.model_dump_json(),
+            "messages": messages,
+            "updated_at": now,
+        }
+        c = db.conversations.c
+        with self.engine.begin() as conn:
+            done = 0
+            if conversation.id:
+                done = conn.execute(
+                    db.conversations.update()
+                    .where(c.user == user, c.id == conversation.id)
+                    .values(**values)
+                ).rowcount
+            if not done:
+                conversation_id = secrets.token_hex(8)
+                conn.execute(
+                    db.conversations.insert().values(
+                        id=conversation_id, user=user, created_at=now, **values
+                    )
+                )
+                self._trim(conn, user)
+            else:
+                conversation_id = conversation.id
+        return self.get(user, conversation_id)
+
+    def _trim(self, conn: sa.Connection, user: str) -> None:
+        c = db.conversations.c
+        keep = (
+            sa.select(c.id)
+            .where(c.user == user)
+            .order_by(c.updated_at.desc())
+            .limit(MAX_CONVERSATIONS)
+            .scalar_subquery()
+        )
+        conn.execute(db.conversations.delete().where(c.user == user, c.id.not_in(keep)))
+
+    def rename(self, user: str, conversation_id: str, title: str) -> Conversation:
+        title = " ".join((title or "").split())[:MAX_TITLE]
+        if not title:
+            raise InvalidRequest("A title cannot be empty.", param="title")
+        c = db.conversations.c
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                db.conversations.update()
+                .where(c.user == user, c.id == conversation_id)
+                .values(title=title)
+            ).rowcount
+        if not done:
+            raise NotFound(f"No conversation {conversation_id[:40]!r} of yours.")
+        return self.get(user, conversation_id)
+
+    def delete(self, user: str, conversation_id: str) -> None:
+        c = db.conversations.c
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                db.conversations.delete().where(c.user == user, c.id == conversation_id)
+            ).rowcount
+        if not done:
+            raise NotFound(f"No conversation {conversation_id[:40]!r} of yours.")
+
+    # ---- exports and imports --------------------------------------------------------------
+
+    def import_json(self, user: str, data: Any) -> Conversation:
+        """A conversation exported as JSON (export_json's shape), saved as a new one."""
+        if not isinstance(data, dict):
+            raise InvalidRequest("An imported conversation must be a JSON object.")
+        try:
+            messages = [
+                Message.model_validate(m)
+                for m in data.get("messages") or []
+                if not (isinstance(m, dict) and m.get("role") == "system")
+            ]
+            settings = Settings.model_validate(data.get("settings") or {})
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation_error(exc)) from None
+        system = next(
+            (m.get("content") for m in data.get("messages") or []
+             if isinstance(m, dict) and m.get("role") == "system"),
+            None,
+        )  # fmt: skip
+        if isinstance(system, str) and not settings.system:
+            settings = settings.model_copy(update={"system": system})
+        model = data.get("model") if isinstance(data.get("model"), str) else None
+        title = data.get("title") if isinstance(data.get("title"), str) else ""
+        conversation = Conversation(title=title, model=model, settings=settings, messages=messages)
+        return self.save(user, conversation)
+
+
+def export_json(conversation: Conversation) -> dict[str, Any]:
+    """OpenAI messages (the system prompt first, as the model saw it) with the model and
+    settings, and each reply's usage: import_json reads it back."""
+    messages: list[dict[str, Any]] = []
+    if conversation.settings.system:
+        messages.append({"role": "system", "content": conversation.settings.system})
+    messages += [m.model_dump(exclude_defaults=True) for m in conversation.messages]
+    return {
+        "title": conversation.title,
+        "model": conversation.model,
+        "settings": conversation.settings.model_dump(),
+        "messages": messages,
+        "created_at": conversation.created_at.isoformat() if conversation.created_at else None,
+        "updated_at": conversation.updated_at.isoformat() if conversation.updated_at else None,
+    }
+
+
+def export_markdown(conversation: Conversation) -> str:
+    lines = [f"# {conversation.title}", ""]
+    if conversation.model:
+        lines += [f"Model: `{conversation.model}`", ""]
+    if conversation.settings.system:
+        lines += ["**System**", "", conversation.settings.system, ""]
+    for m in conversation.messages:
+        who = "You" if m.role == "user" else "Assistant"
+        lines += [f"**{who}**" + (" *(stopped)*" if m.stopped else ""), "", m.content, ""]
+    return "\n".join(lines).rstrip() + "\n"

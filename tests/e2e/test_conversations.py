@@ -1,0 +1,120 @@
+"""Saved conversations in a real browser (issue 13): kept across reloads and devices, listed
+newest first, renamed, searched, deleted, exported and imported; retry, edit and undo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.e2e.conftest import open_dashboard, screenshot
+from tests.e2e.test_tabs import send
+
+pytestmark = pytest.mark.e2e
+
+
+def chat_list(page: Page):
+    return page.locator("#chat-list label")
+
+
+def test_a_chat_is_kept_across_reloads_and_devices(page: Page, new_context) -> None:
+    send(page, "Plan a picnic\nfor six people")
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: Plan a picnic")
+    send(page, "With a vegan option")
+    expect(page.get_by_test_id("bot")).to_have_count(2)
+    expect(chat_list(page)).to_have_count(1)
+    expect(chat_list(page).first).to_have_text("Plan a picnic")  # the first line
+    expect(page.get_by_test_id("bot").last).to_contain_text("tokens")  # each reply's usage
+
+    page.reload()
+    expect(page.get_by_test_id("bot")).to_have_count(2)
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: With a vegan option")
+
+    elsewhere = open_dashboard(new_context(fresh=False))  # another device, same user
+    expect(elsewhere.get_by_test_id("bot")).to_have_count(2)
+    someone_else = open_dashboard(new_context(user="bob"))
+    expect(someone_else.get_by_test_id("bot")).to_have_count(0)
+    expect(chat_list(someone_else)).to_have_count(0)
+
+    page.get_by_role("button", name="New chat").click()
+    expect(page.get_by_test_id("bot")).to_have_count(0)
+    send(page, "Second topic entirely")
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: Second topic")
+    expect(chat_list(page)).to_have_count(2)
+    expect(chat_list(page).first).to_have_text("Second topic entirely")  # newest first
+    screenshot(page, "conversations")
+
+    chat_list(page).nth(1).click()  # back to the picnic
+    expect(page.get_by_test_id("bot")).to_have_count(2)
+    page.get_by_label("Search chats").fill("vegan")
+    expect(chat_list(page)).to_have_count(1)
+    page.get_by_label("Search chats").fill("")
+    expect(chat_list(page)).to_have_count(2)
+
+
+def test_rename_delete_export_and_import(page: Page, tmp_path: Path) -> None:
+    send(page, "Something to keep")
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: Something to keep")
+    page.get_by_text("This chat").click()
+    page.get_by_label("Title").fill("Kept thoughts")
+    page.get_by_role("button", name="Rename").click()
+    expect(chat_list(page).first).to_have_text("Kept thoughts")
+
+    page.get_by_role("button", name="Export .json").click()
+    link = page.locator("#chat-export a").first
+    expect(link).to_be_visible()
+    with page.expect_download() as download:
+        link.click()
+    exported = tmp_path / "conversation.json"
+    download.value.save_as(exported)
+    data = json.loads(exported.read_text())
+    assert data["title"] == "Kept thoughts" and data["model"] == "gpt-4.1-mini"
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+
+    page.get_by_role("button", name="Export .md").click()
+    with page.expect_download() as download:
+        page.locator("#chat-export a").first.click()
+    markdown = tmp_path / "conversation.md"
+    download.value.save_as(markdown)
+    assert markdown.read_text().startswith("# Kept thoughts")
+
+    page.get_by_role("button", name="Delete").click()
+    expect(chat_list(page)).to_have_count(0)
+    expect(page.get_by_test_id("bot")).to_have_count(0)
+
+    with page.expect_file_chooser() as chooser:
+        page.locator("#chat-import").click()
+    chooser.value.set_files(str(exported))
+    expect(chat_list(page)).to_have_count(1)
+    expect(chat_list(page).first).to_have_text("Kept thoughts")
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: Something to keep")
+
+
+def test_retry_edit_and_undo(page: Page) -> None:
+    send(page, "First question")
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: First question")
+    send(page, "Second question")
+    bots = page.get_by_test_id("bot")
+    expect(bots).to_have_count(2)
+
+    page.locator("#chatbot").get_by_role("button", name="Retry").click()
+    expect(page.locator("#chat-status")).to_contain_text("tokens")
+    expect(bots).to_have_count(2)
+    expect(bots.last).to_contain_text("Echo: Second question")
+
+    page.locator("#chatbot").get_by_role("button", name="Undo").click()
+    expect(bots).to_have_count(1)
+    expect(page.get_by_role("textbox", name="Message")).to_have_value("Second question")
+
+    user = page.get_by_test_id("user").first
+    user.hover()
+    page.locator("#chatbot").get_by_role("button", name="Edit").first.click()
+    editor = page.locator("#chatbot textarea")
+    editor.fill("An edited first question")
+    page.locator("#chatbot").get_by_role("button", name="Submit").click()
+    expect(bots).to_have_count(1)
+    expect(bots.last).to_contain_text("Echo: An edited first question")
+    expect(page.get_by_test_id("user")).to_have_count(1)
+    screenshot(page, "chat-edited")

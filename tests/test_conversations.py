@@ -1,0 +1,99 @@
+"""Saved conversations: per-user storage, the named API endpoints, exports and imports."""
+
+from __future__ import annotations
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from core import conversations as saved
+from core.errors import InvalidRequest, NotFound
+from tests.conftest import ACCESS_KEY, Served
+
+
+def a_chat(*texts: str) -> saved.Conversation:
+    messages = []
+    for text in texts:
+        messages += [
+            saved.Message(role="user", content=text),
+            saved.Message(role="assistant", content=f"Echo: {text}", prompt_tokens=3,
+                          completion_tokens=4),
+        ]  # fmt: skip
+    return saved.Conversation(
+        model="gpt-4.1-mini",
+        settings=saved.Settings(system="Be brief.", temperature=0.2, stop=["END"]),
+        messages=messages,
+    )
+
+
+@pytest.fixture
+def store(running_app: Served) -> saved.ConversationStore:
+    return running_app.server.config.app.state.core.conversations
+
+
+def test_each_user_sees_only_their_own_and_the_newest_first(store) -> None:
+    first = store.save("conv-ann", a_chat("What is a prime number?\nExplain briefly."))
+    second = store.save("conv-ann", a_chat("Tell me about llamas"))
+    other = store.save("conv-ben", a_chat("Ben's secret question"))
+    assert first.title == "What is a prime number?"  # the first line of the first question
+    assert [c.id for c in store.list("conv-ann")] == [second.id, first.id]
+    assert [c.title for c in store.list("conv-ann", search="LLAMA")] == ["Tell me about llamas"]
+    assert store.list("conv-ann", search="secret") == []
+    for action in (lambda: store.get("conv-ann", other.id),
+                   lambda: store.delete("conv-ann", other.id),
+                   lambda: store.rename("conv-ann", other.id, "mine now")):  # fmt: skip
+        with pytest.raises(NotFound):
+            action()
+    assert store.get("conv-ben", other.id).title == "Ben's secret question"
+
+    renamed = store.rename("conv-ann", first.id, "  Primes,   briefly ")
+    assert renamed.title == "Primes, briefly" and renamed.messages == first.messages
+    with pytest.raises(InvalidRequest):
+        store.rename("conv-ann", first.id, "   ")
+    again = store.save("conv-ann", renamed.model_copy(update={"messages": first.messages[:2]}))
+    assert again.id == first.id and again.title == "Primes, briefly"  # a rename sticks
+
+
+def test_json_export_imports_back_and_markdown_reads_well(store) -> None:
+    chat = store.save("conv-cat", a_chat("hello", "and again"))
+    chat.messages[-1].stopped = True
+    chat = store.save("conv-cat", chat)
+    exported = saved.export_json(chat)
+    assert exported["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert exported["messages"][2]["completion_tokens"] == 4
+    assert exported["model"] == "gpt-4.1-mini" and exported["settings"]["stop"] == ["END"]
+    imported = store.import_json("conv-dan", exported)
+    assert imported.id != chat.id and imported.messages == chat.messages
+    assert imported.settings == chat.settings and imported.title == chat.title
+    markdown = saved.export_markdown(chat)
+    assert markdown.startswith("# hello\n") and "**System**\n\nBe brief." in markdown
+    assert "**Assistant** *(stopped)*" in markdown
+    for bad in ([], {"messages": [{"role": "wizard", "content": "x"}]},
+                {"messages": [{"role": "user", "content": "x", "extra": 1}]}):  # fmt: skip
+        with pytest.raises(InvalidRequest):
+            store.import_json("conv-dan", bad)
+
+
+def test_a_conversation_too_long_to_save_is_refused(store, monkeypatch) -> None:
+    monkeypatch.setattr(saved, "MAX_CONVERSATION_BYTES", 100)
+    with pytest.raises(InvalidRequest, match="too long to save"):
+        store.save("conv-eve", a_chat("x" * 200))
+
+
+def test_the_named_api_endpoints(running_app: Served, store) -> None:
+    mine = store.save("conv-api", a_chat("API question"))
+    theirs = store.save("conv-other", a_chat("not yours"))
+    client = Client(running_app.url, auth=("conv-api", ACCESS_KEY), verbose=False)
+    listed = client.predict(api_name="/conversations")
+    assert [c["id"] for c in listed] == [mine.id]
+    assert client.predict(search="nothing like it", api_name="/conversations") == []
+    whole = client.predict(id=mine.id, api_name="/conversation")
+    assert whole["messages"][1] == {"role": "user", "content": "API question"}
+    text = client.predict(id=mine.id, api_name="/conversation_markdown")
+    assert "**You**\n\nAPI question" in text
+    for name in ("/conversation", "/conversation_markdown", "/delete_conversation"):
+        with pytest.raises(AppError, match="No conversation"):
+            client.predict(id=theirs.id, api_name=name)
+    assert client.predict(id=mine.id, api_name="/delete_conversation") == mine.id
+    assert client.predict(api_name="/conversations") == []
+    assert store.get("conv-other", theirs.id)  # untouched
