@@ -510,7 +510,8 @@ class Service:
                 usage.prompt_tokens if usage else "-",
                 usage.completion_tokens if usage else "-",
             )
-            if self.ledger is not None and not call.refused:
+            # Listing models costs nothing and a page load does it: no ledger row for it.
+            if self.ledger is not None and not call.refused and call.function in ENDPOINTS:
                 # No await: the ledger writes in its own thread, so a cancelled call is
                 # settled too and the answer does not wait for the database.
                 self._settle(call, status)

@@ -109,13 +109,20 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def texts_from_file(path: str) -> list[str]:
-    """Texts from an upload: a .csv's `text` column (else its first), or a file's lines."""
+def texts_from_file(path: str) -> tuple[list[str], str]:
+    """Texts from an upload, and where they came from: a .csv's `text` column (else its first,
+    which the caller says, so nobody embeds the wrong column unawares), or a file's lines."""
     if path.lower().endswith(".csv"):
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         column = "text" if "text" in frame.columns else frame.columns[0]
         values = frame[column].tolist()
+        source = (
+            "the CSV's text column"
+            if column == "text"
+            else f"the CSV's first column, {column!r} (it has no column named text)"
+        )
     else:
         with open(path, encoding="utf-8", errors="replace") as handle:
             values = handle.read().splitlines()
-    return [v for v in (str(x).strip() for x in values) if v]
+        source = "the file's lines"
+    return [v for v in (str(x).strip() for x in values) if v], source

@@ -22,6 +22,10 @@ ENDPOINTS = {
     "/generate_image",
     "/embeddings",
     "/models",
+    "/conversations",
+    "/conversation",
+    "/conversation_markdown",
+    "/delete_conversation",
     "/usage",
     "/users",
 }

@@ -72,3 +72,13 @@ def test_usage_csv_escapes_user_and_model_names(tmp_path: Path) -> None:
     assert frame["latency_ms"].tolist() == [-1.5, -1.5, -1.5]
     assert frame["prompt_tokens"].tolist() == [3, 3, 3]
     assert frame["ts"].str.match(r"\d{4}-\d\d-\d\dT").all()
+
+
+def test_a_csv_without_a_text_column_says_which_column_it_used(tmp_path: Path) -> None:
+    named = tmp_path / "named.csv"
+    named.write_text("id,text\n1,a cat\n2,a dog\n")
+    assert tables.texts_from_file(str(named)) == (["a cat", "a dog"], "the CSV's text column")
+    other = tmp_path / "other.csv"
+    other.write_text("sentence,label\nhello there,1\n")
+    texts, source = tables.texts_from_file(str(other))
+    assert texts == ["hello there"] and "'sentence'" in source and "no column named text" in source

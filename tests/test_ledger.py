@@ -809,3 +809,11 @@ def test_users_and_rows_survive_an_app_restart(upstream, database: Database) -> 
         second.state.core.ledger.engine.dispose()
     [row] = database.usage(user="restart-user", function="chat")
     assert row["status"] == "ok"
+
+
+def test_listing_models_writes_no_ledger_row(upstream, database) -> None:
+    """A page load lists the models; that costs nothing and is not a call worth a row."""
+    who = caller("row-models-only")
+    with opened(upstream, database) as core:
+        run(core, core.service.list_models(caller=who, source="ui", refresh=True))
+    assert database.usage(user="row-models-only") == []

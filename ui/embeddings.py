@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 
 import gradio as gr
@@ -114,10 +115,14 @@ def build(core: Core, files: FileRegistry) -> EmbeddingsTab:
         text: str, file: str | None, model_name: str, dims: float | None, request: gr.Request
     ):
         unchanged = (gr.skip(), gr.skip(), gr.skip())
+        source = ""
         items = [line.strip() for line in (text or "").splitlines() if line.strip()]
         if file:
             try:
-                items += tables.texts_from_file(uploaded_path(files, file, user=request.username))
+                found, source = tables.texts_from_file(
+                    uploaded_path(files, file, user=request.username)
+                )
+                items += found
             except InvalidRequest as exc:
                 return report(exc), *unchanged
             except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
@@ -140,6 +145,8 @@ def build(core: Core, files: FileRegistry) -> EmbeddingsTab:
             f"{len(items)} texts · {code(result.model)} · {result.dimensions} dimensions · "
             f"{result.usage.total_tokens} tokens"
         )
+        if source:
+            line += f" · from the upload: {html.escape(source)}"
         return (
             line,
             tables.embeddings_frame(items, result),

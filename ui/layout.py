@@ -17,9 +17,10 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 CSS = """
 .app-header { display: flex; flex-wrap: wrap; gap: .25rem 1rem; align-items: baseline; }
 .app-header h1 { font-size: 1.35rem; margin: 0; }
-.app-header .meta { color: var(--body-text-color-subdued); font-size: .9rem; }
+/* Body text colour, not Gradio's "subdued" grey (2.4:1 on white): WCAG AA wants 4.5:1. */
+.app-header .meta { color: var(--body-text-color); font-size: .9rem; }
 .app-header .meta a { white-space: nowrap; }
-.usage-line { color: var(--body-text-color-subdued); font-size: .85rem; min-height: 1.2em; }
+.usage-line { color: var(--body-text-color); font-size: .85rem; min-height: 1.2em; }
 .usage-line .error-line {
   color: var(--error-text-color); background: var(--error-background-fill);
   border: 1px solid var(--error-border-color); border-radius: var(--radius-md);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +14,7 @@ from core.auth import Principal
 from core.context import Core
 from core.errors import Forbidden, InvalidRequest, ServiceError
 from edge.files import FileRegistry
-from ui.common import count_of, report, save_text
+from ui.common import count_of, notice, report, save_text
 
 EVERYONE = ("Everyone", "")
 ALL_MODELS = ("All models", "")
@@ -57,7 +58,11 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
 
     with gr.Accordion("Manage users (admins)", open=False, visible=False) as admin_box:
         users_table = gr.Dataframe(
-            label="Users", headers=USER_COLUMNS, interactive=False, max_height=320
+            label="Users",
+            headers=USER_COLUMNS,
+            interactive=False,
+            max_height=320,
+            elem_id="users-table",
         )
         with gr.Row():
             name = gr.Textbox(label="User name", placeholder="alice", scale=2)
@@ -70,13 +75,19 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
             rotate = gr.Button("Rotate key")
             disable = gr.Button("Disable", variant="stop")
             enable = gr.Button("Enable")
+        # Rotate and Disable end a user's sessions at once: asked again before they run.
+        with gr.Row(visible=False, elem_id="admin-confirm") as confirm_row:
+            confirm_text = gr.Markdown()
+            confirm = gr.Button("Yes, do it", variant="stop", scale=0, min_width=120)
+            cancel = gr.Button("Cancel", scale=0, min_width=100)
+        pending_action = gr.State("")
         new_key = gr.Textbox(
             label="New key: shown once, copy it now",
             visible=False,
             interactive=False,
             buttons=["copy"],
         )
-        admin_status = gr.Markdown(elem_classes="usage-line")
+        admin_status = gr.Markdown(elem_classes="usage-line", elem_id="admin-status")
 
     def caller(request: gr.Request) -> Principal:
         return core.auth.resolve(request.username if request else None)
@@ -157,11 +168,49 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
         return run
 
     inputs = [name, is_admin, daily, rpm]
+    questions = {
+        "rotate": "Rotate the key of **{who}**? Their old key and every session stop working now.",
+        "disable": "Disable **{who}**? Their key and every session stop working now.",
+    }
+
+    def ask(action: str):
+        def run(who: str):
+            if not who.strip():
+                return gr.Row(visible=False), gr.skip(), "", notice("Enter a user name first.")
+            question = questions[action].format(who=html.escape(who.strip()))
+            return gr.Row(visible=True), question, action, ""
+
+        return run
+
+    for button, action in ((rotate, "rotate"), (disable, "disable")):
+        button.click(
+            ask(action), [name], [confirm_row, confirm_text, pending_action, admin_status],
+            api_visibility="private", queue=False,
+        )  # fmt: skip
+
+    def confirmed(action: str, who: str, admin: bool, day_limit, minute_limit, request: gr.Request):
+        if action not in questions:
+            return gr.Row(visible=False), gr.skip(), gr.skip(), gr.skip()
+        return gr.Row(visible=False), *manage(action)(who, admin, day_limit, minute_limit, request)
+
+    confirm.click(
+        confirmed, [pending_action, *inputs], [confirm_row, admin_status, new_key, users_table],
+        api_visibility="private",
+    )  # fmt: skip
+    cancel.click(lambda: (gr.Row(visible=False), ""), None, [confirm_row, pending_action],
+                 api_visibility="private", queue=False)  # fmt: skip
+
+    def pick(frame: pd.DataFrame, event: gr.SelectData):
+        """Clicking a user's row fills the form with that user."""
+        row = event.index[0] if isinstance(event.index, list | tuple) else event.index
+        record = frame.iloc[row]
+        return str(record["name"]), record["role"] == "admin"
+
+    users_table.select(pick, [users_table], [name, is_admin], api_visibility="private")
+
     for button, action in (
         (add, "add"),
         (limits, "limits"),
-        (rotate, "rotate"),
-        (disable, "disable"),
         (enable, "enable"),
     ):
         button.click(

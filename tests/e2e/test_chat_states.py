@@ -85,3 +85,32 @@ def test_an_out_of_range_number_is_named_in_the_status_line(page: Page) -> None:
     page.get_by_role("button", name="Embed").click()
     expect(page.locator("#embeddings-status")).to_contain_text("Dimensions must be a whole")
     no_error_badges(page)
+
+
+CONTRAST = """(selector) => {
+    const el = document.querySelector(selector);
+    const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+    const lum = ([r, g, b]) => {
+        const f = (v) => {
+            v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+        };
+        return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+    };
+    let bg = null, node = el;
+    while (node && !bg) {
+        const c = getComputedStyle(node).backgroundColor;
+        if (c && !c.startsWith("rgba(0, 0, 0, 0)") && c !== "transparent") bg = c;
+        node = node.parentElement;
+    }
+    const [a, b] = [lum(rgb(getComputedStyle(el).color)), lum(rgb(bg || "rgb(255,255,255)"))];
+    return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+
+def test_header_and_status_text_reach_wcag_aa_contrast(page: Page) -> None:
+    send(page, "Hello")
+    expect(page.locator("#chat-status")).to_contain_text("tokens")
+    for selector in (".app-header .meta", "#chat-status p"):
+        ratio = page.evaluate(CONTRAST, selector)
+        assert ratio >= 4.5, f"{selector}: contrast {ratio:.2f}:1"

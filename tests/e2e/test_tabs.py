@@ -190,3 +190,30 @@ def test_usage_shows_what_was_just_used(page: Page) -> None:
     expect(summary).to_contain_text("tokens")
     expect(page.get_by_role("tabpanel")).to_contain_text("alice")  # the by-user table
     screenshot(page, "usage")
+
+
+def test_admin_actions_that_end_sessions_ask_first(page: Page) -> None:
+    page.get_by_role("tab", name="Usage").click()
+    page.get_by_text("Manage users (admins)").click()
+    page.get_by_label("User name").fill("confirm-me")
+    page.get_by_role("button", name="Add user").click()
+    table = page.locator("#users-table")
+    row = table.get_by_text("confirm-me", exact=True).locator("visible=true").first
+    expect(row).to_be_visible()
+    page.get_by_label("User name").fill("")
+    row.click()  # a row fills the form
+    expect(page.get_by_label("User name")).to_have_value("confirm-me")
+
+    page.get_by_role("button", name="Disable").click()
+    confirm = page.locator("#admin-confirm")
+    expect(confirm).to_contain_text("Disable confirm-me?")
+    page.get_by_role("button", name="Cancel").click()
+    expect(confirm).to_be_hidden()
+    expect(table).not_to_contain_text("disabled")
+
+    page.get_by_role("button", name="Rotate key").click()
+    expect(confirm).to_contain_text("Rotate the key of confirm-me?")
+    screenshot(page, "admin-confirm")
+    page.get_by_role("button", name="Yes, do it").click()
+    expect(page.locator("#admin-status")).to_contain_text("New key for confirm-me")
+    expect(confirm).to_be_hidden()
