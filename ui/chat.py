@@ -17,6 +17,7 @@ from core.context import Core
 from core.errors import InvalidRequest, ServiceError
 from core.schemas import Usage
 from edge.files import FileRegistry
+from ui import code as codeview
 from ui.common import (
     LLM_GROUP,
     backend_notice,
@@ -110,6 +111,9 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                 )
                 clear = gr.Button("New chat", size="md", scale=2, min_width=80)
             usage = gr.Markdown(elem_classes="usage-line", elem_id="chat-status")
+            with gr.Accordion("View code", open=False):
+                show_code = gr.Button("Code for this chat", size="sm")
+                code_view = gr.Markdown(elem_id="chat-code")
         with gr.Column(scale=1, min_width=260):
             model = gr.Dropdown(
                 label="Model",
@@ -469,6 +473,41 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     export_json.click(do_export("json"), [current], [exported, usage], api_visibility="private")
     importer.upload(
         do_import, [importer, search], [*chat_fields, chats, usage], api_visibility="private"
+    )
+
+    def chat_code(
+        history: list[dict[str, Any]],
+        box: str,
+        system_prompt: str,
+        model_name: str,
+        temp: float,
+        max_toks: float | None,
+        stops: str,
+        request: gr.Request,
+    ) -> str:
+        """The conversation on screen (and the message being typed) as runnable code."""
+        messages = [raw(m) for m in history or [] if m["content"] and not m.get("pending")]
+        if (box or "").strip():
+            messages.append({"role": "user", "content": box})
+        sent = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+        sent += messages
+        try:
+            cap = count_of(max_toks, "Max tokens")
+        except ValueError as exc:
+            return field_error(str(exc))
+        model_id = (model_name or "").strip() or service.default_model("chat")
+        stop_list = parse_stop(stops)
+        v1 = {"model": model_id, "messages": sent, "temperature": temp, "max_tokens": cap,
+              "stop": stop_list}  # fmt: skip
+        api = {"messages": sent, "model": model_id, "temperature": temp, "max_tokens": cap or 0,
+               "stop": stop_list}  # fmt: skip
+        return codeview.snippets("chat", v1, api, codeview.base_url(request))
+
+    show_code.click(
+        chat_code,
+        [conversation, message, system, model, temperature, max_tokens, stop_text],
+        [code_view],
+        api_visibility="private",
     )
     return ChatTab(model=model)
 

@@ -10,6 +10,7 @@ import gradio as gr
 
 from core.context import Core
 from core.errors import ServiceError
+from ui import code as codeview
 from ui.chat import usage_line
 from ui.common import (
     LLM_GROUP,
@@ -69,6 +70,9 @@ def build(core: Core) -> CompletionTab:
             stop_text = gr.Textbox(
                 label="Stop sequences", lines=2, placeholder="One per line (\\n for a newline)"
             )
+            with gr.Accordion("View code", open=False):
+                show_code = gr.Button("Code for this completion", size="sm")
+                code_view = gr.Markdown(elem_id="completion-code")
 
     async def complete(
         text: str,
@@ -119,4 +123,19 @@ def build(core: Core) -> CompletionTab:
         api_visibility="private",
         queue=False,
     )
+
+    def completion_code(text, model_name, temp, max_toks, stops, request: gr.Request) -> str:
+        try:
+            cap = count_of(max_toks, "Max tokens")
+        except ValueError as exc:
+            return field_error(str(exc))
+        model_id = (model_name or "").strip() or service.default_model("completion")
+        stop_list = parse_stop(stops)
+        v1 = {"model": model_id, "prompt": text or "", "temperature": temp, "max_tokens": cap,
+              "stop": stop_list}  # fmt: skip
+        api = {"prompt": text or "", "model": model_id, "temperature": temp,
+               "max_tokens": cap or 0, "stop": stop_list}  # fmt: skip
+        return codeview.snippets("completion", v1, api, codeview.base_url(request))
+
+    show_code.click(completion_code, inputs, [code_view], api_visibility="private")
     return CompletionTab(model=model)

@@ -12,6 +12,7 @@ from core import tables
 from core.context import Core
 from core.errors import InvalidRequest, ServiceError
 from edge.files import FileRegistry
+from ui import code as codeview
 from ui.common import (
     LLM_GROUP,
     caller_of,
@@ -87,6 +88,9 @@ def build(core: Core, files: FileRegistry) -> EmbeddingsTab:
                     min_width=120,
                 )
             run = gr.Button("Embed", variant="primary")
+            with gr.Accordion("View code", open=False):
+                show_code = gr.Button("Code for these texts", size="sm")
+                code_view = gr.Markdown(elem_id="embeddings-code")
             summary = gr.Markdown(
                 "Press Embed to see each text's vector and how similar every pair is.",
                 elem_classes="usage-line",
@@ -162,5 +166,20 @@ def build(core: Core, files: FileRegistry) -> EmbeddingsTab:
         [summary, table, similarity, download],
         api_visibility="private",
         concurrency_id=LLM_GROUP,
+    )
+
+    def embedding_code(text: str, model_name: str, dims: float | None, request: gr.Request):
+        items = [line.strip() for line in (text or "").splitlines() if line.strip()]
+        try:
+            dimensions = count_of(dims, "Dimensions")
+        except ValueError as exc:
+            return field_error(str(exc))
+        model_id = (model_name or "").strip() or service.default_model("embedding")
+        v1 = {"model": model_id, "input": items, "dimensions": dimensions}
+        api = {"texts": items, "model": model_id, "dimensions": dimensions or 0}
+        return codeview.snippets("embedding", v1, api, codeview.base_url(request))
+
+    show_code.click(
+        embedding_code, [texts, model, dimensions], [code_view], api_visibility="private"
     )
     return EmbeddingsTab(model=model)

@@ -11,6 +11,7 @@ from core.context import Core
 from core.errors import ServiceError
 from core.schemas import IMAGE_QUALITIES, IMAGE_SIZES, MAX_IMAGES
 from edge.files import FileRegistry
+from ui import code as codeview
 from ui.common import LLM_GROUP, caller_of, code, report, save_images
 
 
@@ -50,6 +51,9 @@ def build(core: Core, files: FileRegistry) -> ImageTab:
                 size = gr.Dropdown(label="Size", choices=list(IMAGE_SIZES), value="auto")
                 quality = gr.Dropdown(label="Quality", choices=list(IMAGE_QUALITIES), value="auto")
             count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+            with gr.Accordion("View code", open=False):
+                show_code = gr.Button("Code for this request", size="sm", interactive=served)
+                code_view = gr.Markdown(elem_id="images-code")
         with gr.Column(scale=3):
             gallery = gr.Gallery(
                 label="Images",
@@ -103,5 +107,17 @@ def build(core: Core, files: FileRegistry) -> ImageTab:
         [gallery, status],
         api_visibility="private",
         concurrency_id=LLM_GROUP,
+    )
+
+    def image_code(text, model_name, size_value, quality_value, n, request: gr.Request) -> str:
+        model_id = (model_name or "").strip() or service.default_model("image")
+        v1 = {"model": model_id, "prompt": text or "", "size": size_value,
+              "quality": quality_value, "n": int(n)}  # fmt: skip
+        api = {"prompt": text or "", "model": model_id, "size": size_value,
+               "quality": quality_value, "n": int(n)}  # fmt: skip
+        return codeview.snippets("image", v1, api, codeview.base_url(request))
+
+    show_code.click(
+        image_code, [prompt, model, size, quality, count], [code_view], api_visibility="private"
     )
     return ImageTab(model=model)
