@@ -328,7 +328,9 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         return (listing(user, "", chat.id), *opened(chat))
 
     def new_chat(search_text: str, request: gr.Request) -> tuple[Any, ...]:
-        return [], [], "", "", "", "", listing(user_of(request), search_text)
+        """An empty chat; what is typed in the message box stays (it may be the first
+        question of the new chat, typed before this answer came back)."""
+        return [], [], "", "", "", listing(user_of(request), search_text)
 
     async def begin(box: str) -> tuple[Any, ...]:
         """Send: the box's text becomes the question, the box empties once, Send becomes Stop."""
@@ -398,12 +400,12 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                  api_visibility="private")  # fmt: skip
 
     clear.click(
-        new_chat, [search], [chatbot, conversation, current, title, message, usage, chats],
-        api_visibility="private",
+        new_chat, [search], [chatbot, conversation, current, title, usage, chats],
+        api_visibility="private", queue=False,
     )  # fmt: skip
     # The Chatbot's own trash button: a new chat too (the saved one stays in the list).
     chatbot.clear(
-        new_chat, [search], [chatbot, conversation, current, title, message, usage, chats],
+        new_chat, [search], [chatbot, conversation, current, title, usage, chats],
         api_visibility="private",
     )  # fmt: skip
     chats.input(open_chat, [chats], [*chat_fields, usage], api_visibility="private")
@@ -429,7 +431,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         try:
             store.delete(user_of(request), chat_id)
         except ServiceError as exc:
-            return (*(gr.skip() for _ in range(7)), report(exc))
+            return (*(gr.skip() for _ in range(6)), report(exc))
         return (*new_chat(search_text, request), notice("Deleted."))
 
     def do_export(kind: str):
@@ -466,7 +468,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     rename.click(do_rename, [current, title, search], [chats, usage], api_visibility="private")
     delete.click(
         do_delete, [current, search],
-        [chatbot, conversation, current, title, message, usage, chats, usage],
+        [chatbot, conversation, current, title, usage, chats, usage],
         api_visibility="private",
     )  # fmt: skip
     export_md.click(do_export("md"), [current], [exported, usage], api_visibility="private")

@@ -10,7 +10,7 @@ from core.auth import display_name
 from core.context import Core
 from core.errors import ServiceError
 from edge.files import FileRegistry
-from ui import api, chat, completion, embeddings, images, models, usage
+from ui import api, chat, compare, completion, embeddings, images, models, usage
 from ui.common import caller_of, model_choices
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
@@ -73,6 +73,8 @@ def build_demo(core: Core, files: FileRegistry) -> gr.Blocks:
         with gr.Tabs(overflow_behavior="wrap"):
             with gr.Tab("Chat"):
                 chat_tab = chat.build(core, files, demo)
+            with gr.Tab("Compare"):
+                compare_tab = compare.build(core)
             with gr.Tab("Completion"):
                 completion_tab = completion.build(core)
             with gr.Tab("Images"):
@@ -85,12 +87,15 @@ def build_demo(core: Core, files: FileRegistry) -> gr.Blocks:
                 usage.build(core, demo, files)
         api.register(core, files)
 
-        pickers = {
-            "chat": chat_tab.model,
-            "completion": completion_tab.model,
-            "image": image_tab.model,
-            "embedding": embeddings_tab.model,
-        }
+        # (the kind of model a picker offers, the picker)
+        pickers = [
+            ("chat", chat_tab.model),
+            ("chat", compare_tab.left),
+            ("chat", compare_tab.right),
+            ("completion", completion_tab.model),
+            ("image", image_tab.model),
+            ("embedding", embeddings_tab.model),
+        ]
 
         async def on_load(request: gr.Request):
             """Fill the header with the signed-in user, and the model pickers from the backend."""
@@ -102,9 +107,9 @@ def build_demo(core: Core, files: FileRegistry) -> gr.Blocks:
                 return head, *(gr.skip() for _ in pickers)
             return head, *(
                 model_choices(service, listed, kind) if service.serves(kind) else gr.skip()
-                for kind in pickers
+                for kind, _ in pickers
             )
 
-        demo.load(on_load, None, [header, *pickers.values()], api_visibility="private")
+        demo.load(on_load, None, [header, *(p for _, p in pickers)], api_visibility="private")
     demo.queue(default_concurrency_limit=service.settings.max_concurrency)
     return demo
