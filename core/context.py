@@ -10,7 +10,7 @@ from datetime import timedelta
 from core import db
 from core.auth import Authenticator
 from core.config import Settings
-from core.conversations import ConversationStore
+from core.conversations import ConversationStore, PresetStore
 from core.ledger import Ledger
 from core.pricing import PriceTable
 from core.providers.base import Provider
@@ -30,6 +30,7 @@ class Core:
     ledger: Ledger
     auth: Authenticator
     conversations: ConversationStore
+    presets: PresetStore
 
 
 def open_core(settings: Settings, provider: Provider | None = None) -> Core:
@@ -53,4 +54,5 @@ def open_core(settings: Settings, provider: Provider | None = None) -> Core:
         ledger=ledger,
         auth=Authenticator(settings, users),
         conversations=ConversationStore(engine),
+        presets=PresetStore(engine),
     )

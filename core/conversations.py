@@ -257,3 +257,68 @@ def export_markdown(conversation: Conversation) -> str:
         who = "You" if m.role == "user" else "Assistant"
         lines += [f"**{who}**" + (" *(stopped)*" if m.stopped else ""), "", m.content, ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# ---- presets: a named system prompt with its model and settings, per user ---------------------
+
+MAX_PRESETS = 200  # per user
+PRESET_NAME = 80
+
+
+class Preset(BaseModel):
+    name: str
+    model: str | None = None
+    settings: Settings = Settings()
+
+
+class PresetStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def list(self, user: str) -> list[Preset]:
+        p = db.presets.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(p.name, p.model, p.settings).where(p.user == user).order_by(p.name)
+            ).all()
+        return [
+            Preset(name=r.name, model=r.model, settings=Settings.model_validate_json(r.settings))
+            for r in rows
+        ]
+
+    def get(self, user: str, name: str) -> Preset:
+        found = next((p for p in self.list(user) if p.name == name), None)
+        if found is None:
+            raise NotFound(f"No preset {name[:PRESET_NAME]!r} of yours.")
+        return found
+
+    def save(self, user: str, preset: Preset) -> Preset:
+        """Save under its name, replacing the user's preset of that name."""
+        name = " ".join(preset.name.split())[:PRESET_NAME]
+        if not name:
+            raise InvalidRequest("Give the preset a name.", param="name")
+        p = db.presets.c
+        values = {
+            "model": preset.model,
+            "settings": preset.settings.model_dump_json(),
+            "updated_at": _now(),
+        }
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                db.presets.update().where(p.user == user, p.name == name).values(**values)
+            ).rowcount
+            if not done:
+                count = conn.execute(
+                    sa.select(sa.func.count()).select_from(db.presets).where(p.user == user)
+                ).scalar_one()
+                if count >= MAX_PRESETS:
+                    raise InvalidRequest(f"You have {MAX_PRESETS} presets; delete one first.")
+                conn.execute(db.presets.insert().values(user=user, name=name, **values))
+        return self.get(user, name)
+
+    def delete(self, user: str, name: str) -> None:
+        p = db.presets.c
+        with self.engine.begin() as conn:
+            done = conn.execute(db.presets.delete().where(p.user == user, p.name == name)).rowcount
+        if not done:
+            raise NotFound(f"No preset {name[:PRESET_NAME]!r} of yours.")

@@ -69,6 +69,19 @@ conversations = sa.Table(
     sa.Index("ix_conversations_user_updated", "user", "updated_at"),
 )
 
+# Named chat setups a user saves and loads: a system prompt with its model and settings.
+presets = sa.Table(
+    "presets",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(80), nullable=False),
+    sa.Column("model", sa.String(256), nullable=True),
+    sa.Column("settings", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("user", "name", name="uq_presets_user_name"),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -86,10 +99,15 @@ def _v2(conn: Connection) -> None:
     conversations.create(conn)
 
 
+def _v3(conn: Connection) -> None:
+    presets.create(conn)
+
+
 # Append only: never edit or reorder a released migration; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "users and usage ledger", _v1),
     (2, "saved conversations", _v2),
+    (3, "chat presets", _v3),
 ]
 
 

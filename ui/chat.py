@@ -63,6 +63,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     """Build the tab's components and events inside the caller's Blocks."""
     service = core.service
     store = core.conversations
+    presets = core.presets
     default_model = service.default_model("chat")
     backend_notice(service, "chat-notice")
     with gr.Row(equal_height=False):
@@ -135,6 +136,18 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             stop_text = gr.Textbox(
                 label="Stop sequences", lines=2, placeholder="One per line (\\n for a newline)"
             )
+            with gr.Accordion("Presets", open=False, elem_id="chat-presets"):
+                preset = gr.Dropdown(
+                    label="Preset",
+                    choices=[],
+                    value=None,
+                    allow_custom_value=True,
+                    info="Pick one to load it; type a name to save the settings above.",
+                )
+                with gr.Row(elem_classes="button-row"):
+                    load_preset = gr.Button("Load", size="sm", min_width=50)
+                    save_preset = gr.Button("Save", size="sm", min_width=50)
+                    delete_preset = gr.Button("Delete", size="sm", variant="stop", min_width=50)
 
     # The conversation as the model sees it (raw text, OpenAI-shaped), kept on the server. The
     # Chatbot only shows it: it is not an input, so the browser cannot rewrite the history.
@@ -318,14 +331,17 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             return (*(gr.skip() for _ in chat_fields), report(exc))
         return (*opened(chat), notice(f"Opened “{html_escape(chat.title)}”."))
 
+    def preset_names(user: str, chosen: str | None = None) -> gr.Dropdown:
+        return gr.Dropdown(choices=[p.name for p in presets.list(user)], value=chosen)
+
     def on_load(request: gr.Request) -> tuple[Any, ...]:
         """A reload, or another device: the user's chats, with the latest one open."""
         user = user_of(request)
         found = store.list(user, limit=1)
         if not found:
-            return (listing(user), *(gr.skip() for _ in chat_fields))
+            return (preset_names(user), listing(user), *(gr.skip() for _ in chat_fields))
         chat = store.get(user, found[0].id)
-        return (listing(user, "", chat.id), *opened(chat))
+        return (preset_names(user), listing(user, "", chat.id), *opened(chat))
 
     def new_chat(search_text: str, request: gr.Request) -> tuple[Any, ...]:
         """An empty chat; what is typed in the message box stays (it may be the first
@@ -414,7 +430,49 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         return listing(user_of(request), text, chosen or "")
 
     search.change(find, [search, current], [chats], api_visibility="private")
-    demo.load(on_load, None, [chats, *chat_fields], api_visibility="private")
+    demo.load(on_load, None, [preset, chats, *chat_fields], api_visibility="private")
+
+    preset_fields = [model, system, temperature, max_tokens, stop_text]
+
+    def do_load_preset(name: str, request: gr.Request) -> tuple[Any, ...]:
+        try:
+            chosen = presets.get(user_of(request), (name or "").strip())
+        except ServiceError as exc:
+            return (*(gr.skip() for _ in preset_fields), report(exc))
+        st = chosen.settings
+        stops = "\n".join(x.replace("\n", "\\n") for x in st.stop)
+        fields = (chosen.model or default_model, st.system, st.temperature, st.max_tokens, stops)
+        return (*fields, notice(f"Preset “{html_escape(chosen.name)}” loaded."))
+
+    def do_save_preset(name, model_name, system_prompt, temp, max_toks, stops, request: gr.Request):
+        user = user_of(request)
+        try:
+            cap = count_of(max_toks, "Max tokens") or 0
+            kept = presets.save(user, saved.Preset(
+                name=name or "", model=(model_name or "").strip() or None,
+                settings=saved.Settings(system=system_prompt or "", temperature=temp,
+                                        max_tokens=cap, stop=parse_stop(stops)[:4]),
+            ))  # fmt: skip
+        except ValueError as exc:
+            return gr.skip(), field_error(str(exc))
+        except ServiceError as exc:
+            return gr.skip(), report(exc)
+        return preset_names(user, kept.name), notice(f"Preset “{html_escape(kept.name)}” saved.")
+
+    def do_delete_preset(name: str, request: gr.Request):
+        user = user_of(request)
+        try:
+            presets.delete(user, (name or "").strip())
+        except ServiceError as exc:
+            return gr.skip(), report(exc)
+        return preset_names(user), notice("Preset deleted.")
+
+    load_preset.click(do_load_preset, [preset], [*preset_fields, usage], api_visibility="private")
+    preset.select(do_load_preset, [preset], [*preset_fields, usage], api_visibility="private")
+    save_preset.click(
+        do_save_preset, [preset, *preset_fields], [preset, usage], api_visibility="private"
+    )
+    delete_preset.click(do_delete_preset, [preset], [preset, usage], api_visibility="private")
 
     def do_rename(chat_id: str, new_title: str, search_text: str, request: gr.Request):
         if not chat_id:

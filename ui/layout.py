@@ -45,6 +45,9 @@ CSS = """
   .app-header .meta { font-size: .8rem; }
   /* Gradio sets the chat's height inline; on a phone the message box must stay in view. */
   #chatbot { height: 45vh !important; }
+  /* On a phone the columns stack: the chat first, its model and settings right after it (the
+     conversation scrolls in its own box), the list of saved chats last. */
+  #chat-history { order: 3; }
 }
 """
 

@@ -46,12 +46,16 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
             export = gr.DownloadButton("Export CSV", visible=False)
     summary = gr.Markdown(elem_classes="usage-line")
     with gr.Row():
+        # min_width: below two plots' width (a phone), they stack instead of clipping their
+        # titles and legends.
         tokens_plot = gr.BarPlot(
-            x="day", y="tokens", color="model", title="Tokens per day", height=260
-        )
+            x="day", y="tokens", color="model", title="Tokens per day", height=260, min_width=340,
+            elem_id="tokens-plot",
+        )  # fmt: skip
         cost_plot = gr.BarPlot(
-            x="day", y="cost_usd", color="model", title="Estimated cost per day (USD)", height=260
-        )
+            x="day", y="cost_usd", color="model", title="Estimated cost per day (USD)",
+            height=260, min_width=340, elem_id="cost-plot",
+        )  # fmt: skip
     with gr.Row():
         by_user = gr.Dataframe(label="By user", interactive=False)
         by_function = gr.Dataframe(label="By function", interactive=False)

@@ -118,3 +118,32 @@ def test_retry_edit_and_undo(page: Page) -> None:
     expect(bots.last).to_contain_text("Echo: An edited first question")
     expect(page.get_by_test_id("user")).to_have_count(1)
     screenshot(page, "chat-edited")
+
+
+def test_presets_save_load_and_delete(page: Page, new_context) -> None:
+    page.get_by_label("System prompt").fill("You are a terse pirate.")
+    page.get_by_label("number input for Temperature").fill("1.3")
+    page.get_by_label("number input for Temperature").press("Enter")
+    page.get_by_text("Presets", exact=True).click()
+    name = page.get_by_role("combobox", name="Preset")
+    name.fill("Pirate")
+    name.press("Enter")
+    page.get_by_role("button", name="Save", exact=True).click()
+    expect(page.locator("#chat-status")).to_contain_text("Preset “Pirate” saved.")
+
+    other = open_dashboard(new_context(fresh=False))  # the same user elsewhere
+    other.get_by_text("Presets", exact=True).click()
+    preset = other.get_by_role("combobox", name="Preset")
+    preset.click()
+    other.get_by_role("option", name="Pirate").click()
+    expect(other.get_by_label("System prompt")).to_have_value("You are a terse pirate.")
+    expect(other.get_by_label("number input for Temperature")).to_have_value("1.3")
+    screenshot(other, "presets")
+
+    stranger = open_dashboard(new_context(user="presets-stranger"))
+    stranger.get_by_text("Presets", exact=True).click()
+    stranger.get_by_role("combobox", name="Preset").click()
+    expect(stranger.get_by_role("option", name="Pirate")).to_have_count(0)
+
+    other.get_by_role("button", name="Delete", exact=True).locator("visible=true").click()
+    expect(other.locator("#chat-status")).to_contain_text("Preset deleted.")

@@ -94,6 +94,13 @@ def test_the_dashboard_fits_a_phone(new_context: NewContext, tmp_path: Path) -> 
     for name in ("Send", "New chat"):
         expect(page.get_by_role("button", name=name)).to_be_in_viewport()
     screenshot(page, "mobile-chat", full_page=False)
+    # The model picker and system prompt come right after the chat (whose conversation scrolls
+    # in its own box), before the list of saved chats: one screen's scroll away at most.
+    picker = page.get_by_role("combobox", name="Model").first.bounding_box()
+    system = page.get_by_label("System prompt").bounding_box()
+    chats = page.locator("#chat-history").bounding_box()
+    assert picker and system and chats
+    assert picker["y"] < MOBILE["height"] * 2 and system["y"] < chats["y"]
 
     # Every tab is one tap away (not in a "..." menu), and none scrolls sideways.
     for name in ("Chat", "Completion", "Images", "Embeddings", "Models"):
@@ -102,3 +109,17 @@ def test_the_dashboard_fits_a_phone(new_context: NewContext, tmp_path: Path) -> 
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= MOBILE["width"], f"{name} is {width}px wide on a 390px screen"
         page.screenshot(path=tmp_path / f"{name}.png", full_page=True)
+
+
+def test_usage_plots_stack_on_a_phone(new_context: NewContext) -> None:
+    page = open_dashboard(new_context(viewport=MOBILE, has_touch=True, is_mobile=True))
+    page.get_by_role("tab", name="Usage").click()
+    page.get_by_role("button", name="Show").click()
+    tokens = page.locator("#tokens-plot")
+    cost = page.locator("#cost-plot")
+    expect(tokens).to_be_visible()
+    first, second = tokens.bounding_box(), cost.bounding_box()
+    assert first and second
+    assert second["y"] >= first["y"] + first["height"] - 1  # one under the other
+    assert first["width"] > MOBILE["width"] * 0.8  # each the screen's width, titles whole
+    screenshot(page, "mobile-usage")
