@@ -42,7 +42,7 @@ def test_stop_before_the_first_token_gives_the_question_back(page: Page) -> None
     expect(page.get_by_test_id("bot")).to_contain_text("Echo: A question never answered")
 
 
-def test_stop_in_mid_stream_keeps_the_partial_reply(page: Page) -> None:
+def test_stop_in_mid_stream_keeps_the_partial_reply(page: Page, running_app) -> None:
     pick_model(page, "drip-0.4")
     send(page, "one two three four five six seven eight nine ten")
     bot = page.get_by_test_id("bot")
@@ -53,6 +53,10 @@ def test_stop_in_mid_stream_keeps_the_partial_reply(page: Page) -> None:
     expect(bot).not_to_contain_text("ten")
     no_error_badges(page)
     screenshot(page, "chat-stopped")
+    # The ledger says what happened: cancelled, not failed.
+    ledger = running_app.server.config.app.state.core.ledger
+    rows = ledger.rows(users=["alice"])
+    assert rows.iloc[-1]["model"] == "drip-0.4" and rows.iloc[-1]["status"] == "cancelled"
 
     pick_model(page, "gpt-4.1-mini")
     send(page, "And now?")
