@@ -32,7 +32,8 @@ def snippets(function: str, v1_body: dict[str, Any], api_args: dict[str, Any], u
     """Markdown with the three snippets. `v1_body` is the OpenAI request; `api_args` the named
     endpoint's arguments (the same request in the Gradio API's terms)."""
     path, sdk_call, api_name = CALLS[function]
-    body = {k: v for k, v in v1_body.items() if v not in (None, [], "")}
+    # Unset settings are left out; the model never is (the SDK requires it; "" is the default).
+    body = {k: v for k, v in v1_body.items() if k == "model" or v not in (None, [], "")}
     python = (
         "import os\n\nfrom openai import OpenAI\n\n"
         f'client = OpenAI(base_url="{url}/v1", api_key=os.environ["ACCESS_KEY"])\n'

@@ -10,7 +10,7 @@ from core.auth import display_name
 from core.context import Core
 from core.errors import ServiceError
 from edge.files import FileRegistry
-from ui import api, chat, compare, completion, embeddings, images, models, usage
+from ui import api, api_help, chat, compare, completion, embeddings, images, models, usage
 from ui.common import caller_of, model_choices
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
@@ -88,6 +88,8 @@ def build_demo(core: Core, files: FileRegistry) -> gr.Blocks:
                 models.build(core, demo)
             with gr.Tab("Usage"):
                 usage.build(core, demo, files)
+            with gr.Tab("API"):
+                api_help.build(demo)
         api.register(core, files)
 
         # (the kind of model a picker offers, the picker)

@@ -123,7 +123,9 @@ def create_app(settings: Settings, core: Core | None = None) -> Server:
         # Never together with auth: Gradio's MCP server is not behind the login.
         mcp_server=False,
         enable_monitoring=False,
-        footer_links=["api", "settings"],
+        # Not Gradio's "Use via API" panel: its snippets leave out auth= (so they fail here)
+        # and it offers MCP, which is off. The API tab (ui/api_help.py) replaces it.
+        footer_links=["settings"],
         run_history=False,
         show_error=True,
         theme=THEME,

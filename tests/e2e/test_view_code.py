@@ -68,3 +68,17 @@ def test_the_embeddings_and_completion_code_run_as_shown(page: Page) -> None:
     sdk, gradio, _ = snippets(page, "completion-code")
     assert "completion of: Roses" in run("python", sdk)
     assert "completion of: Roses" in run("python", gradio.replace("{your name}", "dev"))
+
+
+def test_the_api_tab_replaces_gradios_panel(page: Page) -> None:
+    expect(page.get_by_role("button", name="Use via API")).to_have_count(0)
+    page.get_by_role("tab", name="API").click()
+    help_text = page.locator("#api-help")
+    expect(help_text).to_contain_text("/v1")
+    expect(help_text).to_contain_text("/conversations")
+    expect(help_text).to_contain_text("auth=")
+    sdk, gradio, curl = snippets(page, "api-example")
+    assert "Echo: Hello!" in run("python", sdk)
+    assert "Echo: Hello!" in run("python", gradio.replace("{your name}", "dev"))
+    assert "Echo: Hello!" in run("bash", curl)
+    screenshot(page, "api-tab")
