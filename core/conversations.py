@@ -23,6 +23,7 @@ from core.schemas import MAX_PROMPT_CHARS, describe_validation_error
 MAX_CONVERSATIONS = 1_000  # per user; the oldest goes when a new one would pass it
 MAX_CONVERSATION_BYTES = 4_000_000  # the messages of one conversation, as JSON
 MAX_TITLE = 120
+IMAGE_URL = r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+$"
 
 
 class Settings(BaseModel):
@@ -42,6 +43,8 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant"]
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+    # Images attached to a question, as data: URLs (what OpenAI's image_url parts take).
+    images: Annotated[list[Annotated[str, Field(pattern=IMAGE_URL)]], Field(max_length=4)] = []
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     stopped: bool = False
@@ -210,7 +213,7 @@ class ConversationStore:
             raise InvalidRequest("An imported conversation must be a JSON object.")
         try:
             messages = [
-                Message.model_validate(m)
+                Message.model_validate(_from_parts(m))
                 for m in data.get("messages") or []
                 if not (isinstance(m, dict) and m.get("role") == "system")
             ]
@@ -230,13 +233,30 @@ class ConversationStore:
         return self.save(user, conversation)
 
 
+def _from_parts(message: Any) -> Any:
+    """An exported message whose content is OpenAI parts (text and images) as a Message's
+    fields; anything else as it is, for validation to judge."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    parts = [p for p in message["content"] if isinstance(p, dict)]
+    text = "\n".join(str(p.get("text", "")) for p in parts if p.get("type") == "text")
+    images = [(p.get("image_url") or {}).get("url") for p in parts if p.get("type") == "image_url"]
+    return {**message, "content": text, "images": images}
+
+
 def export_json(conversation: Conversation) -> dict[str, Any]:
     """OpenAI messages (the system prompt first, as the model saw it) with the model and
     settings, and each reply's usage: import_json reads it back."""
     messages: list[dict[str, Any]] = []
     if conversation.settings.system:
         messages.append({"role": "system", "content": conversation.settings.system})
-    messages += [m.model_dump(exclude_defaults=True) for m in conversation.messages]
+    for m in conversation.messages:
+        message = m.model_dump(exclude_defaults=True, exclude={"images"})
+        if m.images:
+            message["content"] = [{"type": "text", "text": m.content}] + [
+                {"type": "image_url", "image_url": {"url": url}} for url in m.images
+            ]
+        messages.append(message)
     return {
         "title": conversation.title,
         "model": conversation.model,
@@ -256,6 +276,8 @@ def export_markdown(conversation: Conversation) -> str:
     for m in conversation.messages:
         who = "You" if m.role == "user" else "Assistant"
         lines += [f"**{who}**" + (" *(stopped)*" if m.stopped else ""), "", m.content, ""]
+        if m.images:
+            lines += [f"*({len(m.images)} image(s) attached)*", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -3,9 +3,13 @@ conversations saved per user (core.conversations), with retry, edit and undo."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
+import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +68,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     service = core.service
     store = core.conversations
     presets = core.presets
+    images = ImageFiles(files)
     default_model = service.default_model("chat")
     backend_notice(service, "chat-notice")
     with gr.Row(equal_height=False):
@@ -111,6 +116,18 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                     "Stop", variant="stop", size="md", scale=3, min_width=80, visible=False
                 )
                 clear = gr.Button("New chat", size="md", scale=2, min_width=80)
+                attach = gr.UploadButton(
+                    "Attach images",
+                    file_types=["image"],
+                    file_count="multiple",
+                    size="md",
+                    scale=2,
+                    min_width=80,
+                    elem_id="chat-attach",
+                )
+            with gr.Row(visible=False, elem_id="chat-attached") as attached_row:
+                attached_line = gr.Markdown()
+                unattach = gr.Button("Remove images", size="sm", scale=0, min_width=120)
             usage = gr.Markdown(elem_classes="usage-line", elem_id="chat-status")
             with gr.Accordion("View code", open=False):
                 show_code = gr.Button("Code for this chat", size="sm")
@@ -156,13 +173,22 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     conversation = gr.State([])
     current = gr.State("")  # the saved conversation's id ("" until its first reply)
     asking = gr.State("")  # the question the next reply answers (sent, retried or edited)
+    attached = gr.State([])  # images waiting for the next message, as data: URLs
+    asking_images = gr.State([])  # the images that go with `asking`
     # A message whose call failed, to give back to the message box once the call has ended.
-    unsent = gr.State("")
+    unsent = gr.State(None)  # {"text": ..., "images": [...]}
     remote_images = core.settings.allow_remote_images
 
-    def show(message: dict[str, Any]) -> dict[str, Any]:
+    def show(message: dict[str, Any], user: str = "") -> dict[str, Any]:
         shown = to_display(message, remote_images=remote_images)
         last = shown["content"][-1]
+        for url in message.get("images") or []:
+            shown["content"].append(
+                {"type": "file",
+                 "file": {"path": images.file_for(url, user=user),
+                          "mime_type": url.removeprefix("data:").split(";", 1)[0]},
+                 "alt_text": "an attached image"}
+            )  # fmt: skip
         if message.get("stopped"):  # in the reply's own bubble, after its last words
             last["text"] = f"{last['text']}\n\n*(stopped)*"
         elif message.get("completion_tokens") is not None:
@@ -170,8 +196,13 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             last["text"] = f"{last['text']}\n\n*{spent}*"
         return shown
 
-    def raw(message: dict[str, Any]) -> dict[str, str]:
-        return {"role": message["role"], "content": message["content"]}
+    def raw(message: dict[str, Any]) -> dict[str, Any]:
+        """A message as OpenAI takes it: images as image_url parts after the text."""
+        if not message.get("images"):
+            return {"role": message["role"], "content": message["content"]}
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message["content"]}]
+        parts += [{"type": "image_url", "image_url": {"url": u}} for u in message["images"]]
+        return {"role": message["role"], "content": parts}
 
     def user_of(request: gr.Request) -> str:
         return caller_of(core, request)["caller"].name
@@ -185,6 +216,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
 
     async def respond(
         text: str,
+        pictures: list[str],
         history: list[dict[str, Any]],
         system_prompt: str,
         model_name: str,
@@ -193,22 +225,25 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         stops: str,
         request: gr.Request,
     ) -> AsyncIterator[tuple[Any, ...]]:
-        if not (text or "").strip():
-            yield gr.skip(), gr.skip(), notice("Type a message first."), ""
+        if not (text or "").strip() and not pictures:
+            yield gr.skip(), gr.skip(), notice("Type a message first."), None
             return
         try:
             cap = count_of(max_toks, "Max tokens")
         except ValueError as exc:
-            yield gr.skip(), gr.skip(), field_error(str(exc)), text
+            yield gr.skip(), gr.skip(), field_error(str(exc)), {"text": text, "images": pictures}
             return
         before = list(history or [])
-        asked = [*before, {"role": "user", "content": text}]
-        shown = [show(m) for m in asked]
+        question: dict[str, Any] = {"role": "user", "content": text}
+        if pictures:
+            question["images"] = list(pictures)
+        asked = [*before, question]
+        shown = [show(m, request.username) for m in asked]
         # Each yield carries the display and the state together: after Stop they agree. The
         # message box is never written while the reply streams (what is typed there stays).
         reply: dict[str, Any] = {"role": "assistant", "content": "", "pending": True}
-        yield [*shown, show(reply)], [*asked, reply], "Generating…", ""
-        messages = [raw(m) for m in asked if m["content"]]
+        yield [*shown, show(reply)], [*asked, reply], "Generating…", None
+        messages = [raw(m) for m in asked if m["content"] or m.get("images")]
         if system_prompt.strip():
             messages.insert(0, {"role": "system", "content": system_prompt})
         body = {
@@ -231,7 +266,8 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         except ServiceError as exc:
             # Nothing is lost: the conversation returns to before the send; the message goes
             # back to the box once the call has ended (settle), unless something new is there.
-            yield [show(m) for m in before], before, report(exc), text
+            failed = {"text": text, "images": pictures}
+            yield [show(m, request.username) for m in before], before, report(exc), failed
             return
         reply = {"role": "assistant", "content": text_so_far}
         if last_usage is not None:
@@ -239,12 +275,13 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                       "completion_tokens": last_usage.completion_tokens}  # fmt: skip
         model_used = body["model"] or service.default_model("chat")
         status = usage_line(last_usage, model_used)
-        yield [*shown, show(reply)], [*asked, reply], status, ""
+        yield [*shown, show(reply)], [*asked, reply], status, None
 
     def settle(
         history: list[dict[str, Any]],
         box: str,
-        failed: str,
+        failed: dict[str, Any] | None,
+        waiting: list[str],
         chat_id: str,
         system_prompt: str,
         model_name: str,
@@ -264,6 +301,9 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         status: Any = gr.skip()
         # The box is written only to give a message back: what is typed there meanwhile stays.
         box_out: Any = gr.skip()
+        attached_out: Any = gr.skip()
+        row_out: Any = gr.skip()
+        line_out: Any = gr.skip()
         if history and history[-1].get("pending"):
             reply = history.pop()
             if reply["content"]:
@@ -273,10 +313,17 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                 question = history.pop() if history and history[-1]["role"] == "user" else None
                 if question and not (box or "").strip():
                     box_out = question["content"]
+                if question and question.get("images") and not waiting:
+                    attached_out, row_out = list(question["images"]), gr.Row(visible=True)
+                    line_out = f"{len(question['images'])} image(s) attached to your next message."
                 status = notice("Stopped before the reply began; your message is back in the box.")
-            shown = [show(m) for m in history]
-        elif failed and not (box or "").strip():
-            box_out = failed
+            shown = [show(m, request.username) for m in history]
+        elif failed:
+            if not (box or "").strip():
+                box_out = failed["text"]
+            if failed["images"] and not waiting:  # the images go back to be attached again
+                attached_out, row_out = list(failed["images"]), gr.Row(visible=True)
+                line_out = f"{len(failed['images'])} image(s) attached to your next message."
         user = user_of(request)
         settings = settings_of(system_prompt, temp, max_toks, stops)
         if history:
@@ -291,7 +338,8 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             except ServiceError as exc:
                 status = report(exc)
         chosen = listing(user, search_text, chat_id)
-        return shown, history, box_out, status, "", *buttons, chat_id, chosen
+        return (shown, history, box_out, status, None, *buttons, chat_id, chosen, attached_out,
+                row_out, line_out)  # fmt: skip
 
     def settings_of(system_prompt: str, temp: float, max_toks: float | None, stops: str):
         try:
@@ -303,12 +351,12 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             stop=parse_stop(stops)[:4],
         )  # fmt: skip
 
-    def opened(chat: saved.Conversation) -> tuple[Any, ...]:
+    def opened(chat: saved.Conversation, who: str) -> tuple[Any, ...]:
         """A saved conversation on screen: the chat, its state, and the settings it ran with."""
         history = [_live(m) for m in chat.messages]
         st = chat.settings
         return (
-            [show(m) for m in history],
+            [show(m, who) for m in history],
             history,
             chat.id,
             chat.title,
@@ -329,7 +377,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             chat = store.get(user_of(request), chat_id)
         except ServiceError as exc:
             return (*(gr.skip() for _ in chat_fields), report(exc))
-        return (*opened(chat), notice(f"Opened “{html_escape(chat.title)}”."))
+        return (*opened(chat, request.username), notice(f"Opened “{html_escape(chat.title)}”."))
 
     def preset_names(user: str, chosen: str | None = None) -> gr.Dropdown:
         return gr.Dropdown(choices=[p.name for p in presets.list(user)], value=chosen)
@@ -341,24 +389,44 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         if not found:
             return (preset_names(user), listing(user), *(gr.skip() for _ in chat_fields))
         chat = store.get(user, found[0].id)
-        return (preset_names(user), listing(user, "", chat.id), *opened(chat))
+        return (preset_names(user), listing(user, "", chat.id), *opened(chat, request.username))
 
     def new_chat(search_text: str, request: gr.Request) -> tuple[Any, ...]:
         """An empty chat; what is typed in the message box stays (it may be the first
         question of the new chat, typed before this answer came back)."""
         return [], [], "", "", "", listing(user_of(request), search_text)
 
-    async def begin(box: str) -> tuple[Any, ...]:
-        """Send: the box's text becomes the question, the box empties once, Send becomes Stop."""
-        return box, "", gr.Button(visible=False), gr.Button(visible=True)
+    async def begin(box: str, waiting: list[str]) -> tuple[Any, ...]:
+        """Send: the box's text (and the attached images) become the question, the box empties
+        once, Send becomes Stop."""
+        return (box, list(waiting or []), "", [], gr.Row(visible=False),
+                gr.Button(visible=False), gr.Button(visible=True))  # fmt: skip
+
+    def on_attach(uploads: Any, waiting: list[str], request: gr.Request) -> tuple[Any, ...]:
+        """Images for the next message: each must be the user's own upload, an image by its
+        bytes (PNG, JPEG, GIF, WebP), at most 4 MB, and at most 4 in all."""
+        waiting = list(waiting or [])
+        try:
+            for upload in uploads if isinstance(uploads, list) else [uploads]:
+                path = upload if isinstance(upload, str) else getattr(upload, "name", "")
+                real = uploaded_path(files, path, user=request.username)
+                waiting.append(image_url(real))
+            if len(waiting) > MAX_ATTACHED:
+                raise InvalidRequest(f"At most {MAX_ATTACHED} images go with one message.")
+        except ServiceError as exc:
+            return gr.skip(), gr.skip(), gr.skip(), report(exc)
+        noun = "image" if len(waiting) == 1 else "images"
+        line = f"{len(waiting)} {noun} attached to your next message."
+        return waiting, gr.Row(visible=bool(waiting)), line, ""
 
     def prepare_retry(history: list[dict[str, Any]]) -> tuple[Any, ...]:
-        """Retry: the last question again, its reply dropped."""
+        """Retry: the last question again (with its images), its reply dropped."""
         history = list(history or [])
         while history and history[-1]["role"] == "assistant":
             history.pop()
-        question = history.pop()["content"] if history else ""
-        return question, history, gr.Button(visible=False), gr.Button(visible=True)
+        last = history.pop() if history else {"content": ""}
+        return (last["content"], list(last.get("images") or []), history,
+                gr.Button(visible=False), gr.Button(visible=True))  # fmt: skip
 
     def prepare_edit(history: list[dict[str, Any]], edit: gr.EditData) -> tuple[Any, ...]:
         """Edit a question: the chat runs again from there (what came after it goes)."""
@@ -367,7 +435,9 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         # The Chatbot shows one bubble per message here (text parts of one message share it).
         index = min(max(index, 0), len(history))
         new_text = edit.value if isinstance(edit.value, str) else str(edit.value)
-        return new_text, history[:index], gr.Button(visible=False), gr.Button(visible=True)
+        kept = list(history[index].get("images") or []) if index < len(history) else []
+        return (new_text, kept, history[:index], gr.Button(visible=False),
+                gr.Button(visible=True))  # fmt: skip
 
     def undo(history: list[dict[str, Any]], box: str, chat_id: str, request: gr.Request):
         """Undo the last exchange: the question goes back to the box, the chat is saved."""
@@ -379,13 +449,15 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             chat = store.get(user_of(request), chat_id)
             messages = [saved.Message.model_validate(_stored(m)) for m in history]
             store.save(user_of(request), chat.model_copy(update={"messages": messages}))
-        return [show(m) for m in history], history, box or question
+        return [show(m, request.username) for m in history], history, box or question
 
-    reply_inputs = [asking, conversation, system, model, temperature, max_tokens, stop_text]
+    reply_inputs = [asking, asking_images, conversation, system, model, temperature,
+                    max_tokens, stop_text]  # fmt: skip
     reply_outputs = [chatbot, conversation, usage, unsent]
-    settle_inputs = [conversation, message, unsent, current, system, model, temperature,
+    settle_inputs = [conversation, message, unsent, attached, current, system, model, temperature,
                      max_tokens, stop_text, search]  # fmt: skip
-    settle_outputs = [chatbot, conversation, message, usage, unsent, send, stop, current, chats]
+    settle_outputs = [chatbot, conversation, message, usage, unsent, send, stop, current, chats,
+                      attached, attached_row, attached_line]  # fmt: skip
 
     def chain(started: Any) -> None:
         event = started.then(
@@ -406,12 +478,19 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         )
 
     for trigger in (message.submit, send.click):
-        chain(trigger(begin, [message], [asking, message, send, stop], api_visibility="private",
-                      queue=False))  # fmt: skip
-    chain(chatbot.retry(prepare_retry, [conversation], [asking, conversation, send, stop],
-                        api_visibility="private", queue=False))  # fmt: skip
-    chain(chatbot.edit(prepare_edit, [conversation], [asking, conversation, send, stop],
-                       api_visibility="private", queue=False))  # fmt: skip
+        chain(trigger(begin, [message, attached],
+                      [asking, asking_images, message, attached, attached_row, send, stop],
+                      api_visibility="private", queue=False))  # fmt: skip
+    prepared = [asking, asking_images, conversation, send, stop]
+    chain(chatbot.retry(prepare_retry, [conversation], prepared, api_visibility="private",
+                        queue=False))  # fmt: skip
+    chain(chatbot.edit(prepare_edit, [conversation], prepared, api_visibility="private",
+                       queue=False))  # fmt: skip
+    attach.upload(on_attach, [attach, attached], [attached, attached_row, attached_line, usage],
+                  api_visibility="private")  # fmt: skip
+    unattach.click(lambda: ([], gr.Row(visible=False), ""), None,
+                   [attached, attached_row, attached_line], api_visibility="private",
+                   queue=False)  # fmt: skip
     chatbot.undo(undo, [conversation, message, current], [chatbot, conversation, message],
                  api_visibility="private")  # fmt: skip
 
@@ -520,7 +599,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             return (*(gr.skip() for _ in chat_fields), gr.skip(), report(error))
         except ServiceError as exc:
             return (*(gr.skip() for _ in chat_fields), gr.skip(), report(exc))
-        shown = opened(chat)
+        shown = opened(chat, request.username)
         return (*shown, listing(user, search_text, chat.id), notice("Imported."))
 
     rename.click(do_rename, [current, title, search], [chats, usage], api_visibility="private")
@@ -578,7 +657,7 @@ def html_escape(text: str) -> str:
 
 def _stored(message: dict[str, Any]) -> dict[str, Any]:
     """A live message as saved: role, content, usage, stopped."""
-    keys = ("role", "content", "prompt_tokens", "completion_tokens", "stopped")
+    keys = ("role", "content", "images", "prompt_tokens", "completion_tokens", "stopped")
     return {k: message[k] for k in keys if k in message}
 
 
@@ -587,3 +666,53 @@ def _live(message: saved.Message) -> dict[str, Any]:
         "role": message.role,
         "content": message.content,
     }
+
+
+MAX_ATTACHED = 4
+MAX_IMAGE_BYTES = 4_000_000
+IMAGE_TYPES = {
+    b"\x89PNG\r\n\x1a\n": "png",
+    b"\xff\xd8\xff": "jpeg",
+    b"GIF87a": "gif",
+    b"GIF89a": "gif",
+}
+
+
+def image_url(path: str) -> str:
+    """An uploaded image as a data: URL, checked by its bytes (not its name) and size."""
+    size = os.path.getsize(path)
+    if size > MAX_IMAGE_BYTES:
+        raise InvalidRequest(
+            f"An image may be at most {MAX_IMAGE_BYTES // 1_000_000} MB ({size:,} bytes)."
+        )
+    with open(path, "rb") as handle:
+        data = handle.read()
+    kind = next((k for magic, k in IMAGE_TYPES.items() if data.startswith(magic)), None)
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "webp"
+    if kind is None:
+        raise InvalidRequest("That file is not a PNG, JPEG, GIF or WebP image.")
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
+
+
+class ImageFiles:
+    """Attached images (data: URLs) as files the Chatbot shows, written once per user and
+    image, readable by that user only (edge.files)."""
+
+    def __init__(self, files: FileRegistry, keep: int = 512) -> None:
+        self.files = files
+        self.keep = keep
+        self.paths: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def file_for(self, url: str, *, user: str) -> str:
+        key = (user, hashlib.sha256(url.encode()).hexdigest())
+        path = self.paths.get(key)
+        if path is None or not os.path.exists(path):  # expired files are swept
+            header, _, encoded = url.partition(",")
+            kind = header.removeprefix("data:image/").split(";")[0]
+            path = self.files.write(base64.b64decode(encoded), f"image.{kind}", user=user)
+            self.paths[key] = path
+        self.paths.move_to_end(key)
+        while len(self.paths) > self.keep:
+            self.paths.popitem(last=False)
+        return path

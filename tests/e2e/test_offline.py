@@ -97,3 +97,20 @@ def test_stop_in_mid_stream_on_the_embedded_model_leaves_no_error(offline: Page)
         expect(offline.locator(".error").locator("visible=true")).to_have_count(0)
         expect(offline.get_by_test_id("toast-body")).to_have_count(0)
     screenshot(offline, "offline-chat-stopped")
+
+
+def test_an_image_on_the_embedded_model_is_refused_clearly_and_kept(
+    offline: Page, tmp_path
+) -> None:
+    from tests.e2e.test_chat_images import attach, png
+
+    offline.get_by_role("button", name="New chat").click()
+    attach(offline, png(tmp_path / "red.png"))
+    offline.get_by_role("textbox", name="Message").fill("What is in this picture?")
+    offline.get_by_role("button", name="Send").click()
+    status = offline.locator("#chat-status")
+    expect(status).to_contain_text("does not support images")
+    expect(status).to_contain_text("OPENAI_BASE_URL")
+    # Nothing lost: the message and the image wait to be sent again.
+    expect(offline.get_by_role("textbox", name="Message")).to_have_value("What is in this picture?")
+    expect(offline.locator("#chat-attached")).to_contain_text("1 image(s) attached")
