@@ -8,6 +8,7 @@ the user and looks rows up by (user, id), so another user's id is simply not fou
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -18,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from core import db
 from core.errors import InvalidRequest, NotFound
-from core.schemas import MAX_PROMPT_CHARS, describe_validation_error
+from core.schemas import MAX_PROMPT_CHARS, MODEL_NAME_PATTERN, describe_validation_error
 
 MAX_CONVERSATIONS = 1_000  # per user; the oldest goes when a new one would pass it
 MAX_CONVERSATION_BYTES = 4_000_000  # the messages of one conversation, as JSON
@@ -30,10 +31,10 @@ class Settings(BaseModel):
     """What a chat ran with, besides its model."""
 
     model_config = ConfigDict(extra="forbid")
-    system: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
+    system: Annotated[str, Field(max_length=200_000)] = ""
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     max_tokens: Annotated[int, Field(ge=0)] = 0
-    stop: Annotated[list[str], Field(max_length=4)] = []
+    stop: Annotated[list[Annotated[str, Field(max_length=1_000)]], Field(max_length=4)] = []
 
 
 class Message(BaseModel):
@@ -92,11 +93,22 @@ class ConversationStore:
     def list(self, user: str, *, search: str = "", limit: int = 200) -> list[Summary]:
         """The user's conversations, newest first; `search` matches titles and messages."""
         c = db.conversations.c
-        query = sa.select(c.id, c.title, c.model, c.messages, c.updated_at).where(c.user == user)
+        # How many messages, counted in the database without reading them out: each message
+        # has one "role" key (a quote inside a text is escaped, so it cannot fake one).
+        key = '"role"'
+        count = sa.func.length(c.messages) - sa.func.length(sa.func.replace(c.messages, key, ""))
+        query = sa.select(
+            c.id, c.title, c.model, (count / len(key)).label("count"), c.updated_at
+        ).where(c.user == user)
         if search.strip():
-            like = f"%{search.strip().lower()}%"
+            # The words as typed: % and _ are not wildcards.
+            escaped = re.sub(r"([\\%_])", r"\\\1", search.strip().lower())
+            like = f"%{escaped}%"
             query = query.where(
-                sa.or_(sa.func.lower(c.title).like(like), sa.func.lower(c.messages).like(like))
+                sa.or_(
+                    sa.func.lower(c.title).like(like, escape="\\"),
+                    sa.func.lower(c.messages).like(like, escape="\\"),
+                )
             )
         query = query.order_by(c.updated_at.desc(), c.id).limit(limit)
         with self.engine.connect() as conn:
@@ -106,7 +118,7 @@ class ConversationStore:
                 id=r.id,
                 title=r.title,
                 model=r.model,
-                messages=len(json.loads(r.messages)),
+                messages=int(r.count),
                 updated_at=_aware(r.updated_at),
             )
             for r in rows
@@ -133,7 +145,12 @@ class ConversationStore:
     def save(self, user: str, conversation: Conversation) -> Conversation:
         """Insert or update one of the user's conversations; returns it with its id, title
         (from the first message, unless renamed) and times."""
-        messages = json.dumps([m.model_dump(exclude_defaults=True) for m in conversation.messages])
+        # Not ASCII-escaped: searches match the text as typed, and the size cap counts the
+        # bytes a person wrote rather than escapes.
+        messages = json.dumps(
+            [m.model_dump(exclude_defaults=True) for m in conversation.messages],
+            ensure_ascii=False,
+        )
         if len(messages) > MAX_CONVERSATION_BYTES:
             raise InvalidRequest(
                 f"The conversation is too long to save ({len(messages):,} bytes; at most "
@@ -209,8 +226,8 @@ class ConversationStore:
 
     def import_json(self, user: str, data: Any) -> Conversation:
         """A conversation exported as JSON (export_json's shape), saved as a new one."""
-        if not isinstance(data, dict):
-            raise InvalidRequest("An imported conversation must be a JSON object.")
+        if not isinstance(data, dict) or not isinstance(data.get("messages") or [], list):
+            raise InvalidRequest("An imported conversation must be a JSON object with messages.")
         try:
             messages = [
                 Message.model_validate(_from_parts(m))
@@ -228,6 +245,8 @@ class ConversationStore:
         if isinstance(system, str) and not settings.system:
             settings = settings.model_copy(update={"system": system})
         model = data.get("model") if isinstance(data.get("model"), str) else None
+        if model is not None and not re.fullmatch(MODEL_NAME_PATTERN, model):
+            raise InvalidRequest("The imported model name is not a model id.", param="model")
         title = data.get("title") if isinstance(data.get("title"), str) else ""
         conversation = Conversation(title=title, model=model, settings=settings, messages=messages)
         return self.save(user, conversation)

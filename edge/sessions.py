@@ -7,6 +7,7 @@ session, so a route Gradio left open (heartbeats, cancel, stream uploads) is clo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -52,8 +53,9 @@ PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 SESSION_STREAMS = ("/gradio_api/queue/data", "/gradio_api/heartbeat/")
 NOT_SIGNED_IN = "Not signed in: sign in first (POST /login, or the login page)."
 SESSION_ENDED = "Your session ended (signed out, idle too long, or too old). Sign in again."
-LOGIN_PAGES = {"/", "/login", "/login/"}
+LOGIN_PAGES = {"/", "/login"}  # not /login/: the form's relative URLs would miss
 MAX_LOGIN_BYTES = 16 * 1024  # a name and a key; read here, before the body limit's guard
+LOGIN_SECONDS = 10.0  # to send them
 LOGOUT_PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Sign out</title>
 <style>body{font-family:system-ui,sans-serif;display:grid;place-items:center;height:90vh}
@@ -221,8 +223,13 @@ class SessionGuard:
         trimmed from the name and the key (a pasted key often ends in one), and an empty field
         refused with a message, without counting toward the lockout (it guesses nothing)."""
         body, seen = [], 0
+        deadline = time.monotonic() + LOGIN_SECONDS
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.01, deadline - time.monotonic()))
+            except TimeoutError:
+                await refuse(scope, send, 408, "The sign-in form did not arrive in time.")
+                return
             if message["type"] == "http.disconnect":
                 return
             seen += len(message.get("body", b""))

@@ -146,3 +146,21 @@ def test_the_login_page_is_ours_and_only_without_a_session(running_app: Served) 
         assert "Sign in with your user name and access key." in page.text
         assert http.post("/login", data={"username": "erin", "password": ACCESS_KEY}).is_success
         assert 'id="sign-in"' not in http.get("/").text  # the dashboard now
+
+
+def test_a_sign_in_form_that_trickles_in_is_cut_off(running_app: Served, monkeypatch) -> None:
+    """The guard reads the form itself (before the body limit's own deadlines): a form sent
+    slowly ends with a 408 instead of holding the connection."""
+    import socket
+
+    from edge import sessions
+
+    monkeypatch.setattr(sessions, "LOGIN_SECONDS", 1.0)
+    host, port = running_app.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+            b"\r\nContent-Length: 40\r\n\r\nusername=a"
+        )
+        answer = conn.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408")

@@ -97,3 +97,23 @@ def test_the_named_api_endpoints(running_app: Served, store) -> None:
     assert client.predict(id=mine.id, api_name="/delete_conversation") == mine.id
     assert client.predict(api_name="/conversations") == []
     assert store.get("conv-other", theirs.id)  # untouched
+
+
+def test_search_matches_the_text_as_typed_and_counts_without_reading(store) -> None:
+    cafe = store.save("conv-search", a_chat("Un café au lait, s'il vous plaît"))
+    store.save("conv-search", a_chat("100% sure"))
+    assert [c.id for c in store.list("conv-search", search="café")] == [cafe.id]
+    assert [c.title for c in store.list("conv-search", search="0%")] == ["100% sure"]
+    assert store.list("conv-search", search="s_r") == []  # _ is not a wildcard ("sur" would be)
+    assert {c.messages for c in store.list("conv-search")} == {2}
+
+
+def test_an_import_is_bounded_in_every_field(store) -> None:
+    for bad in (
+        {"model": "m" * 300, "messages": []},
+        {"messages": [], "settings": {"system": "s" * 300_000}},
+        {"messages": [], "settings": {"stop": ["x" * 2_000]}},
+        {"messages": 5},
+    ):
+        with pytest.raises(InvalidRequest):
+            store.import_json("conv-bounds", bad)

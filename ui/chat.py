@@ -175,6 +175,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     asking = gr.State("")  # the question the next reply answers (sent, retried or edited)
     attached = gr.State([])  # images waiting for the next message, as data: URLs
     asking_images = gr.State([])  # the images that go with `asking`
+    busy = gr.State(False)  # a reply is being written (the next send waits for it)
     # A message whose call failed, to give back to the message box once the call has ended.
     unsent = gr.State(None)  # {"text": ..., "images": [...]}
     remote_images = core.settings.allow_remote_images
@@ -339,7 +340,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                 status = report(exc)
         chosen = listing(user, search_text, chat_id)
         return (shown, history, box_out, status, None, *buttons, chat_id, chosen, attached_out,
-                row_out, line_out)  # fmt: skip
+                row_out, line_out, False, *locks(True))  # fmt: skip
 
     def settings_of(system_prompt: str, temp: float, max_toks: float | None, stops: str):
         try:
@@ -396,11 +397,24 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         question of the new chat, typed before this answer came back)."""
         return [], [], "", "", "", listing(user_of(request), search_text)
 
+    def guard(is_busy: bool) -> None:
+        """Before a send, retry or edit: while a reply is still being written, nothing starts
+        (and nothing is touched: the typed message stays in the box)."""
+        if is_busy:
+            raise gr.Error("A reply is still being written: wait for it, or press Stop.",
+                           title="One moment", print_exception=False)  # fmt: skip
+
+    def locks(on: bool) -> tuple[Any, ...]:
+        """While a reply streams, the saved-chat controls wait: switching chats, New chat,
+        Delete or Import then would save the reply into the wrong chat."""
+        return (gr.Radio(interactive=on), gr.Button(interactive=on), gr.Button(interactive=on),
+                gr.UploadButton(interactive=on))  # fmt: skip
+
     async def begin(box: str, waiting: list[str]) -> tuple[Any, ...]:
         """Send: the box's text (and the attached images) become the question, the box empties
         once, Send becomes Stop."""
         return (box, list(waiting or []), "", [], gr.Row(visible=False),
-                gr.Button(visible=False), gr.Button(visible=True))  # fmt: skip
+                gr.Button(visible=False), gr.Button(visible=True), True, *locks(False))  # fmt: skip
 
     def on_attach(uploads: Any, waiting: list[str], request: gr.Request) -> tuple[Any, ...]:
         """Images for the next message: each must be the user's own upload, an image by its
@@ -419,25 +433,30 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         line = f"{len(waiting)} {noun} attached to your next message."
         return waiting, gr.Row(visible=bool(waiting)), line, ""
 
-    def prepare_retry(history: list[dict[str, Any]]) -> tuple[Any, ...]:
+    def prepare_retry(history: list[dict[str, Any]], is_busy: bool) -> tuple[Any, ...]:
         """Retry: the last question again (with its images), its reply dropped."""
+        guard(is_busy)
         history = list(history or [])
         while history and history[-1]["role"] == "assistant":
             history.pop()
         last = history.pop() if history else {"content": ""}
         return (last["content"], list(last.get("images") or []), history,
-                gr.Button(visible=False), gr.Button(visible=True))  # fmt: skip
+                gr.Button(visible=False), gr.Button(visible=True), True, *locks(False))  # fmt: skip
 
-    def prepare_edit(history: list[dict[str, Any]], edit: gr.EditData) -> tuple[Any, ...]:
+    def prepare_edit(
+        history: list[dict[str, Any]], is_busy: bool, edit: gr.EditData
+    ) -> tuple[Any, ...]:
         """Edit a question: the chat runs again from there (what came after it goes)."""
+        guard(is_busy)
         history = list(history or [])
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
         # The Chatbot shows one bubble per message here (text parts of one message share it).
         index = min(max(index, 0), len(history))
-        new_text = edit.value if isinstance(edit.value, str) else str(edit.value)
+        # The editor holds the text as displayed (escaped for safe Markdown): back to raw.
+        new_text = html.unescape(edit.value if isinstance(edit.value, str) else str(edit.value))
         kept = list(history[index].get("images") or []) if index < len(history) else []
         return (new_text, kept, history[:index], gr.Button(visible=False),
-                gr.Button(visible=True))  # fmt: skip
+                gr.Button(visible=True), True, *locks(False))  # fmt: skip
 
     def undo(history: list[dict[str, Any]], box: str, chat_id: str, request: gr.Request):
         """Undo the last exchange: the question goes back to the box, the chat is saved."""
@@ -446,9 +465,12 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             history.pop()
         question = history.pop()["content"] if history else ""
         if chat_id:
-            chat = store.get(user_of(request), chat_id)
             messages = [saved.Message.model_validate(_stored(m)) for m in history]
-            store.save(user_of(request), chat.model_copy(update={"messages": messages}))
+            try:
+                chat = store.get(user_of(request), chat_id)
+                store.save(user_of(request), chat.model_copy(update={"messages": messages}))
+            except ServiceError:  # deleted meanwhile (another tab): the screen still undoes
+                pass
         return [show(m, request.username) for m in history], history, box or question
 
     reply_inputs = [asking, asking_images, conversation, system, model, temperature,
@@ -456,11 +478,13 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     reply_outputs = [chatbot, conversation, usage, unsent]
     settle_inputs = [conversation, message, unsent, attached, current, system, model, temperature,
                      max_tokens, stop_text, search]  # fmt: skip
+    locked = [chats, clear, delete, importer]
     settle_outputs = [chatbot, conversation, message, usage, unsent, send, stop, current, chats,
-                      attached, attached_row, attached_line]  # fmt: skip
+                      attached, attached_row, attached_line, busy, *locked]  # fmt: skip
 
     def chain(started: Any) -> None:
-        event = started.then(
+        # .success: a start refused (a reply still being written) starts nothing after it.
+        event = started.success(
             respond, reply_inputs, reply_outputs, api_visibility="private",
             concurrency_id=LLM_GROUP,
         )  # fmt: skip
@@ -469,22 +493,23 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         # Stop brings Send back itself too: a call cancelled while still queued never runs,
         # and then nothing after it does.
         stop.click(
-            lambda: (gr.Button(visible=True), gr.Button(visible=False)),
+            lambda: (gr.Button(visible=True), gr.Button(visible=False), False, *locks(True)),
             None,
-            [send, stop],
+            [send, stop, busy, *locked],
             cancels=[event],
             api_visibility="private",
             queue=False,
         )
 
-    for trigger in (message.submit, send.click):
-        chain(trigger(begin, [message, attached],
-                      [asking, asking_images, message, attached, attached_row, send, stop],
-                      api_visibility="private", queue=False))  # fmt: skip
-    prepared = [asking, asking_images, conversation, send, stop]
-    chain(chatbot.retry(prepare_retry, [conversation], prepared, api_visibility="private",
+    began = [asking, asking_images, message, attached, attached_row, send, stop, busy, *locked]
+    sending = gr.on([message.submit, send.click], guard, [busy], None, api_visibility="private",
+                    queue=False)  # fmt: skip
+    chain(sending.success(begin, [message, attached], began, api_visibility="private",
+                          queue=False))  # fmt: skip
+    prepared = [asking, asking_images, conversation, send, stop, busy, *locked]
+    chain(chatbot.retry(prepare_retry, [conversation, busy], prepared, api_visibility="private",
                         queue=False))  # fmt: skip
-    chain(chatbot.edit(prepare_edit, [conversation], prepared, api_visibility="private",
+    chain(chatbot.edit(prepare_edit, [conversation, busy], prepared, api_visibility="private",
                        queue=False))  # fmt: skip
     attach.upload(on_attach, [attach, attached], [attached, attached_row, attached_line, usage],
                   api_visibility="private")  # fmt: skip
@@ -594,7 +619,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             with open(real, encoding="utf-8") as handle:
                 data = json.load(handle)
             chat = store.import_json(user, data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, TypeError, RecursionError):
             error = InvalidRequest("That file is not a conversation exported as JSON.")
             return (*(gr.skip() for _ in chat_fields), gr.skip(), report(error))
         except ServiceError as exc:

@@ -147,4 +147,12 @@ def build(core: Core) -> CompareTab:
         for trigger in (run.click, prompt.submit)
     ]
     stop.click(None, cancels=events, api_visibility="private")
+
+    def stopped(*statuses: str) -> tuple[Any, ...]:
+        """After Stop, a side still 'Generating…' says it was stopped."""
+        return tuple(notice("Stopped.") if s == "Generating…" else gr.skip() for s in statuses)
+
+    for event in events:
+        event.then(stopped, [status_a, status_b], [status_a, status_b],
+                   api_visibility="private", queue=False)  # fmt: skip
     return CompareTab(left=picker_a, right=picker_b)

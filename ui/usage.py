@@ -84,7 +84,7 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
             confirm_text = gr.Markdown()
             confirm = gr.Button("Yes, do it", variant="stop", scale=0, min_width=120)
             cancel = gr.Button("Cancel", scale=0, min_width=100)
-        pending_action = gr.State("")
+        pending_action = gr.State(None)  # {"action": ..., "who": ...} awaiting "Yes"
         new_key = gr.Textbox(
             label="New key: shown once, copy it now",
             visible=False,
@@ -182,7 +182,8 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
             if not who.strip():
                 return gr.Row(visible=False), gr.skip(), "", notice("Enter a user name first.")
             question = questions[action].format(who=html.escape(who.strip()))
-            return gr.Row(visible=True), question, action, ""
+            # The name asked about is the one acted on, whatever the form holds by "Yes".
+            return gr.Row(visible=True), question, {"action": action, "who": who.strip()}, ""
 
         return run
 
@@ -192,16 +193,18 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
             api_visibility="private", queue=False,
         )  # fmt: skip
 
-    def confirmed(action: str, who: str, admin: bool, day_limit, minute_limit, request: gr.Request):
-        if action not in questions:
+    def confirmed(pending: Any, _who: str, admin: bool, day_limit, minute_limit,
+                  request: gr.Request):  # fmt: skip
+        if not isinstance(pending, dict) or pending.get("action") not in questions:
             return gr.Row(visible=False), gr.skip(), gr.skip(), gr.skip()
-        return gr.Row(visible=False), *manage(action)(who, admin, day_limit, minute_limit, request)
+        run = manage(pending["action"])
+        return gr.Row(visible=False), *run(pending["who"], admin, day_limit, minute_limit, request)
 
     confirm.click(
         confirmed, [pending_action, *inputs], [confirm_row, admin_status, new_key, users_table],
         api_visibility="private",
     )  # fmt: skip
-    cancel.click(lambda: (gr.Row(visible=False), ""), None, [confirm_row, pending_action],
+    cancel.click(lambda: (gr.Row(visible=False), None), None, [confirm_row, pending_action],
                  api_visibility="private", queue=False)  # fmt: skip
 
     def pick(frame: pd.DataFrame, event: gr.SelectData):

@@ -147,3 +147,27 @@ def test_presets_save_load_and_delete(page: Page, new_context) -> None:
 
     other.get_by_role("button", name="Delete", exact=True).locator("visible=true").click()
     expect(other.locator("#chat-status")).to_contain_text("Preset deleted.")
+
+
+def test_nothing_is_lost_or_misfiled_while_a_reply_streams(page: Page, upstream) -> None:
+    """Enter pressed mid-reply keeps the new message in the box (it is not dropped); the saved
+    chat list waits until the reply has ended, so the reply cannot land in another chat."""
+    from tests.e2e.test_tabs import pick_model
+
+    send(page, "A first chat")
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: A first chat")
+    page.get_by_role("button", name="New chat").click()
+    pick_model(page, "drip-0.3")
+    upstream.reset()
+    send(page, "one two three four five six")
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: one")
+    expect(chat_list(page).first).to_be_disabled()  # no switching mid-reply
+    box = page.get_by_role("textbox", name="Message")
+    box.fill("the next question")
+    box.press("Enter")
+    expect(page.locator("#chat-status")).to_contain_text("tokens", timeout=20_000)
+    expect(box).to_have_value("the next question")  # kept, not sent, not lost
+    calls = [r for r in upstream.requests if r["path"] == "/v1/chat/completions"]
+    assert len(calls) == 1
+    expect(chat_list(page)).to_have_count(2)
+    expect(chat_list(page).first).to_be_enabled()
