@@ -44,6 +44,8 @@ format: install-dev
 
 screenshots: install-dev ## refresh docs/screenshots (the README's) from the browser tests
 	SCREENSHOTS_DIR=docs/screenshots $(PY) -m pytest tests/e2e
+	@# Keep only the pictures the README shows.
+	@for f in docs/screenshots/*.png; do grep -q "$$f" README.md || rm "$$f"; done
 
 bench: install-dev ## the embedded model vs llama-cpp-python, and /v1 and /chat vs direct calls
 	$(PY) bench/local_tokens.py
