@@ -108,8 +108,10 @@ Choices = Annotated[int, Field(ge=1, le=128)]
 # embedded backend states its own bounds.
 TopP = Annotated[float, Field(ge=0, le=1)]
 Penalty = float
-# Not strict: JSON Schema's integers include 7.0, and OpenAI's spec lets clients send them.
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# Not strict: JSON Schema's integers include 7.0, and OpenAI's spec lets clients send them. No
+# range either: the spec's bound is 2**63 rounded as a float (9223372036854776000), and the
+# embedded model folds any seed into its own range.
+Seed = int
 
 
 class _Sampling(FunctionRequest):
