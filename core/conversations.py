@@ -142,9 +142,13 @@ class ConversationStore:
             updated_at=_aware(row.updated_at),
         )
 
-    def save(self, user: str, conversation: Conversation) -> Conversation:
+    def save(
+        self, user: str, conversation: Conversation, *, seen: datetime | None = None
+    ) -> Conversation:
         """Insert or update one of the user's conversations; returns it with its id, title
-        (from the first message, unless renamed) and times."""
+        (from the first message, unless renamed: an update without a title keeps the one it
+        has) and times. `seen`: when the caller last read it; if it changed since (another tab
+        or device), nothing is overwritten: this copy is saved as a new conversation."""
         # Not ASCII-escaped: searches match the text as typed, and the size cap counts the
         # bytes a person wrote rather than escapes.
         messages = json.dumps(
@@ -170,11 +174,17 @@ class ConversationStore:
         with self.engine.begin() as conn:
             done = 0
             if conversation.id:
+                where = [c.user == user, c.id == conversation.id]
+                if seen is not None:
+                    where.append(c.updated_at == seen)
+                update = {k: v for k, v in values.items() if k != "title" or conversation.title}
                 done = conn.execute(
-                    db.conversations.update()
-                    .where(c.user == user, c.id == conversation.id)
-                    .values(**values)
+                    db.conversations.update().where(*where).values(**update)
                 ).rowcount
+                if not done and seen is not None:
+                    mine = sa.select(c.title).where(c.user == user, c.id == conversation.id)
+                    if (previous := conn.execute(mine).scalar()) is not None:
+                        values["title"] = f"{previous} (another copy)"[:MAX_TITLE]
             if not done:
                 conversation_id = secrets.token_hex(8)
                 conn.execute(

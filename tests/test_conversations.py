@@ -117,3 +117,31 @@ def test_an_import_is_bounded_in_every_field(store) -> None:
     ):
         with pytest.raises(InvalidRequest):
             store.import_json("conv-bounds", bad)
+
+
+def test_a_rename_survives_the_next_reply_and_two_tabs_lose_nothing(store) -> None:
+    chat = store.save("conv-tabs", a_chat("First"))
+    store.rename("conv-tabs", chat.id, "My name for it")
+    # The next reply saves without a title (the chat tab does): the rename stays.
+    again = store.save("conv-tabs", chat.model_copy(update={"title": ""}), seen=None)
+    assert again.title == "My name for it"
+    # Two tabs read the same version; the first saves; the second would overwrite it.
+    seen = again.updated_at
+    first = store.save(
+        "conv-tabs",
+        again.model_copy(update={"title": ""}).model_copy(
+            update={"messages": [*again.messages, *a_chat("tab one").messages]}
+        ),
+        seen=seen,
+    )
+    second = store.save(
+        "conv-tabs",
+        again.model_copy(update={"title": ""}).model_copy(
+            update={"messages": [*again.messages, *a_chat("tab two").messages]}
+        ),
+        seen=seen,
+    )
+    assert first.id == chat.id and second.id != chat.id  # kept as a copy, not overwritten
+    assert "tab one" in store.get("conv-tabs", chat.id).messages[2].content
+    assert second.title == "My name for it (another copy)"
+    assert "tab two" in second.messages[2].content

@@ -172,6 +172,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     # a finished one its token usage.
     conversation = gr.State([])
     current = gr.State("")  # the saved conversation's id ("" until its first reply)
+    version = gr.State(None)  # when it was saved as this page knows it (another tab may save)
     asking = gr.State("")  # the question the next reply answers (sent, retried or edited)
     attached = gr.State([])  # images waiting for the next message, as data: URLs
     asking_images = gr.State([])  # the images that go with `asking`
@@ -284,6 +285,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         failed: dict[str, Any] | None,
         waiting: list[str],
         chat_id: str,
+        seen: Any,
         system_prompt: str,
         model_name: str,
         temp: float,
@@ -335,12 +337,18 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                 messages=[saved.Message.model_validate(_stored(m)) for m in history],
             )
             try:
-                chat_id = store.save(user, kept).id
+                stored = store.save(user, kept, seen=seen if chat_id else None)
+                if chat_id and stored.id != chat_id:
+                    status = notice(
+                        "This chat changed in another tab or on another device: this copy of "
+                        "it is saved as a new chat, and nothing is lost."
+                    )
+                chat_id, seen = stored.id, stored.updated_at
             except ServiceError as exc:
                 status = report(exc)
         chosen = listing(user, search_text, chat_id)
         return (shown, history, box_out, status, None, *buttons, chat_id, chosen, attached_out,
-                row_out, line_out, False, *locks(True))  # fmt: skip
+                row_out, line_out, False, *locks(True), seen)  # fmt: skip
 
     def settings_of(system_prompt: str, temp: float, max_toks: float | None, stops: str):
         try:
@@ -366,10 +374,11 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             st.temperature,
             st.max_tokens,
             "\n".join(x.replace("\n", "\\n") for x in st.stop),
+            chat.updated_at,
         )
 
     chat_fields = [chatbot, conversation, current, title, model, system, temperature,
-                   max_tokens, stop_text]  # fmt: skip
+                   max_tokens, stop_text, version]  # fmt: skip
 
     def open_chat(chat_id: str | None, request: gr.Request) -> tuple[Any, ...]:
         if not chat_id:
@@ -395,7 +404,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     def new_chat(search_text: str, request: gr.Request) -> tuple[Any, ...]:
         """An empty chat; what is typed in the message box stays (it may be the first
         question of the new chat, typed before this answer came back)."""
-        return [], [], "", "", "", listing(user_of(request), search_text)
+        return [], [], "", "", "", listing(user_of(request), search_text), None
 
     def guard(is_busy: bool) -> None:
         """Before a send, retry or edit: while a reply is still being written, nothing starts
@@ -464,23 +473,27 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         while history and history[-1]["role"] == "assistant":
             history.pop()
         question = history.pop()["content"] if history else ""
+        seen: Any = gr.skip()
         if chat_id:
             messages = [saved.Message.model_validate(_stored(m)) for m in history]
             try:
                 chat = store.get(user_of(request), chat_id)
-                store.save(user_of(request), chat.model_copy(update={"messages": messages}))
+                stored = store.save(
+                    user_of(request), chat.model_copy(update={"messages": messages})
+                )
+                seen = stored.updated_at
             except ServiceError:  # deleted meanwhile (another tab): the screen still undoes
                 pass
-        return [show(m, request.username) for m in history], history, box or question
+        return [show(m, request.username) for m in history], history, box or question, seen
 
     reply_inputs = [asking, asking_images, conversation, system, model, temperature,
                     max_tokens, stop_text]  # fmt: skip
     reply_outputs = [chatbot, conversation, usage, unsent]
-    settle_inputs = [conversation, message, unsent, attached, current, system, model, temperature,
-                     max_tokens, stop_text, search]  # fmt: skip
+    settle_inputs = [conversation, message, unsent, attached, current, version, system, model,
+                     temperature, max_tokens, stop_text, search]  # fmt: skip
     locked = [chats, clear, delete, importer]
     settle_outputs = [chatbot, conversation, message, usage, unsent, send, stop, current, chats,
-                      attached, attached_row, attached_line, busy, *locked]  # fmt: skip
+                      attached, attached_row, attached_line, busy, *locked, version]  # fmt: skip
 
     def chain(started: Any) -> None:
         # .success: a start refused (a reply still being written) starts nothing after it.
@@ -516,16 +529,16 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     unattach.click(lambda: ([], gr.Row(visible=False), ""), None,
                    [attached, attached_row, attached_line], api_visibility="private",
                    queue=False)  # fmt: skip
-    chatbot.undo(undo, [conversation, message, current], [chatbot, conversation, message],
-                 api_visibility="private")  # fmt: skip
+    chatbot.undo(undo, [conversation, message, current],
+                 [chatbot, conversation, message, version], api_visibility="private")  # fmt: skip
 
     clear.click(
-        new_chat, [search], [chatbot, conversation, current, title, usage, chats],
+        new_chat, [search], [chatbot, conversation, current, title, usage, chats, version],
         api_visibility="private", queue=False,
     )  # fmt: skip
     # The Chatbot's own trash button: a new chat too (the saved one stays in the list).
     chatbot.clear(
-        new_chat, [search], [chatbot, conversation, current, title, usage, chats],
+        new_chat, [search], [chatbot, conversation, current, title, usage, chats, version],
         api_visibility="private",
     )  # fmt: skip
     chats.input(open_chat, [chats], [*chat_fields, usage], api_visibility="private")
@@ -593,7 +606,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         try:
             store.delete(user_of(request), chat_id)
         except ServiceError as exc:
-            return (*(gr.skip() for _ in range(6)), report(exc))
+            return (*(gr.skip() for _ in range(7)), report(exc))
         return (*new_chat(search_text, request), notice("Deleted."))
 
     def do_export(kind: str):
@@ -630,7 +643,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     rename.click(do_rename, [current, title, search], [chats, usage], api_visibility="private")
     delete.click(
         do_delete, [current, search],
-        [chatbot, conversation, current, title, usage, chats, usage],
+        [chatbot, conversation, current, title, usage, chats, version, usage],
         api_visibility="private",
     )  # fmt: skip
     export_md.click(do_export("md"), [current], [exported, usage], api_visibility="private")

@@ -171,3 +171,19 @@ def test_nothing_is_lost_or_misfiled_while_a_reply_streams(page: Page, upstream)
     assert len(calls) == 1
     expect(chat_list(page)).to_have_count(2)
     expect(chat_list(page).first).to_be_enabled()
+
+
+def test_two_tabs_on_one_chat_lose_nothing(page: Page, new_context) -> None:
+    send(page, "Shared question")
+    expect(page.get_by_test_id("bot").last).to_contain_text("Echo: Shared question")
+    other = open_dashboard(new_context(fresh=False))  # the same chat, in a second tab
+    expect(other.get_by_test_id("bot")).to_have_count(1)
+    send(page, "From the first tab")
+    expect(page.get_by_test_id("bot")).to_have_count(2)
+    send(other, "From the second tab")
+    expect(other.get_by_test_id("bot")).to_have_count(2)
+    expect(other.locator("#chat-status")).to_contain_text("changed in another tab")
+    other.reload()
+    expect(chat_list(other)).to_have_count(2)  # the first tab's chat, and the second's copy
+    texts = " ".join(chat_list(other).all_inner_texts())
+    assert "(another copy)" in texts
