@@ -355,9 +355,10 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             cap = count_of(max_toks, "Max tokens") or 0
         except ValueError:
             cap = 0
+        # Within the saved settings' bounds (what was sent is the model's business).
         return saved.Settings(
-            system=system_prompt or "", temperature=temp, max_tokens=cap,
-            stop=parse_stop(stops)[:4],
+            system=(system_prompt or "")[:200_000], temperature=min(max(temp, 0), 2),
+            max_tokens=cap, stop=[x[:1_000] for x in parse_stop(stops)[:4]],
         )  # fmt: skip
 
     def opened(chat: saved.Conversation, who: str) -> tuple[Any, ...]:
