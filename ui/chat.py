@@ -216,6 +216,29 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             choices=choices, value=chosen if chosen in dict(map(reversed, choices)) else None
         )
 
+    def chat_body(
+        history: list[dict[str, Any]],
+        system_prompt: str,
+        model_name: str,
+        temp: float,
+        cap: int | None,
+        stops: str,
+    ) -> dict[str, Any]:
+        """The chat request for `history` and the settings: what is sent, and what View code
+        shows (images included, a reply still being written left out)."""
+        messages = [
+            raw(m) for m in history if (m["content"] or m.get("images")) and not m.get("pending")
+        ]
+        if system_prompt.strip():
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return {
+            "messages": messages,
+            "model": (model_name or "").strip() or None,
+            "temperature": temp,
+            "max_tokens": cap,
+            "stop": parse_stop(stops),
+        }
+
     async def respond(
         text: str,
         pictures: list[str],
@@ -245,16 +268,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         # message box is never written while the reply streams (what is typed there stays).
         reply: dict[str, Any] = {"role": "assistant", "content": "", "pending": True}
         yield [*shown, show(reply)], [*asked, reply], "Generating…", None
-        messages = [raw(m) for m in asked if m["content"] or m.get("images")]
-        if system_prompt.strip():
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        body = {
-            "messages": messages,
-            "model": (model_name or "").strip() or None,
-            "temperature": temp,
-            "max_tokens": cap,
-            "stop": parse_stop(stops),
-        }
+        body = chat_body(asked, system_prompt, model_name, temp, cap, stops)
         text_so_far, last_usage, next_show = "", None, 0.0
         try:
             async for chunk in service.chat_stream(body, **caller_of(core, request)):
@@ -664,21 +678,17 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         request: gr.Request,
     ) -> str:
         """The conversation on screen (and the message being typed) as runnable code."""
-        messages = [raw(m) for m in history or [] if m["content"] and not m.get("pending")]
+        history = list(history or [])
         if (box or "").strip():
-            messages.append({"role": "user", "content": box})
-        sent = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-        sent += messages
+            history.append({"role": "user", "content": box})
         try:
             cap = count_of(max_toks, "Max tokens")
         except ValueError as exc:
             return field_error(str(exc))
-        model_id = (model_name or "").strip() or service.default_model("chat")
-        stop_list = parse_stop(stops)
-        v1 = {"model": model_id, "messages": sent, "temperature": temp, "max_tokens": cap,
-              "stop": stop_list}  # fmt: skip
-        api = {"messages": sent, "model": model_id, "temperature": temp, "max_tokens": cap or 0,
-               "stop": stop_list}  # fmt: skip
+        body = chat_body(history, system_prompt, model_name, temp, cap, stops)
+        body["model"] = body["model"] or service.default_model("chat")
+        v1 = body
+        api = body | {"max_tokens": cap or 0}
         return codeview.snippets("chat", v1, api, codeview.base_url(request))
 
     show_code.click(
