@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -434,13 +435,33 @@ def test_a_client_that_leaves_frees_the_model_at_once(local: LocalGateway) -> No
     provider = local.core.service.provider
     # Greedy (temperature 0): the count goes on for the whole 1500 tokens, every time.
     body = {"model": MODEL_ID, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{local.url}/v1/completions", headers=AUTH, json=body, timeout=1.0)
-    assert provider.busy  # still counting: a long generation was under way
+    seen_busy = threading.Event()
+    asking = threading.Event()
+
+    def watch() -> None:  # the generation was under way while the client waited
+        while asking.is_set():
+            if provider.busy:
+                seen_busy.set()
+                return
+            time.sleep(0.01)
+
+    asking.set()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{local.url}/v1/completions", headers=AUTH, json=body, timeout=1.0)
+    finally:
+        asking.clear()
+        watcher.join()
+    assert seen_busy.is_set()
     deadline = time.monotonic() + 3
     while provider.busy and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not provider.busy
+    # Freed because the client left, not because the 1500 tokens were done.
+    last = local.core.ledger.rows(users=["owner"]).iloc[-1]
+    assert last["function"] == "completion" and last["status"] == "cancelled"
     assert local.client.chat.completions.create(**CHAT).choices[0].message.content
 
 
