@@ -9,7 +9,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from ui.chat import to_display
-from ui.markdown import MAX_MARKDOWN_CHARS, safe_parts
+from ui.markdown import MAX_MARKDOWN_CHARS, safe_parts, source_of
 
 # A second opinion on the output: how a CommonMark + GFM-tables renderer with raw HTML on reads it.
 RENDER = MarkdownIt("commonmark", {"html": True}).enable("table")
@@ -188,3 +188,34 @@ def test_the_chatbot_gets_text_parts_not_strings() -> None:
     assert to_display({"role": "user", "content": ""}, remote_images=False)["content"] == [
         {"type": "text", "text": ""}
     ]
+
+
+# ---- editing: what is shown goes back to what was written ------------------------------------
+
+EXACT = {
+    "plain": "What is 2 + 2?",
+    "html and entities": "Is a < b && c > d? <div>x</div>",
+    "an image": "See ![chart](https://example.com/c.png) please",
+    "a code block": "Why does this fail?\n\n```python\nif a < b:\n    print('<x>')\n```\nThanks",
+    "code spans": "Run `ls -l` then ``a`b`` and ` `` `",
+    "indentation and blank lines": "first\n\n    indented\n\ttabbed\n\n\nlast\n",
+    "two code blocks": "```\none\n```\nmiddle\n~~~js\ntwo <\n~~~\nend",
+}
+
+
+@pytest.mark.parametrize("text", EXACT.values(), ids=EXACT.keys())
+def test_a_question_shown_in_parts_comes_back_whole_for_editing(text: str) -> None:
+    back = "".join(source_of(part) for part in safe_parts(text))
+    # The same Markdown: re-fenced blocks and re-ticked spans render exactly as before.
+    assert safe_parts(back) == safe_parts(text)
+    if "```" not in text and "~~~" not in text and "`" not in text:
+        assert back == text
+
+
+def test_an_edited_part_goes_back_into_the_question() -> None:
+    parts = safe_parts("Explain:\n\n```c\nint x = a < b;\n```\nbriefly")
+    parts[1] = parts[1].replace("a < b", "a <= b")  # edited in its own box, as typed
+    parts[0] = parts[0].replace("Explain", "Explain &amp; fix")
+    assert "".join(source_of(p) for p in parts) == (
+        "Explain & fix:\n\n```c\nint x = a <= b;\n```\nbriefly"
+    )

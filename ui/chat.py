@@ -35,7 +35,7 @@ from ui.common import (
     save_text,
     uploaded_path,
 )
-from ui.markdown import safe_parts
+from ui.markdown import safe_parts, source_of
 
 # While a reply streams, redisplaying it costs a Markdown parse of the whole reply: show it at
 # most every SHOW_EVERY seconds, and spend at most a fifth of the time on it.
@@ -470,15 +470,27 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     def prepare_edit(
         history: list[dict[str, Any]], is_busy: bool, edit: gr.EditData
     ) -> tuple[Any, ...]:
-        """Edit a question: the chat runs again from there (what came after it goes)."""
-        guard(is_busy)
+        """Edit a question: the chat runs again from there (what came after it goes).
+
+        A question with a code block is shown in parts (see ui.markdown), and the Chatbot
+        edits each part in a box of its own and reports each one as an edit: the parts left
+        as they were are ignored, the changed one goes back into the whole question."""
         history = list(history or [])
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
-        # The Chatbot shows one bubble per message here (text parts of one message share it).
         index = min(max(index, 0), len(history))
-        # The editor holds the text as displayed (escaped for safe Markdown): back to raw.
-        new_text = html.unescape(edit.value if isinstance(edit.value, str) else str(edit.value))
-        kept = list(history[index].get("images") or []) if index < len(history) else []
+        question = history[index] if index < len(history) else {"role": "user", "content": ""}
+        shown = [p["text"] for p in to_display(question, remote_images=remote_images)["content"]]
+        value = edit.value if isinstance(edit.value, str) else str(edit.value)
+        previous = edit.previous_value
+        if len(shown) > 1 and value == previous:
+            raise gr.Error("unchanged part", visible=False, print_exception=False)
+        guard(is_busy)
+        if previous in shown:
+            shown[shown.index(previous)] = value
+        else:  # not what this tab shows (the chat changed meanwhile): the edit as typed
+            shown = [value]
+        new_text = "".join(source_of(part) for part in shown)
+        kept = list(question.get("images") or [])
         return (new_text, kept, history[:index], gr.Button(visible=False),
                 gr.Button(visible=True), True, *locks(False))  # fmt: skip
 

@@ -18,6 +18,7 @@ Gradio's Chatbot renders each text part with `marked` (raw HTML on) and a saniti
 from __future__ import annotations
 
 import bisect
+import html
 import logging
 import re
 import string
@@ -32,6 +33,9 @@ _BACKTICKS = re.compile(r"`+")
 _IMAGE = re.compile(r"!\[")
 _AUTOLINK = re.compile(r"<(https?://[^\s<>]*)>")
 _INFO = re.compile(r"[\w+#.-]{1,40}")
+_CODE_SPAN = re.compile(r"<code>(.*?)</code>", re.DOTALL)
+_FENCED = re.compile(r"(`{3,})[^`\n]*\n(?:.*\n)?\1\n?", re.DOTALL)
+_LINK_IMAGE = re.compile(r"(?<!\\)\\!\[")
 # Longer texts are shown as one code block: a streamed reply is parsed again and again.
 MAX_MARKDOWN_CHARS = 100_000
 
@@ -148,3 +152,27 @@ def _plain(text: str, remote_images: bool) -> str:
         return text
     # `\![alt](url)` is a literal "!" and a link: nothing loads unless the user clicks.
     return _IMAGE.sub(lambda m: m[0] if _escaped(text, m.start()) else "\\![", text)
+
+
+def source_of(part: str) -> str:
+    """The Markdown a part from `safe_parts` shows, for editing: a code block is its own
+    Markdown already; in text, entities and our `<code>` spans go back to characters and
+    backticks, and the "!" we escaped becomes an image again. Text without those comes back
+    exactly; text with them as Markdown that reads the same."""
+    if _FENCED.fullmatch(part):
+        return part
+    out: list[str] = []
+    done = 0
+    for span in _CODE_SPAN.finditer(part):
+        out.append(_unplain(part[done : span.start()]))
+        content = html.unescape(span[1])
+        ticks = "`" * (max((len(r) for r in _BACKTICKS.findall(content)), default=0) + 1)
+        pad = " " if content.startswith("`") or content.endswith("`") else ""
+        out.append(f"{ticks}{pad}{content}{pad}{ticks}")
+        done = span.end()
+    out.append(_unplain(part[done:]))
+    return "".join(out)
+
+
+def _unplain(text: str) -> str:
+    return html.unescape(_LINK_IMAGE.sub("![", text))

@@ -120,6 +120,32 @@ def test_retry_edit_and_undo(page: Page) -> None:
     screenshot(page, "chat-edited")
 
 
+def test_editing_a_question_with_a_code_block_keeps_all_of_it(page: Page) -> None:
+    """The Chatbot edits each part of such a question in a box of its own and reports each
+    one: the changed part goes back into the whole question, and the chat runs once."""
+    chat = page.locator("#chatbot")
+    send(page, "Why does this fail?\n```py\nif a < b:\n    print('<x>')\n```\nThanks")
+    expect(page.locator("#chat-status")).to_contain_text("tokens")
+    page.get_by_test_id("user").first.hover()
+    chat.get_by_role("button", name="Edit").first.click()
+    boxes = chat.locator("textarea")
+    expect(boxes).to_have_count(3)  # the text, the code block, the text after it
+    expect(boxes.nth(1)).to_have_value("```py\nif a < b:\n    print('<x>')\n```\n")
+    boxes.nth(1).fill("```py\nif a <= b:\n    print('<y>')\n```\n")
+    chat.get_by_role("button", name="Submit").click()
+    # The echo of the whole edited question: every part of it, in one reply.
+    expect(chat).to_contain_text("Echo: Why does this fail?")
+    expect(chat).to_contain_text("print('<y>')")
+    expect(page.locator("#chat-status")).to_contain_text("tokens")
+    text = chat.inner_text()
+    assert text.count("Echo:") == 1 and "print('<x>')" not in text, text
+    assert text.count("Thanks") == 2, text  # in the question and in its echo
+    page.reload()  # and that is what was saved
+    expect(chat).to_contain_text("if a <= b:")
+    assert page.locator("#chatbot").inner_text().count("Echo:") == 1
+    screenshot(page, "chat-edited-code")
+
+
 def test_presets_save_load_and_delete(page: Page, new_context) -> None:
     page.get_by_label("System prompt").fill("You are a terse pirate.")
     page.get_by_label("number input for Temperature").fill("1.3")
