@@ -22,7 +22,13 @@ from core.errors import InvalidRequest, NotFound
 from core.schemas import MAX_PROMPT_CHARS, MODEL_NAME_PATTERN, describe_validation_error
 
 MAX_CONVERSATIONS = 1_000  # per user; the oldest goes when a new one would pass it
-MAX_CONVERSATION_BYTES = 4_000_000  # the messages of one conversation, as JSON
+# What one saved conversation may hold: its text (the messages as JSON, without their
+# images) and, apart, its attached images (as data: URLs), so that a few photos fit.
+MAX_CONVERSATION_BYTES = 4_000_000
+MAX_CONVERSATION_IMAGE_BYTES = 24_000_000
+# A question is refused before it is sent when the chat, with it, leaves less than this for
+# the reply: a reply is never written only to find that it cannot be saved.
+REPLY_ROOM = 400_000
 MAX_TITLE = 120
 IMAGE_URL = r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+$"
 
@@ -67,6 +73,31 @@ class Summary(BaseModel):
     model: str | None
     messages: int
     updated_at: datetime
+
+
+def check_room(messages: list[Message], *, room: int | None = None) -> None:
+    """Refuse (InvalidRequest) messages a saved chat cannot hold with `room` bytes to spare
+    for what comes next; the message says how big the chat is and what to do."""
+    room = REPLY_ROOM if room is None else room
+    text = sum(len(m.content.encode()) + 64 for m in messages)
+    pictures = sum(len(url) for m in messages for url in m.images)
+    if text + room > MAX_CONVERSATION_BYTES:
+        what = "the reply to this message would not fit" if room else "it is too long to save"
+        raise InvalidRequest(
+            f"This chat holds {_size(text)} of text, and {what} (a saved chat holds "
+            f"{_size(MAX_CONVERSATION_BYTES)}). Start a new chat: Export keeps this one.",
+            param="messages",
+        )
+    if pictures > MAX_CONVERSATION_IMAGE_BYTES:
+        raise InvalidRequest(
+            f"This chat's images take {_size(pictures)}, more than a saved chat holds "
+            f"({_size(MAX_CONVERSATION_IMAGE_BYTES)}). Start a new chat for more images.",
+            param="messages",
+        )
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count:,} bytes"
 
 
 def title_of(messages: list[Message]) -> str:
@@ -149,18 +180,13 @@ class ConversationStore:
         (from the first message, unless renamed: an update without a title keeps the one it
         has) and times. `seen`: when the caller last read it; if it changed since (another tab
         or device), nothing is overwritten: this copy is saved as a new conversation."""
+        check_room(conversation.messages, room=0)
         # Not ASCII-escaped: searches match the text as typed, and the size cap counts the
         # bytes a person wrote rather than escapes.
         messages = json.dumps(
             [m.model_dump(exclude_defaults=True) for m in conversation.messages],
             ensure_ascii=False,
         )
-        if len(messages) > MAX_CONVERSATION_BYTES:
-            raise InvalidRequest(
-                f"The conversation is too long to save ({len(messages):,} bytes; at most "
-                f"{MAX_CONVERSATION_BYTES:,}). Start a new chat.",
-                param="messages",
-            )
         now = _now()
         title = (conversation.title or title_of(conversation.messages))[:MAX_TITLE]
         values = {

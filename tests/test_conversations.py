@@ -75,9 +75,31 @@ def test_json_export_imports_back_and_markdown_reads_well(store) -> None:
 
 
 def test_a_conversation_too_long_to_save_is_refused(store, monkeypatch) -> None:
-    monkeypatch.setattr(saved, "MAX_CONVERSATION_BYTES", 100)
+    monkeypatch.setattr(saved, "MAX_CONVERSATION_BYTES", 1_000)
     with pytest.raises(InvalidRequest, match="too long to save"):
-        store.save("conv-eve", a_chat("x" * 200))
+        store.save("conv-eve", a_chat("x" * 2_000))
+    store.save("conv-eve", a_chat("x" * 100))  # what fits is saved
+
+
+def test_a_question_is_refused_when_its_reply_would_not_fit(monkeypatch) -> None:
+    monkeypatch.setattr(saved, "MAX_CONVERSATION_BYTES", 1_000)
+    monkeypatch.setattr(saved, "REPLY_ROOM", 500)
+    small = [saved.Message(role="user", content="x" * 100)]
+    saved.check_room(small)
+    big = [saved.Message(role="user", content="x" * 600)]
+    with pytest.raises(InvalidRequest, match="reply to this message would not fit"):
+        saved.check_room(big)
+    saved.check_room(big, room=0)  # it could still be saved as it is
+
+
+def test_images_have_room_of_their_own(monkeypatch) -> None:
+    """A photo or two (4 MB each as data: URLs) fit a chat whose text is small."""
+    photo = "data:image/png;base64," + "A" * 5_400_000
+    two = [saved.Message(role="user", content="what is this?", images=[photo, photo])]
+    saved.check_room(two)
+    monkeypatch.setattr(saved, "MAX_CONVERSATION_IMAGE_BYTES", 10_000_000)
+    with pytest.raises(InvalidRequest, match="images take 10.8 MB"):
+        saved.check_room(two)
 
 
 def test_the_named_api_endpoints(running_app: Served, store) -> None:

@@ -263,6 +263,11 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         if pictures:
             question["images"] = list(pictures)
         asked = [*before, question]
+        try:  # a reply that could not be saved is never asked for
+            saved.check_room([saved.Message.model_construct(**_stored(m)) for m in asked])
+        except ServiceError as exc:
+            yield gr.skip(), gr.skip(), report(exc), {"text": text, "images": pictures}
+            return
         shown = [show(m, request.username) for m in asked]
         # Each yield carries the display and the state together: after Stop they agree. The
         # message box is never written while the reply streams (what is typed there stays).

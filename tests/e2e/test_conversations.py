@@ -146,6 +146,30 @@ def test_editing_a_question_with_a_code_block_keeps_all_of_it(page: Page) -> Non
     screenshot(page, "chat-edited-code")
 
 
+def test_a_chat_too_full_to_save_a_reply_refuses_the_question_first(
+    page: Page, monkeypatch
+) -> None:
+    """Nothing is asked whose reply could not be saved: the question stays in the box, the
+    chat as saved keeps every exchange, and a new chat takes the question."""
+    from core import conversations
+
+    send(page, "A first question " + "x" * 600)
+    expect(page.locator("#chat-status")).to_contain_text("tokens")
+    monkeypatch.setattr(conversations, "MAX_CONVERSATION_BYTES", 2_000)
+    monkeypatch.setattr(conversations, "REPLY_ROOM", 1_000)
+    send(page, "A second question")
+    expect(page.locator("#chat-status")).to_contain_text("would not fit")
+    expect(page.locator("#chat-status")).to_contain_text("Start a new chat")
+    expect(page.get_by_role("textbox", name="Message")).to_have_value("A second question")
+    screenshot(page, "chat-too-full")
+    assert page.locator("#chatbot").inner_text().count("Echo:") == 1
+    page.reload()
+    expect(page.locator("#chatbot")).to_contain_text("Echo: A first question")
+    page.get_by_role("button", name="New chat").click()
+    send(page, "A second question")
+    expect(page.locator("#chatbot")).to_contain_text("Echo: A second question")
+
+
 def test_presets_save_load_and_delete(page: Page, new_context) -> None:
     page.get_by_label("System prompt").fill("You are a terse pirate.")
     page.get_by_label("number input for Temperature").fill("1.3")
