@@ -98,7 +98,7 @@ def test_images_have_room_of_their_own(monkeypatch) -> None:
     two = [saved.Message(role="user", content="what is this?", images=[photo, photo])]
     saved.check_room(two)
     monkeypatch.setattr(saved, "MAX_CONVERSATION_IMAGE_BYTES", 10_000_000)
-    with pytest.raises(InvalidRequest, match="images take 10.8 MB"):
+    with pytest.raises(InvalidRequest, match=r"images take 10\.8 MB"):
         saved.check_room(two)
 
 

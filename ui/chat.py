@@ -42,6 +42,28 @@ from ui.markdown import safe_parts, source_of
 SHOW_EVERY = 0.05
 
 
+# Images pasted into the message box are handed to the Attach images button, so they go
+# through the same checks (the user's own upload, an image by its bytes, size and count).
+PASTE_IMAGES_JS = """
+() => {
+  document.addEventListener("paste", (event) => {
+    if (!event.target.closest || !event.target.closest("#chat-message")) return;
+    const data = event.clipboardData;
+    const files = [...(data ? data.files : [])].filter((f) => f.type.startsWith("image/"));
+    const button = document.querySelector("#chat-attach");  // its file input is beside it
+    const input = button && [...button.parentElement.children].find(
+      (e) => e.matches("input[type=file]"));
+    if (!files.length || !input) return;
+    if (!data.getData("text/plain")) event.preventDefault();  // text pasted with it stays
+    const transfer = new DataTransfer();
+    files.forEach((f) => transfer.items.add(f));
+    input.files = transfer.files;
+    input.dispatchEvent(new Event("change", { bubbles: true }));
+  });
+}
+"""
+
+
 @dataclass
 class ChatTab:
     model: gr.Dropdown
@@ -103,10 +125,11 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             )
             message = gr.Textbox(
                 label="Message",
-                placeholder="Type a message; Enter sends, Shift+Enter adds a line",
+                placeholder="Type a message; Enter sends, Shift+Enter adds a line; paste images",
                 lines=1,
                 max_lines=8,
                 autofocus=True,
+                elem_id="chat-message",
             )
             # Small minimum widths keep the three buttons on one line on a phone.
             with gr.Row(elem_classes="button-row"):
@@ -337,7 +360,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                     box_out = question["content"]
                 if question and question.get("images") and not waiting:
                     attached_out, row_out = list(question["images"]), gr.Row(visible=True)
-                    line_out = f"{len(question['images'])} image(s) attached to your next message."
+                    line_out = waiting_line(len(question["images"]))
                 status = notice("Stopped before the reply began; your message is back in the box.")
             shown = [show(m, request.username) for m in history]
         elif failed:
@@ -345,7 +368,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                 box_out = failed["text"]
             if failed["images"] and not waiting:  # the images go back to be attached again
                 attached_out, row_out = list(failed["images"]), gr.Row(visible=True)
-                line_out = f"{len(failed['images'])} image(s) attached to your next message."
+                line_out = waiting_line(len(failed["images"]))
         user = user_of(request)
         settings = settings_of(system_prompt, temp, max_toks, stops)
         if history:
@@ -458,8 +481,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                 raise InvalidRequest(f"At most {MAX_ATTACHED} images go with one message.")
         except ServiceError as exc:
             return gr.skip(), gr.skip(), gr.skip(), report(exc)
-        noun = "image" if len(waiting) == 1 else "images"
-        line = f"{len(waiting)} {noun} attached to your next message."
+        line = waiting_line(len(waiting))
         return waiting, gr.Row(visible=bool(waiting)), line, ""
 
     def prepare_retry(history: list[dict[str, Any]], is_busy: bool) -> tuple[Any, ...]:
@@ -499,12 +521,17 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         return (new_text, kept, history[:index], gr.Button(visible=False),
                 gr.Button(visible=True), True, *locks(False))  # fmt: skip
 
-    def undo(history: list[dict[str, Any]], box: str, chat_id: str, request: gr.Request):
-        """Undo the last exchange: the question goes back to the box, the chat is saved."""
+    def undo(
+        history: list[dict[str, Any]], box: str, waiting: list[str], chat_id: str,
+        request: gr.Request,
+    ):  # fmt: skip
+        """Undo the last exchange: the question goes back to the box (its images to be
+        attached again, unless others wait), the chat is saved."""
         history = list(history or [])
         while history and history[-1]["role"] == "assistant":
             history.pop()
-        question = history.pop()["content"] if history else ""
+        last = history.pop() if history else {}
+        question, pictures = last.get("content", ""), list(last.get("images") or [])
         seen: Any = gr.skip()
         if chat_id:
             messages = [saved.Message.model_validate(_stored(m)) for m in history]
@@ -516,7 +543,11 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                 seen = stored.updated_at
             except ServiceError:  # deleted meanwhile (another tab): the screen still undoes
                 pass
-        return [show(m, request.username) for m in history], history, box or question, seen
+        back: tuple[Any, ...] = (gr.skip(), gr.skip(), gr.skip())
+        if pictures and not waiting:
+            back = (pictures, gr.Row(visible=True), waiting_line(len(pictures)))
+        shown = [show(m, request.username) for m in history]
+        return shown, history, box or question, seen, *back
 
     reply_inputs = [asking, asking_images, conversation, system, model, temperature,
                     max_tokens, stop_text]  # fmt: skip
@@ -561,8 +592,9 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     unattach.click(lambda: ([], gr.Row(visible=False), ""), None,
                    [attached, attached_row, attached_line], api_visibility="private",
                    queue=False)  # fmt: skip
-    chatbot.undo(undo, [conversation, message, current],
-                 [chatbot, conversation, message, version], api_visibility="private")  # fmt: skip
+    chatbot.undo(undo, [conversation, message, attached, current],
+                 [chatbot, conversation, message, version, attached, attached_row, attached_line],
+                 api_visibility="private")  # fmt: skip
 
     clear.click(
         new_chat, [search], [chatbot, conversation, current, title, usage, chats, version],
@@ -715,6 +747,10 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         api_visibility="private",
     )
     return ChatTab(model=model)
+
+
+def waiting_line(count: int) -> str:
+    return f"{count} {'image' if count == 1 else 'images'} attached to your next message."
 
 
 def html_escape(text: str) -> str:

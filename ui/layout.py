@@ -48,6 +48,8 @@ CSS = """
   /* On a phone the columns stack: the chat first, its model and settings right after it (the
      conversation scrolls in its own box), the list of saved chats last. */
   #chat-history { order: 3; }
+  /* Four buttons share a phone's width: a label takes two lines rather than overflow. */
+  .button-row button { white-space: normal; padding-left: .4rem; padding-right: .4rem; }
 }
 """
 

@@ -23,6 +23,7 @@ from edge.origin import OriginPolicy
 from edge.proxy import GuardedHttpToolsProtocol, trust_proxies
 from edge.sessions import SessionGuard, SessionTable
 from gateway.routes import build_router
+from ui.chat import PASTE_IMAGES_JS
 from ui.layout import CSS, THEME, build_demo
 
 log = logging.getLogger("ui.server")
@@ -130,6 +131,7 @@ def create_app(settings: Settings, core: Core | None = None) -> Server:
         show_error=True,
         theme=THEME,
         css=CSS,
+        js=PASTE_IMAGES_JS,
         max_file_size="20mb",
         # Nothing from the data folder (the database) is ever a file Gradio may touch.
         blocked_paths=[str(settings.data_dir.resolve())],

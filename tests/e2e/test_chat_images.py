@@ -69,3 +69,43 @@ def test_what_is_not_an_image_is_refused(page: Page, tmp_path: Path) -> None:
     chooser.value.set_files(str(fake))
     expect(page.locator("#chat-status")).to_contain_text("not a PNG, JPEG, GIF or WebP image")
     expect(page.locator("#chat-attached")).to_be_hidden()
+
+
+def test_an_image_pasted_into_the_message_box_is_attached(
+    page: Page, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A screenshot pasted with Ctrl+V goes through the same checks as one attached."""
+    data = base64.b64encode(png(tmp_path / "pasted.png", (20, 160, 40)).read_bytes()).decode()
+    box = page.get_by_role("textbox", name="Message")
+    box.fill("What is in the screenshot?")
+
+    def paste(b64: str, kind: str, name: str) -> None:
+        box.evaluate(
+            """(box, [b64, kind, name]) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([bytes], name, { type: kind }));
+                box.dispatchEvent(new ClipboardEvent("paste", {
+                    clipboardData: transfer, bubbles: true, cancelable: true }));
+            }""",
+            [b64, kind, name],
+        )
+
+    paste(data, "image/png", "image.png")
+    expect(page.locator("#chat-attached")).to_contain_text("1 image attached")
+    expect(box).to_have_value("What is in the screenshot?")  # the typed text stays
+    # Something that only claims to be an image is refused by the same checks as an upload.
+    paste(base64.b64encode(b"not a picture").decode(), "image/png", "fake.png")
+    expect(page.locator("#chat-status")).to_contain_text("not a PNG, JPEG, GIF or WebP image")
+    expect(page.locator("#chat-attached")).to_contain_text("1 image attached")
+    upstream.reset()
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#chatbot img")).to_have_count(1)
+    sent = [r for r in upstream.requests if r["path"] == "/v1/chat/completions"][-1]["json"]
+    assert sent["messages"][-1]["content"][1]["image_url"]["url"].endswith(data)
+    # Undo gives the question back with its image, attached again for the next send.
+    expect(page.locator("#chat-attached")).to_be_hidden()
+    page.locator("#chatbot").get_by_role("button", name="Undo").click()
+    expect(page.locator("#chatbot img")).to_have_count(0)
+    expect(box).to_have_value("What is in the screenshot?")
+    expect(page.locator("#chat-attached")).to_contain_text("1 image attached")

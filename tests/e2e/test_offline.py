@@ -113,4 +113,4 @@ def test_an_image_on_the_embedded_model_is_refused_clearly_and_kept(
     expect(status).to_contain_text("OPENAI_BASE_URL")
     # Nothing lost: the message and the image wait to be sent again.
     expect(offline.get_by_role("textbox", name="Message")).to_have_value("What is in this picture?")
-    expect(offline.locator("#chat-attached")).to_contain_text("1 image(s) attached")
+    expect(offline.locator("#chat-attached")).to_contain_text("1 image attached")

@@ -94,6 +94,13 @@ def test_the_dashboard_fits_a_phone(new_context: NewContext, tmp_path: Path) -> 
     for name in ("Send", "New chat"):
         expect(page.get_by_role("button", name=name)).to_be_in_viewport()
     screenshot(page, "mobile-chat", full_page=False)
+    # No label spills out of its button ("Attach images" used to, past the screen's edge).
+    spilled = page.evaluate(
+        """[...document.querySelectorAll('.button-row button')]
+             .filter((b) => b.offsetParent && b.scrollWidth > b.clientWidth + 1)
+             .map((b) => b.innerText)"""
+    )
+    assert spilled == [], spilled
     # The model picker and system prompt come right after the chat (whose conversation scrolls
     # in its own box), before the list of saved chats: one screen's scroll away at most.
     picker = page.get_by_role("combobox", name="Model").first.bounding_box()
