@@ -57,6 +57,7 @@ _ALLOWED = {
     "UPLOAD_QUOTA_MB": "a whole number of megabytes per user from 1 to 102400",
     "UPLOAD_TTL_MINUTES": "a whole number of minutes from 1 to 10080",
     "ALLOW_REMOTE_IMAGES": "true or false",
+    "BACKENDS_FILE": "the path of a YAML (.yaml, .yml) or TOML (.toml) file of backends",
 }
 for _name in ("CHAT_MODEL", "COMPLETION_MODEL", "IMAGE_MODEL", "EMBEDDING_MODEL"):
     _ALLOWED[_name] = "a model id: visible characters, no spaces, at most 256 (a path is fine)"
@@ -107,6 +108,9 @@ class Settings(BaseModel):
     upload_quota_mb: int = Field(default=50, ge=1, le=102_400, alias="UPLOAD_QUOTA_MB")
     upload_ttl_minutes: int = Field(default=60, ge=1, le=10_080, alias="UPLOAD_TTL_MINUTES")
     allow_remote_images: bool = Field(default=False, alias="ALLOW_REMOTE_IMAGES")
+    # Several named backends at once (core.backends); without it, the variables above
+    # describe the one backend.
+    backends_file: Path | None = Field(default=None, alias="BACKENDS_FILE")
     # True when ACCESS_KEY was not set and we made one up for this run.
     access_key_generated: bool = False
 
@@ -174,6 +178,18 @@ class Settings(BaseModel):
         if value is not None and not value.expanduser().is_file():
             raise ValueError(f"no file at {value}")
         return value.expanduser() if value is not None else None
+
+    @field_validator("backends_file")
+    @classmethod
+    def _check_backends_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"no file at {value}")
+        if value.suffix not in (".yaml", ".yml", ".toml"):
+            raise ValueError("must end in .yaml, .yml or .toml")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -13,7 +13,9 @@ from core.config import Settings
 from core.conversations import ConversationStore, PresetStore
 from core.ledger import Ledger
 from core.pricing import PriceTable
+from core.providers import build_provider, configured_backends
 from core.providers.base import Provider
+from core.router import Router
 from core.service import Service
 from core.users import UserStore
 
@@ -35,18 +37,24 @@ class Core:
 
 def open_core(settings: Settings, provider: Provider | None = None) -> Core:
     """Open (and migrate) the database, then build the service on top of it."""
+    router = None
+    if provider is None:  # BACKENDS_FILE's backends, or the one the variables describe
+        router = Router.of(configured_backends(settings), lambda b: build_provider(settings, b))
     engine = db.make_engine(db.database_url(settings.data_dir, settings.database_url))
     version = db.migrate(engine)
     log.info("database %s at schema version %d", engine.dialect.name, version)
+    own_prices = {s.name: s.spec.prices for s in router.backends} if router else None
     ledger = Ledger(
-        engine, prices=PriceTable(settings.prices_json), log_content=settings.log_content
+        engine,
+        prices=PriceTable(settings.prices_json, backends=own_prices),
+        log_content=settings.log_content,
     )
     # Rows a crashed process left pending must not hold quota forever.
     ledger.release_stale(timedelta(seconds=settings.request_timeout * 3 + 60))
     # Outcomes are written by a background thread: write what is queued before exiting.
     atexit.register(ledger.flush)
     users = UserStore(engine)
-    service = Service(settings, provider, ledger=ledger)
+    service = Service(settings, provider, ledger=ledger, router=router)
     return Core(
         settings=settings,
         service=service,

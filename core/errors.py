@@ -11,6 +11,7 @@ class ServiceError(Exception):
     param: str | None = None  # the input field at fault, when there is one
     code: str | None = None  # OpenAI's error code (context_length_exceeded, insufficient_quota)
     error_type: str | None = None  # OpenAI's error type, when the upstream gave one
+    upstream_status: int | None = None  # the backend's HTTP status, for an upstream error
 
     def __init__(
         self,

@@ -47,6 +47,9 @@ _SETTLE = (
     .where(db.usage.c.id == sa.bindparam("row_id"))
     .values(
         status=sa.bindparam("new_status"),
+        # A fallback's answer: the backend and model that answered, not the ones asked.
+        model=sa.bindparam("new_model"),
+        provider=sa.bindparam("new_provider"),
         prompt_tokens=sa.bindparam("new_prompt_tokens"),
         completion_tokens=sa.bindparam("new_completion_tokens"),
         reserved_tokens=0,
@@ -265,6 +268,7 @@ class Ledger:
         *,
         status: str,
         model: str | None,
+        provider: str,
         prompt_tokens: int,
         completion_tokens: int,
         latency_ms: float,
@@ -274,7 +278,11 @@ class Ledger:
     ) -> None:
         """Settle a pending row with what the call really used (written in the background)."""
         cost = self.prices.cost(
-            model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, images=images
+            model,
+            backend=provider,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            images=images,
         )
         content = self.log_content
         self._submit(
@@ -282,6 +290,8 @@ class Ledger:
             {
                 "row_id": reservation.row_id,
                 "new_status": status,
+                "new_model": model,
+                "new_provider": provider,
                 "new_prompt_tokens": prompt_tokens,
                 "new_completion_tokens": completion_tokens,
                 "new_latency_ms": round(latency_ms, 1),
@@ -312,7 +322,11 @@ class Ledger:
         """A whole row for a call that held no reservation: a caller without quotas, or one
         that failed before reserving (invalid input). Written in the background."""
         cost = self.prices.cost(
-            model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, images=images
+            model,
+            backend=provider,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            images=images,
         )
         values = {
             "ts": ts or _now(),

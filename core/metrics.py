@@ -25,6 +25,12 @@ TOKENS = Counter(
     "Tokens used, by function, model and kind (prompt or completion).",
     ["function", "model", "kind"],
 )
+FALLBACKS = Counter(
+    "dashboard_fallbacks",
+    "Calls a backend could not answer (connection, 429, 5xx) that went to a fallback, by "
+    "function, the backend that failed and the one tried next.",
+    ["function", "backend", "to"],
+)
 IN_FLIGHT = Gauge(
     "dashboard_in_flight_requests", "Calls being served right now, by function.", ["function"]
 )

@@ -51,22 +51,38 @@ def parse_prices(text: str) -> dict[str, Price]:
 
 
 class PriceTable:
-    """Looks up a model's price by longest prefix; unknown models cost 0."""
+    """Looks up a model's price by longest prefix; unknown models cost 0. A backend's own
+    prices (BACKENDS_FILE) are kept as "backend/model" and win for that backend's calls."""
 
-    def __init__(self, overrides: str | None = None) -> None:
+    def __init__(
+        self, overrides: str | None = None, backends: dict[str, dict[str, Price]] | None = None
+    ) -> None:
         self.prices = {**DEFAULT_PRICES, **(parse_prices(overrides) if overrides else {})}
+        for backend, prices in (backends or {}).items():
+            self.prices |= {f"{backend}/{model}": price for model, price in prices.items()}
         self._by_length = sorted(self.prices, key=len, reverse=True)
 
-    def price(self, model: str | None) -> Price:
+    def price(self, model: str | None, backend: str | None = None) -> Price:
+        if model and backend:
+            own = f"{backend}/{model}"
+            for prefix in self._by_length:
+                if own.startswith(prefix) and prefix.startswith(f"{backend}/"):
+                    return self.prices[prefix]
         for prefix in self._by_length:
             if model and model.startswith(prefix):
                 return self.prices[prefix]
         return Price()
 
     def cost(
-        self, model: str | None, *, prompt_tokens: int, completion_tokens: int, images: int = 0
+        self,
+        model: str | None,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        images: int = 0,
+        backend: str | None = None,
     ) -> float:
-        p = self.price(model)
+        p = self.price(model, backend)
         usd = (prompt_tokens * p.input + completion_tokens * p.output) / 1_000_000
         if not completion_tokens:  # images the server gave no token count for
             usd += images * p.image

@@ -238,6 +238,7 @@ class ModelInfo(BaseModel):
     owned_by: str = ""
     created: int | None = None
     kinds: list[Kind]
+    backend: str | None = None  # with several backends: the one that serves it
 
     @property
     def kind(self) -> Kind:

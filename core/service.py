@@ -18,13 +18,15 @@ import orjson
 
 from core import errors, metrics, tokens
 from core.auth import SYSTEM, Principal
+from core.backends import BackendSpec
 from core.config import Settings
 from core.endpoints import ENDPOINTS, REPLY_LIMITS
 from core.ledger import QUOTA_FUNCTIONS, Ledger, Reservation
 from core.log import redact
 from core.passthrough import DONE, error_in, is_usage_only, sse_batches, usage_in
-from core.providers import build_provider
+from core.providers import build_provider, configured_backends
 from core.providers.base import Provider
+from core.router import Route, Router, Served
 from core.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -68,6 +70,7 @@ class Call:
     refused: bool = False
     images: int = 0
     request: FunctionRequest | None = None  # once validated
+    route: Route | None = None  # the backend serving it (the one that answered, after a fallback)
     reply_chars: int = 0
     reply_cap: int | None = None  # max_tokens as sent upstream, if any
     slot: asyncio.Semaphore | None = None  # held while the backend serves the call
@@ -84,19 +87,34 @@ class Service:
         provider: Provider | None = None,
         *,
         ledger: Ledger | None = None,
+        router: Router | None = None,
     ) -> None:
         self.settings = settings
-        self.provider = provider or build_provider(settings)
+        if router is None and provider is not None:  # one given backend (tests, scripts)
+            kind = "local" if provider.name == "local" else "openai"
+            router = Router(
+                [Served(spec=BackendSpec(name=provider.name, kind=kind), provider=provider)]
+            )
+        if router is None:
+            router = Router.of(configured_backends(settings), lambda b: build_provider(settings, b))
+        self.router = router
         self.ledger = ledger
-        self._secrets = [
-            s.get_secret_value() for s in (settings.openai_api_key, settings.access_key) if s
-        ]
+        keys = [settings.openai_api_key, settings.access_key]
+        keys += [getattr(s.provider, "api_key", None) for s in router.backends]
+        self._secrets = [k.get_secret_value() for k in keys if k]
         self._models: tuple[float, list[ModelInfo]] | None = None
-        # Metric labels: only models configured or listed by the backend, so made-up names
+        # Metric labels: only models configured or listed by the backends, so made-up names
         # sent by callers cannot grow /metrics without bound.
-        self._labelled = set(self.provider.default_models.values())
-        self._ping: tuple[float, bool] | None = None
+        self._labelled = {
+            m for s in router.backends for m in (*s.ids(), *s.provider.default_models.values())
+        }
+        self._ping: tuple[float, dict[str, bool]] | None = None
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    @property
+    def provider(self) -> Provider:
+        """The first backend's provider (the only one without BACKENDS_FILE)."""
+        return self.router.first.provider
 
     # ---- the functions -------------------------------------------------------------------
 
@@ -115,7 +133,8 @@ class Service:
             call,
             req,
         ):
-            async for chunk in self._relay(self.provider.chat_stream(req), call):
+            attempts = self._attempts(call, req, lambda p, r: p.chat_stream(r), body)
+            async for chunk in self._relay(attempts, call):
                 yield chunk
 
     async def completion_stream(
@@ -132,7 +151,8 @@ class Service:
             call,
             req,
         ):
-            async for chunk in self._relay(self.provider.completion_stream(req), call):
+            attempts = self._attempts(call, req, lambda p, r: p.completion_stream(r), body)
+            async for chunk in self._relay(attempts, call):
                 yield chunk
 
     async def generate_images(
@@ -149,7 +169,7 @@ class Service:
             call,
             req,
         ):
-            result = await self.provider.generate_images(req)
+            result = await self._first_answer(call, req, lambda p, r: p.generate_images(r), body)
             call.images = len(result.images)
             call.usage = result.usage
             return result
@@ -168,7 +188,7 @@ class Service:
             call,
             req,
         ):
-            result = await self.provider.embeddings(req)
+            result = await self._first_answer(call, req, lambda p, r: p.embeddings(r), body)
             call.usage = result.usage
             return result
 
@@ -176,8 +196,20 @@ class Service:
 
     @property
     def passthrough(self) -> bool:
-        """True when the backend takes OpenAI-shaped bytes as they are (OpenAI-compatible)."""
+        """True when the (first) backend takes OpenAI-shaped bytes as they are."""
         return self.provider.supports_passthrough
+
+    async def passthrough_for(self, function: str, model: str | None) -> bool:
+        """Whether a /v1 call naming `model` goes to a backend that takes OpenAI's bytes as
+        they are (else the gateway builds OpenAI's answers from the typed calls). A model no
+        backend serves: False, and the typed call says so."""
+        if self.router.single:
+            return self.provider.supports_passthrough
+        try:
+            route = await self.router.resolve(function, model if isinstance(model, str) else None)
+        except errors.ServiceError:
+            return False
+        return route.provider.supports_passthrough
 
     async def forward_json(
         self,
@@ -195,8 +227,12 @@ class Service:
             call,
             req,
         ):
-            payload = _payload(body, req, stream=False, cap_param=self.provider.cap_param)
-            content = await self.provider.forward_json(endpoint.path, payload, call.model)
+
+            def send(provider: Provider, r: FunctionRequest) -> Any:
+                payload = _payload(body, r, stream=False, cap_param=provider.cap_param)
+                return provider.forward_json(endpoint.path, payload, r.model)
+
+            content = await self._first_answer(call, req, send, body, passthrough=True)
             call.usage = usage_in(content)
             call.reply_chars = len(content)  # if no usage came, the ledger estimates from it
             if function == "image":
@@ -232,8 +268,12 @@ class Service:
         ):
             if isinstance(req, ChatRequest | CompletionRequest):
                 call.reply_cap = req.max_tokens
-            payload = _payload(body, req, stream=True, cap_param=self.provider.cap_param)
-            upstream = self.provider.forward_stream(endpoint.path, payload, call.model)
+
+            def send(provider: Provider, r: FunctionRequest) -> AsyncIterator[bytes]:
+                payload = _payload(body, r, stream=True, cap_param=provider.cap_param)
+                return provider.forward_stream(endpoint.path, payload, r.model)
+
+            upstream = self._attempts(call, req, send, body, passthrough=True)
             finished, first = False, b""
             async with aclosing(sse_batches(upstream)) as batches:
                 async for events in batches:
@@ -272,54 +312,77 @@ class Service:
             return self._models[1]
         call = Call("models", caller, source)
         async with self._track(call):
-            models = await self.provider.list_models()
+            if self.router.single:
+                models = await self.provider.list_models()
+            else:
+                models = await self.router.models(refresh=refresh)
         self._models = (now, models)
-        self._labelled = set(self.provider.default_models.values()) | {m.id for m in models}
+        self._labelled |= {m.id for m in models}
         return models
 
     async def health(self) -> dict[str, Any]:
-        """Secret-free status for /health: version, provider, and whether it answers."""
+        """Secret-free status for /health: version, each backend, and whether it answers.
+        One backend that does not answer makes the status "degraded"; the others serve on."""
         now = time.monotonic()
         if self._ping is None or now - self._ping[0] > PING_TTL:
-            self._ping = (now, await self.provider.ping())
+            backends = self.router.backends
+            answers = await asyncio.gather(*(s.provider.ping() for s in backends))
+            self._ping = (now, {s.name: ok for s, ok in zip(backends, answers, strict=True)})
         reachable = self._ping[1]
-        return {
-            "status": "ok" if reachable else "degraded",
+        status = {
+            "status": "ok" if all(reachable.values()) else "degraded",
             **self.settings.status(),
-            "upstream": self.provider.describe(),
-            "reachable": reachable,
+            "upstream": self.describe(),
+            "reachable": any(reachable.values())
+            if not self.router.single
+            else all(reachable.values()),
         }
+        if not self.router.single:
+            status["provider"] = "backends"
+            status["base_url"] = None
+            status["backends"] = [
+                {"name": s.name, "kind": s.kind, "upstream": s.provider.describe(),
+                 "reachable": reachable[s.name]}
+                for s in self.router.backends
+            ]  # fmt: skip
+        return status
 
     def default_model(self, function: str) -> str:
-        """The model a call of `function` gets when it names none ("" if the backend has no
-        model for it)."""
-        return self.provider.default_models.get(function, "")
+        """The model a call of `function` gets when it names none, as an id that routes to it
+        ("" if no backend has a model for it)."""
+        route = self.router.default(function)
+        return self.router.public_id(route) if route else ""
 
     def serves(self, function: str) -> bool:
-        """Whether the backend serves `function` at all (the UI says so before anyone tries)."""
-        return function in self.provider.functions
+        """Whether any backend serves `function` (the UI says so before anyone tries)."""
+        return self.router.serves(function)
 
     def unavailable(self, function: str) -> str:
         """Why `function` is not served, and how to get it."""
-        endpoint = ENDPOINTS[function]
-        return endpoint.unavailable.format(backend=self.provider.name, path=endpoint.path)
+        return self.router.unavailable(function)
 
     @property
     def honours(self) -> Mapping[str, frozenset[str]] | None:
-        """The request fields the backend honours per function; None: every field goes to
-        the upstream as sent."""
+        """The request fields the (first) backend honours per function; None: every field
+        goes to the upstream as sent."""
         return self.provider.honours
 
     @property
     def notice(self) -> str | None:
-        """What a person using this backend should know first (Markdown), if anything."""
-        return self.provider.notice
+        """What a person using this backend should know first (Markdown), if anything: only
+        with one backend (the embedded model's words are about being the only one)."""
+        return self.provider.notice if self.router.single else None
 
     def describe(self) -> str:
-        return self.provider.describe()
+        if self.router.single:
+            return self.provider.describe()
+        return f"{len(self.router.backends)} backends: " + ", ".join(
+            f"{s.name} ({s.kind})" for s in self.router.backends
+        )
 
     async def aclose(self) -> None:
-        await self.provider.aclose()
+        for served in self.router.backends:
+            await served.provider.aclose()
 
     # ---- the plumbing --------------------------------------------------------------------
 
@@ -358,22 +421,125 @@ class Service:
         call.slot = slots
         return req
 
-    def _check_honoured(self, function: str, body: Mapping[str, Any]) -> None:
+    def _check_honoured(self, function: str, body: Mapping[str, Any], route: Route) -> None:
         """A backend that builds its own answers declares the fields it honours; any other
         field a client sends (and means: not null) is refused by name, never dropped."""
-        honoured = self.provider.honours
+        honoured = route.provider.honours
         if honoured is None:
             return  # the body goes upstream byte for byte: the upstream reads every field
         allowed = honoured.get(function, frozenset())
         for name, value in body.items():
             if value is not None and name not in allowed:
                 path = ENDPOINTS[function].path
+                if self.router.single:
+                    how = "set OPENAI_BASE_URL (and OPENAI_API_KEY) to a server that supports it"
+                else:
+                    how = "name a model of a backend that supports it"
                 raise errors.InvalidRequest(
-                    f"The {self.provider.describe()} does not support '{name}' on /{path}; "
-                    f"it honours {', '.join(sorted(allowed))}. For '{name}', set "
-                    "OPENAI_BASE_URL (and OPENAI_API_KEY) to a server that supports it.",
+                    f"The {route.provider.describe()} does not support '{name}' on /{path}; "
+                    f"it honours {', '.join(sorted(allowed))}. For '{name}', {how}.",
                     param=name,
                 )
+
+    def _unsupported_on(self, route: Route, function: str) -> errors.Unsupported:
+        if self.router.single:
+            return errors.Unsupported(self.unavailable(function))
+        endpoint = ENDPOINTS[function]
+        others = [s.name for s in self.router.backends if s.serves(function)]
+        hint = f"the backends that do: {', '.join(others)}" if others else "no backend here does"
+        return errors.Unsupported(
+            f"The {route.name} backend ({route.served.kind}) does not serve /{endpoint.path} "
+            f"({hint}).",
+            param="model",
+        )
+
+    async def _candidates(
+        self, call: Call, body: Mapping[str, Any], passthrough: bool
+    ) -> list[Route]:
+        """The call's route, then its fallbacks that can take the same call: they serve the
+        function, honour the request's fields, and (for bytes passed through) take bytes."""
+        assert call.route is not None
+        routes = [call.route]
+        for route in await self.router.fallbacks(call.route, call.function):
+            if not route.served.serves(call.function):
+                continue
+            if passthrough and not route.provider.supports_passthrough:
+                continue
+            try:
+                self._check_honoured(call.function, body, route)
+            except errors.InvalidRequest:
+                continue
+            routes.append(route)
+        return routes
+
+    def _moved(self, call: Call, failed: Route, exc: errors.ServiceError, to: Route) -> None:
+        metrics.FALLBACKS.labels(call.function, failed.name, to.name).inc()
+        log.warning(
+            "request_id=%s %s/%s failed before answering (%s); falling back to %s/%s",
+            call.request_id, failed.name, failed.model, type(exc).__name__, to.name, to.model,
+        )  # fmt: skip
+
+    async def _attempts(
+        self,
+        call: Call,
+        req: FunctionRequest,
+        start: Any,
+        body: Mapping[str, Any] | None,
+        *,
+        passthrough: bool = False,
+    ) -> AsyncIterator[Any]:
+        """`start(provider, request)`'s stream from the call's backend, or, when that fails
+        before its first item (connection, 429, 5xx), from each fallback in turn."""
+        routes = await self._candidates(call, body or {}, passthrough)
+        for i, route in enumerate(routes):
+            attempt = route_request(req, route)
+            stream = start(route.provider, attempt)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                self._answered(call, route, attempt)
+                return
+            except errors.ServiceError as exc:
+                await stream.aclose()
+                if i + 1 == len(routes) or not falls_back(exc):
+                    raise
+                self._moved(call, route, exc, routes[i + 1])
+                continue
+            self._answered(call, route, attempt)
+            async with aclosing(stream):
+                yield first
+                async for item in stream:
+                    yield item
+            return
+
+    async def _first_answer(
+        self,
+        call: Call,
+        req: FunctionRequest,
+        send: Any,
+        body: Mapping[str, Any] | None,
+        *,
+        passthrough: bool = False,
+    ) -> Any:
+        """`send(provider, request)`'s answer from the call's backend or its fallbacks."""
+        routes = await self._candidates(call, body or {}, passthrough)
+        for i, route in enumerate(routes):
+            attempt = route_request(req, route)
+            try:
+                answer = await send(route.provider, attempt)
+            except errors.ServiceError as exc:
+                if i + 1 == len(routes) or not falls_back(exc):
+                    raise
+                self._moved(call, route, exc, routes[i + 1])
+                continue
+            self._answered(call, route, attempt)
+            return answer
+        raise AssertionError("no route")  # routes always holds the call's own
+
+    def _answered(self, call: Call, route: Route, req: FunctionRequest) -> None:
+        call.route, call.model = route, route.model
+        if isinstance(req, ChatRequest | CompletionRequest):
+            call.reply_cap = req.max_tokens
 
     def _slot_pool(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()  # a semaphore belongs to one event loop
@@ -391,14 +557,13 @@ class Service:
         """Validate, fill in the default model, and reserve against the caller's quota what the
         call can cost at most (core.tokens); cap the reply only when the quota needs it."""
         req = request if isinstance(request, model) else parse(model, dict(request))
-        if req.model is None:
-            req = req.model_copy(update={"model": self.default_model(call.function)})
-        call.model = req.model
-        call.request = req
+        route = await self.router.resolve(call.function, req.model)
+        req = route_request(req, route)
+        call.route, call.model, call.request = route, route.model, req
         endpoint = ENDPOINTS[call.function]
-        if not self.serves(call.function):
-            raise errors.Unsupported(self.unavailable(call.function))
-        self._check_honoured(call.function, body)
+        if not route.served.serves(call.function):
+            raise self._unsupported_on(route, call.function)
+        self._check_honoured(call.function, body, route)
         if self.ledger is None:
             return req
         if self.settings.log_content:
@@ -422,7 +587,7 @@ class Service:
                 limits=call.caller.limits,
                 function=call.function,
                 model=call.model,
-                provider=self.provider.name,
+                provider=route.name,
                 source=call.source,
                 request_id=call.request_id,
                 estimate=needed + wanted,
@@ -503,7 +668,7 @@ class Service:
                 call.caller.name,
                 call.source,
                 call.function,
-                self.provider.name,
+                call.route.name if call.route else "-",
                 call.model,
                 status,
                 seconds * 1000,
@@ -534,13 +699,14 @@ class Service:
             "prompt_text": call.prompt_text,
             "completion_text": reply or None,
         }
+        provider = call.route.name if call.route else self.provider.name
         if call.reservation is not None:
-            self.ledger.finish(call.reservation, **outcome)
+            self.ledger.finish(call.reservation, provider=provider, **outcome)
             return
         self.ledger.record(
             user=call.caller.name,
             function=call.function,
-            provider=self.provider.name,
+            provider=provider,
             source=call.source,
             request_id=call.request_id,
             ts=call.started_at,
@@ -549,6 +715,24 @@ class Service:
 
     def _scrub(self, text: str) -> str:
         return redact(text, self._secrets)
+
+
+def route_request(req: RequestT, route: Route) -> RequestT:
+    """The request as the route's backend takes it: its own id for the model."""
+    return req if req.model == route.model else req.model_copy(update={"model": route.model})
+
+
+def falls_back(exc: errors.ServiceError) -> bool:
+    """Whether a failure before the first byte lets a fallback try: the backend could not be
+    reached or used (connection, timeout, no key), or it said 429 or 5xx."""
+    if isinstance(exc, errors.QuotaExceeded):
+        return False  # ours, not the backend's
+    if isinstance(exc, errors.UpstreamUnavailable | errors.UpstreamTimeout | errors.NotConfigured):
+        return True
+    if type(exc) is errors.StreamInterrupted:
+        return True  # before the first byte: the connection failed
+    status = getattr(exc, "upstream_status", None)
+    return status is not None and (status == 429 or status >= 500)
 
 
 def _estimate(call: Call) -> Usage:

@@ -192,7 +192,7 @@ def build_router(core: Core) -> Router:
         params = endpoint.renamed(body)
         stream = bool(body.get("stream")) and endpoint.streams
         include_usage = bool((options or {}).get("include_usage"))
-        if service.passthrough:
+        if await service.passthrough_for(function, fields.get("model")):
             if stream:
                 events = service.forward_stream(
                     function,

@@ -200,7 +200,10 @@ def embeddings_body(result: EmbeddingResult, *, encoding: str | None) -> bytes:
 
 
 def _model(m: ModelInfo) -> dict[str, Any]:
-    return {"id": m.id, "object": "model", "created": m.created or 0, "owned_by": m.owned_by}
+    out = {"id": m.id, "object": "model", "created": m.created or 0, "owned_by": m.owned_by}
+    if m.backend is not None:  # with several backends: which one serves it
+        out["backend"] = m.backend
+    return out
 
 
 def models_body(models: list[ModelInfo]) -> bytes:

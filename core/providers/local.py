@@ -23,6 +23,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from core import errors
+from core.backends import Backend
 from core.config import Settings
 from core.schemas import (
     ChatMessage,
@@ -220,7 +221,9 @@ class LocalProvider:
     supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
     cap_param = "max_tokens"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        if backend is not None:
+            self.name = backend.name
         self.path = settings.local_model_path or bundled_model_path()
         self.model_id = self.path.stem  # e.g. SmolLM2-135M-Instruct.Q4_1
         self.default_models = dict.fromkeys(self.functions, self.model_id)

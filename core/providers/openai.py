@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 
 from core import errors
+from core.backends import Backend, from_settings
 from core.config import Settings, public_url
 from core.endpoints import ENDPOINTS
 from core.passthrough import event_data, sse_batches, usage_of
@@ -62,7 +63,16 @@ def map_status(
     path: str = "",
 ) -> errors.ServiceError:
     """An upstream HTTP error as the service's error, keeping what clients act on: the
-    upstream's message (scrubbed of keys later), type, code and param."""
+    upstream's message (scrubbed of keys later), type, code and param; and the status itself
+    (a fallback is tried on 429 and 5xx)."""
+    error = _mapped(status, body, retry_after=retry_after, model=model, path=path)
+    error.upstream_status = status
+    return error
+
+
+def _mapped(
+    status: int, body: object, *, retry_after: str | None, model: str | None, path: str
+) -> errors.ServiceError:
     message, kind, code, param = _error_fields(body)
     said = f": {message}" if message else "."
     if status == 401:
@@ -147,27 +157,26 @@ class OpenAIProvider:
     of the relay put together).
     """
 
-    name = "openai"
     functions = frozenset(ENDPOINTS)
     honours = None  # every field goes upstream as the client sent it
     notice = None
     supports_passthrough = True
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        backend = backend or from_settings(settings)[0]
+        spec = backend.spec
+        self.name = spec.name
+        self._key_env = spec.api_key_env
+        self._shorthand = backend.shorthand
         # Credentials in the URL never go further than this: every request sends them as a
         # header (aiohttp refuses a URL with them next to an Authorization header).
-        url = settings.openai_base_url or OPENAI_URL
+        url = spec.base_url or OPENAI_URL
         self.base_url = public_url(url)
-        self.configured = (
-            settings.openai_api_key is not None or settings.openai_base_url is not None
-        )
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
-        self.default_models = {
-            "chat": settings.chat_model or DEFAULT_MODELS["chat"],
-            "completion": settings.completion_model or DEFAULT_MODELS["completion"],
-            "image": settings.image_model or DEFAULT_MODELS["image"],
-            "embedding": settings.embedding_model or DEFAULT_MODELS["embedding"],
-        }
+        self.configured = backend.api_key is not None or spec.base_url is not None
+        key = backend.api_key.get_secret_value() if backend.api_key else None
+        # The variables' backend has OpenAI's models as defaults; a file's backend has what
+        # the file says (core.router picks them from its list).
+        self.default_models = {**(DEFAULT_MODELS if backend.shorthand else {}), **spec.defaults}
         # api.openai.com wants max_completion_tokens; compatible servers know max_tokens.
         self.cap_param = (
             "max_completion_tokens" if "api.openai.com" in self.base_url else "max_tokens"
@@ -180,11 +189,12 @@ class OpenAIProvider:
             "Accept-Encoding": "identity",
         }
         # No limit on a whole answer: a healthy stream may take many minutes.
-        wait = settings.request_timeout
+        wait = spec.timeout or settings.request_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=wait, sock_connect=min(wait, 10.0), sock_read=wait
         )
-        self._retries = settings.upstream_max_retries
+        retries = spec.max_retries
+        self._retries = settings.upstream_max_retries if retries is None else retries
         self._http: aiohttp.ClientSession | None = None  # made in the serving event loop
         self._http_loop: asyncio.AbstractEventLoop | None = None
 
@@ -192,11 +202,17 @@ class OpenAIProvider:
         return f"OpenAI-compatible at {self.base_url}"
 
     def _check_configured(self) -> None:
-        if not self.configured:
+        if self.configured:
+            return
+        if not self._shorthand:
             raise errors.NotConfigured(
-                "No upstream key found - set OPENAI_API_KEY (or OPENAI_BASE_URL for a keyless "
-                "server such as Ollama), or PROVIDER=local for the embedded model."
+                f"The {self.name} backend has no key: set {self._key_env or 'its api_key_env'} "
+                "in the environment, or give it a base_url (a keyless server)."
             )
+        raise errors.NotConfigured(
+            "No upstream key found - set OPENAI_API_KEY (or OPENAI_BASE_URL for a keyless "
+            "server such as Ollama), or PROVIDER=local for the embedded model."
+        )
 
     async def _stream(
         self, path: str, body: dict[str, Any], model: str | None, text_of: Callable[[dict], Any]
