@@ -228,15 +228,20 @@ def build_router(core: Core) -> Router:
         include_usage: bool,
         params: dict[str, str],
     ) -> Response:
-        """The embedded backend: run the service's typed calls and shape OpenAI's answers."""
+        """A backend that builds its own answers (the embedded model, Anthropic, Hugging
+        Face): run the service's typed calls and shape OpenAI's answers."""
         try:
             if function == "embedding":
                 result = await while_connected(request, service.embeddings(fields, **kwargs))
                 encoding = body.get("encoding_format")
                 return Response(shapes.embeddings_body(result, encoding=encoding), media_type=JSON)
             if function == "image":
-                await service.generate_images(fields, **kwargs)
-                raise AssertionError("the embedded backend has no image model")
+                if body.get("response_format") not in (None, "b64_json"):
+                    message = "This backend answers images as b64_json only, not as URLs."
+                    error = shapes.error_body(message, status=400, param="response_format")
+                    return json_error(error, 400)
+                result = await while_connected(request, service.generate_images(fields, **kwargs))
+                return Response(shapes.images_body(result), media_type=JSON)
         except errors.ServiceError as exc:
             return error_response(exc, params)
         call = service.chat_stream if function == "chat" else service.completion_stream

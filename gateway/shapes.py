@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from core import errors
-from core.schemas import EmbeddingResult, ModelInfo, StreamChunk, Usage
+from core.schemas import EmbeddingResult, ImageResult, ModelInfo, StreamChunk, Usage
 
 # Which build of the backend answered (OpenAI's system_fingerprint): this app's, for the
 # embedded model, whose answers this module shapes.
@@ -146,7 +146,8 @@ class Completion:
             )
             choice["text"].append(chunk.text)
             choice["finish"] = chunk.finish_reason or choice["finish"]
-            choice["tool_calls"] = chunk.tool_calls or choice["tool_calls"]
+            if chunk.tool_calls:  # a backend may send its calls one at a time (Anthropic's)
+                choice["tool_calls"] = (choice["tool_calls"] or []) + chunk.tool_calls
             if chunk.logprobs is not None:
                 choice["logprobs"] = _join_logprobs(choice["logprobs"], chunk.logprobs)
         built = []
@@ -197,6 +198,25 @@ def embeddings_body(result: EmbeddingResult, *, encoding: str | None) -> bytes:
     ]
     usage = {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.total_tokens}
     return orjson.dumps({"object": "list", "data": data, "model": result.model, "usage": usage})
+
+
+def images_body(result: ImageResult) -> bytes:
+    """OpenAI's images answer, the pictures as b64_json (with usage when the backend gave it)."""
+    data = []
+    for i, picture in enumerate(result.images):
+        item: dict[str, Any] = {"b64_json": base64.b64encode(picture).decode()}
+        revised = result.revised_prompts[i] if i < len(result.revised_prompts) else None
+        if revised:
+            item["revised_prompt"] = revised
+        data.append(item)
+    body: dict[str, Any] = {"created": int(time.time()), "data": data}
+    if result.usage is not None:
+        body["usage"] = {
+            "input_tokens": result.usage.prompt_tokens,
+            "output_tokens": result.usage.completion_tokens,
+            "total_tokens": result.usage.total_tokens,
+        }
+    return orjson.dumps(body)
 
 
 def _model(m: ModelInfo) -> dict[str, Any]:
