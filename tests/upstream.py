@@ -173,7 +173,7 @@ def _streaming(body: dict, *args: Any) -> StreamingResponse:
     return StreamingResponse(gen, media_type="text/event-stream")
 
 
-async def _model_gate(body: dict) -> Response | None:
+async def _model_gate(body: dict, known: list[str]) -> Response | None:
     """Applies the failure/slow modes chosen by `model`; None means carry on normally."""
     model = body.get("model")
     if not isinstance(model, str):
@@ -197,7 +197,7 @@ async def _model_gate(body: dict) -> Response | None:
         pass  # answers embeddings with one vector per word (see embeddings)
     elif re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model):
         pass  # streams its words slowly (see _stream)
-    elif model not in REAL_MODELS + MODE_MODELS:
+    elif model not in known + MODE_MODELS:
         message = f"The model `{model}` does not exist or you do not have access to it."
         return _error(404, message, code="model_not_found")
     return None
@@ -210,16 +210,17 @@ def _endpoint(handler: Callable[[dict], Response]) -> Callable[[Request], Awaita
         body = _json(await request.body())
         if not isinstance(body, dict):
             return _error(400, "We could not parse the JSON body of your request.")
-        return await _model_gate(body) or handler(body)
+        return await _model_gate(body, request.app.state.models) or handler(body)
 
     return endpoint
 
 
-async def models(request: Request) -> Response:
+async def list_models(request: Request) -> Response:
+    known = request.app.state.models
     owner = {m: "openai" for m in REAL_MODELS}
     data = [
         dict(id=m, object="model", created=CREATED, owned_by=owner.get(m, "fake-upstream"))
-        for m in REAL_MODELS + MODE_MODELS
+        for m in known + MODE_MODELS
     ]
     return JSONResponse({"object": "list", "data": data})
 
@@ -368,7 +369,14 @@ class _Observe:
 class FakeUpstream:
     """An OpenAI-compatible server on 127.0.0.1, run by uvicorn in a daemon thread."""
 
-    def __init__(self, *, api_key: str = DEFAULT_KEY, basic: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str = DEFAULT_KEY,
+        basic: tuple[str, str] | None = None,
+        models: list[str] | None = None,
+    ) -> None:
+        """`models`: the ids it lists and serves (OpenAI's, by default), besides the modes."""
         self.api_key = api_key
         # The one Authorization value /v1 accepts: Bearer api_key, or Basic user:password.
         if basic is None:
@@ -384,13 +392,15 @@ class FakeUpstream:
         self._thread: threading.Thread | None = None
         routes = [
             Route("/health", lambda request: JSONResponse({"ok": True})),
-            Route("/v1/models", models),
+            Route("/v1/models", list_models),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/images/generations", images, methods=["POST"]),
         ]
-        self.app = _Observe(Starlette(routes=routes), self)
+        inner = Starlette(routes=routes)
+        inner.state.models = list(models or REAL_MODELS)
+        self.app = _Observe(inner, self)
 
     def start(self) -> FakeUpstream:
         """Serves on a free port and returns once /health answers."""

@@ -1,0 +1,491 @@
+"""Several backends in one process (issue 14): two OpenAI-compatible fakes, a fake of Anthropic's
+Messages API, a fake of Hugging Face's router, one server that is down, and the embedded model,
+all named in one BACKENDS_FILE. Routed by model id and by backend/model, with fallbacks,
+through /v1 (the official openai SDK), gradio_client and the health and metrics endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from gradio_client import Client
+
+from core.backends import parse_backends
+from core.config import load_settings
+from core.errors import ConfigError
+from core.providers.local import bundled_model_path
+from tests.conftest import ACCESS_KEY, LOG_STREAM, Served, free_port, serve
+from tests.fake_anthropic import FakeAnthropic
+from tests.fake_huggingface import CHAT_MODEL as HF_CHAT
+from tests.fake_huggingface import EMBEDDING_MODEL as HF_EMBED
+from tests.fake_huggingface import IMAGE_MODEL as HF_IMAGE
+from tests.fake_huggingface import FakeHuggingFace
+from tests.upstream import FakeUpstream
+
+LOCAL = bundled_model_path().stem
+KEYS = {
+    "TEAM_OPENAI_KEY": "sk-team-openai-key-0123456789abcdef",
+    "TEAM_ANTHROPIC_KEY": "sk-ant-team-key-0123456789abcdef",
+    "TEAM_HF_TOKEN": "hf_team_token_0123456789abcdef",
+}
+
+
+@dataclass
+class Team:
+    url: str
+    core: object
+    openai: FakeUpstream
+    ollama: FakeUpstream
+    claude: FakeAnthropic
+    hf: FakeHuggingFace
+    client: openai.OpenAI
+
+
+BACKENDS = """
+backends:
+  - name: openai
+    kind: openai
+    base_url: {openai}
+    api_key_env: TEAM_OPENAI_KEY
+    models: [gpt-4.1-mini, text-embedding-3-small, gpt-image-1, error-503]
+    fallbacks: {{error-503: [ollama/llama3.2]}}
+  - name: claude
+    kind: anthropic
+    base_url: {claude}
+    api_key_env: TEAM_ANTHROPIC_KEY
+    models: [claude-sonnet-4-5, claude-error-529, claude-error-429, claude-error-400,
+             claude-cut-stream]
+    fallbacks: {{claude-error-529: [openai/gpt-4.1-mini], claude-error-429: [local/{local}]}}
+    prices: {{claude-sonnet-4-5: {{input: 3, output: 15}}}}
+  - name: ollama
+    kind: openai
+    base_url: {ollama}
+    models: "*"
+  - name: hf
+    kind: huggingface
+    base_url: {hf}
+    api_key_env: TEAM_HF_TOKEN
+    models: [{hf_chat}, {hf_embed}, {hf_image}]
+  - name: down
+    kind: openai
+    base_url: http://127.0.0.1:{closed}/v1
+    models: [down-model]
+    fallbacks: {{down-model: [ollama/llama3.2]}}
+  - name: local
+    kind: local
+"""
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
+    fakes = {
+        "openai": FakeUpstream(api_key=KEYS["TEAM_OPENAI_KEY"]).start(),
+        # Ollama takes any key (the product sends a placeholder when it has none).
+        "ollama": FakeUpstream(api_key="not-needed", models=["llama3.2", "qwen2.5-coder"]).start(),
+        "claude": FakeAnthropic(api_key=KEYS["TEAM_ANTHROPIC_KEY"]).start(),
+        "hf": FakeHuggingFace(token=KEYS["TEAM_HF_TOKEN"]).start(),
+    }
+    folder = tmp_path_factory.mktemp("team")
+    path = folder / "backends.yaml"
+    path.write_text(
+        BACKENDS.format(
+            openai=fakes["openai"].url, ollama=fakes["ollama"].url, claude=fakes["claude"].url,
+            hf=fakes["hf"].url, closed=free_port(), local=LOCAL, hf_chat=HF_CHAT,
+            hf_embed=HF_EMBED, hf_image=HF_IMAGE,
+        )
+    )  # fmt: skip
+    saved = {k: os.environ.get(k) for k in KEYS}
+    os.environ.update(KEYS)
+    settings = load_settings(
+        environ={
+            "ACCESS_KEY": ACCESS_KEY,
+            "BACKENDS_FILE": str(path),
+            "DATA_DIR": str(folder / "data"),
+            "UPSTREAM_MAX_RETRIES": "0",
+            "REQUEST_TIMEOUT": "10",
+        },
+        env_file=None,
+    )
+    from ui.server import create_app
+
+    app = create_app(settings)
+    served: Served = serve(app)
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=ACCESS_KEY, max_retries=0)
+    yield Team(served.url, app.dashboard.state.core, fakes["openai"], fakes["ollama"],
+               fakes["claude"], fakes["hf"], client)  # fmt: skip
+    served.stop()
+    for fake in fakes.values():
+        fake.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def last_row(team: Team) -> dict:
+    return team.core.ledger.rows().iloc[-1].to_dict()
+
+
+def chat(team: Team, model: str, text: str = "Hello there", **kwargs: object) -> str:
+    reply = team.client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], **kwargs
+    )
+    return reply.choices[0].message.content or ""
+
+
+# ---- routing ------------------------------------------------------------------------------
+
+
+def test_every_backends_models_are_listed_with_the_backend_named(team: Team) -> None:
+    listed = {m.id: m.model_extra["backend"] for m in team.client.models.list()}
+    assert listed["gpt-4.1-mini"] == "openai"
+    assert listed["claude-sonnet-4-5"] == "claude"
+    assert listed["llama3.2"] == "ollama"  # what the server lists ("*")
+    assert listed[HF_CHAT] == "hf"
+    assert listed[LOCAL] == "local"
+    assert listed["down-model"] == "down"  # named in the file: listed even while it is down
+    # Every id listed routes back to its backend.
+    for model_id, backend in listed.items():
+        route = asyncio.run(team.core.service.router.resolve("chat", model_id))
+        assert route.name == backend, model_id
+
+
+@pytest.mark.parametrize(
+    ("model", "backend", "reply"),
+    [
+        ("gpt-4.1-mini", "openai", "Echo: Hello there"),
+        ("llama3.2", "ollama", "Echo: Hello there"),
+        ("ollama/qwen2.5-coder", "ollama", "Echo: Hello there"),
+        ("claude-sonnet-4-5", "claude", "Claude echo: Hello there"),
+        ("claude/claude-sonnet-4-5", "claude", "Claude echo: Hello there"),
+        (HF_CHAT, "hf", "HF echo: Hello there"),
+        (f"hf/{HF_CHAT}", "hf", "HF echo: Hello there"),
+    ],
+)
+def test_a_model_id_or_backend_prefix_picks_the_backend(
+    team: Team, model: str, backend: str, reply: str
+) -> None:
+    assert chat(team, model) == reply
+    row = last_row(team)
+    assert (
+        row["provider"] == backend and row["model"] == model.split("/", 1)[-1]
+        if model.startswith(backend + "/")
+        else row["provider"] == backend
+    )
+
+
+def test_the_embedded_model_is_one_backend_among_them(team: Team) -> None:
+    text = chat(team, LOCAL, "Say hi", max_tokens=8, temperature=0)
+    assert text
+    assert last_row(team)["provider"] == "local"
+
+
+def test_an_unknown_model_says_which_backends_were_asked(team: Team) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        chat(team, "no-such-model")
+    message = info.value.message
+    for name in ("openai", "claude", "ollama", "hf", "down", "local"):
+        assert name in message
+    assert info.value.code == "model_not_found"
+
+
+def test_a_function_the_backend_does_not_serve_is_refused_by_name(team: Team) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        team.client.embeddings.create(model="claude-sonnet-4-5", input="hi")
+    assert "claude" in info.value.message and "embeddings" in info.value.message
+    assert "openai" in info.value.message  # a backend that does
+
+
+# ---- fallbacks ----------------------------------------------------------------------------
+
+
+def test_a_failing_model_falls_back_and_the_ledger_names_who_answered(team: Team) -> None:
+    before = _metric(
+        team, 'dashboard_fallbacks_total{backend="claude",function="chat",to="openai"}'
+    )
+    assert chat(team, "claude-error-529") == "Echo: Hello there"  # the OpenAI fake's words
+    row = last_row(team)
+    assert (row["provider"], row["model"], row["status"]) == ("openai", "gpt-4.1-mini", "ok")
+    after = _metric(team, 'dashboard_fallbacks_total{backend="claude",function="chat",to="openai"}')
+    assert after == before + 1
+
+
+def test_a_fallback_streams_too(team: Team) -> None:
+    stream = team.client.chat.completions.create(
+        model="claude-error-529",
+        messages=[{"role": "user", "content": "Stream it"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Echo: Stream it"
+    assert chunks[-1].usage is not None
+
+
+def test_a_429_falls_back_to_the_embedded_model(team: Team) -> None:
+    assert chat(team, "claude-error-429", "Say hi", max_tokens=4, temperature=0)
+    assert last_row(team)["provider"] == "local"
+
+
+def test_a_down_backend_falls_back_passing_bytes_through(team: Team) -> None:
+    assert chat(team, "down-model") == "Echo: Hello there"
+    assert last_row(team)["provider"] == "ollama"
+
+
+def test_errors_that_are_the_callers_do_not_fall_back(team: Team) -> None:
+    with pytest.raises(openai.BadRequestError):
+        chat(team, "claude-error-400")
+    assert last_row(team)["provider"] == "claude"
+
+
+def test_the_dashboard_api_routes_and_falls_back_too(team: Team) -> None:
+    client = Client(team.url, auth=("gradio-team", ACCESS_KEY), verbose=False)
+    messages = [{"role": "user", "content": "From a script"}]
+    assert client.predict(messages, "claude-sonnet-4-5", api_name="/chat") == (
+        "Claude echo: From a script"
+    )
+    assert client.predict(messages, "claude-error-529", api_name="/chat") == "Echo: From a script"
+    assert last_row(team)["provider"] == "openai"
+    models = client.predict(api_name="/models")
+    assert {"claude-sonnet-4-5", "llama3.2", LOCAL} <= {m["id"] for m in models}
+
+
+# ---- Anthropic, through OpenAI's API ------------------------------------------------------
+
+
+def test_an_openai_chat_request_reaches_anthropic_field_by_field(team: Team) -> None:
+    team.claude.requests.clear()
+    picture = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+    reply = team.client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Answer in English."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{picture}"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+            ]},
+        ],
+        temperature=0.3,
+        top_p=0.9,
+        max_tokens=40,
+        stop=["STOP"],
+    )  # fmt: skip
+    sent = team.claude.requests[-1]
+    assert sent["model"] == "claude-sonnet-4-5"
+    assert sent["system"] == "Be brief.\n\nAnswer in English."
+    assert sent["max_tokens"] == 40 and sent["stop_sequences"] == ["STOP"]
+    assert sent["temperature"] == 0.3 and sent["top_p"] == 0.9
+    assert sent["stream"] is True
+    assert sent["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": picture}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+    ]}]  # fmt: skip
+    answer = reply.choices[0]
+    assert answer.message.content.startswith("Claude echo: What is this?")
+    assert "[images: 2]" in answer.message.content
+    assert answer.finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    assert reply.model == "claude-sonnet-4-5"
+
+
+def test_tool_calls_and_tool_results_round_trip_through_anthropic(team: Team) -> None:
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+    first = team.client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools,
+        tool_choice="required",
+    )
+    sent = team.claude.requests[-1]
+    assert sent["tools"] == [{"name": "get_weather", "description": "The weather in a city",
+                              "input_schema": tools[0]["function"]["parameters"]}]  # fmt: skip
+    assert sent["tool_choice"] == {"type": "any"}
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert (call.id, call.function.name) == ("toolu_01A", "get_weather")
+    assert call.function.arguments == '{"city": "Paris", "unit": "celsius"}'  # pieces joined
+
+    second = team.client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+        ],
+        tools=tools,
+    )
+    sent = team.claude.requests[-1]
+    assert sent["messages"][1] == {"role": "assistant", "content": [
+        {"type": "text", "text": "Claude echo: Weather in Paris?"},
+        {"type": "tool_use", "id": "toolu_01A", "name": "get_weather",
+         "input": {"city": "Paris", "unit": "celsius"}}]}  # fmt: skip
+    result = {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "18 C and sunny"}
+    assert sent["messages"][2] == {"role": "user", "content": [result]}
+    assert second.choices[0].message.content == "Tool said: 18 C and sunny"
+
+
+def test_tool_calls_stream_in_openais_shape(team: Team) -> None:
+    stream = team.client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[{"type": "function", "function": {"name": "w", "parameters": {}}}],
+        tool_choice={"type": "function", "function": {"name": "w"}},
+        stream=True,
+    )
+    calls = [tc for c in stream if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert [(c.index, c.function.name) for c in calls] == [(0, "w")]
+    assert team.claude.requests[-1]["tool_choice"] == {"type": "tool", "name": "w"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"logprobs": True}, "logprobs"),
+        ({"seed": 7}, "seed"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_what_anthropic_has_no_equivalent_for_is_refused_by_name(
+    team: Team, fields: dict, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(team, "claude-sonnet-4-5", **fields)
+    assert info.value.param == param
+
+
+def test_anthropic_errors_come_back_in_openais_shape(team: Team) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(team, "claude-error-400")
+    assert "Fake failure 400" in info.value.message
+    stream = team.client.chat.completions.create(
+        model="claude-cut-stream", messages=[{"role": "user", "content": "Go on"}], stream=True
+    )
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+
+
+# ---- Hugging Face ---------------------------------------------------------------------------
+
+
+def test_hugging_face_chat_embeddings_and_images(team: Team) -> None:
+    stream = team.client.chat.completions.create(
+        model=HF_CHAT, messages=[{"role": "user", "content": "Hi HF"}], stream=True, max_tokens=20
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "HF echo: Hi HF"
+    )
+    sent = team.hf.requests[-1]["json"]
+    assert sent["model"] == HF_CHAT and sent["max_tokens"] == 20
+
+    vectors = team.client.embeddings.create(model=HF_EMBED, input=["one", "two"])
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 8
+    assert team.hf.requests[-1]["path"].endswith(f"{HF_EMBED}/pipeline/feature-extraction")
+
+    image = team.client.images.generate(model=HF_IMAGE, prompt="a red square", size="1024x1024")
+    assert base64.b64decode(image.data[0].b64_json).startswith(b"\x89PNG")
+    assert team.hf.requests[-1]["json"]["parameters"] == {"width": 1024, "height": 1024}
+    assert last_row(team)["provider"] == "hf"
+
+
+def test_hugging_face_tool_calls_arrive_whole(team: Team) -> None:
+    reply = team.client.chat.completions.create(
+        model=HF_CHAT,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[{"type": "function", "function": {"name": "weather", "parameters": {}}}],
+    )
+    call = reply.choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == ("weather", '{"city": "Oslo"}')
+
+
+# ---- health, prices, secrets ------------------------------------------------------------------
+
+
+def test_one_backend_down_is_degraded_not_down(team: Team) -> None:
+    health = httpx.get(team.url + "/health").json()
+    assert health["status"] == "degraded"
+    states = {b["name"]: b["reachable"] for b in health["backends"]}
+    assert states == {"openai": True, "claude": True, "ollama": True, "hf": True,
+                      "down": False, "local": True}  # fmt: skip
+    assert chat(team, "gpt-4.1-mini")  # the others keep serving
+
+
+def test_prices_per_backend_cost_their_calls(team: Team) -> None:
+    chat(team, "claude-sonnet-4-5", "one two three")
+    row = last_row(team)
+    expected = (row["prompt_tokens"] * 3 + row["completion_tokens"] * 15) / 1_000_000
+    assert row["cost_usd"] == pytest.approx(expected) and row["cost_usd"] > 0
+
+
+def test_no_backend_key_appears_anywhere(team: Team) -> None:
+    health = httpx.get(team.url + "/health").text
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(team, "claude-error-400")
+    for key in KEYS.values():
+        assert key not in health and key not in str(info.value) and key not in LOG_STREAM.getvalue()
+
+
+def _metric(team: Team, sample: str) -> float:
+    text = httpx.get(team.url + "/metrics", headers={"Authorization": f"Bearer {ACCESS_KEY}"}).text
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# ---- the file ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("backends: []", "backends: List should have at least 1 item"),
+        ("backends:\n  - {name: a, kind: bedrock}", "backends[0] (a).kind"),
+        ("backends:\n  - {name: a, kind: openai, api_key: sk-123}", "api_key_env"),
+        ("backends:\n  - {name: a, kind: openai}\n  - {name: a, kind: local}", "unique"),
+        ("backends:\n  - {name: a, kind: openai, base_url: ftp://x}", "backends[0] (a).base_url"),
+        ("backends:\n  - {name: a, kind: openai, fallbacks: {m: [m]}}", "fall back to itself"),
+        ("backends: [", "not valid YAML"),
+        ("- just a list", "'backends:'"),
+    ],
+)
+def test_a_wrong_backends_file_says_what_and_where(text: str, said: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_backends(text)
+    assert said in str(info.value)
+    assert "sk-123" not in str(info.value)
+
+
+def test_the_file_may_be_toml(tmp_path: Path) -> None:
+    toml = textwrap.dedent(
+        """
+        [[backends]]
+        name = "claude"
+        kind = "anthropic"
+        api_key_env = "ANTHROPIC_API_KEY"
+        models = ["claude-sonnet-4-5"]
+        """
+    )
+    spec = parse_backends(toml, toml=True)
+    assert spec.backends[0].name == "claude"
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="BACKENDS_FILE"):
+        load_settings(environ={"BACKENDS_FILE": str(missing)}, env_file=None)
