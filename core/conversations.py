@@ -24,8 +24,10 @@ from core.schemas import MAX_PROMPT_CHARS, MODEL_NAME_PATTERN, describe_validati
 MAX_CONVERSATIONS = 1_000  # per user; the oldest goes when a new one would pass it
 # What one saved conversation may hold: its text (the messages as JSON, without their
 # images) and, apart, its attached images (as data: URLs), so that a few photos fit.
+# Text and images together stay under the dashboard's 20 MB upload limit, so that what
+# Export writes, Import takes back.
 MAX_CONVERSATION_BYTES = 4_000_000
-MAX_CONVERSATION_IMAGE_BYTES = 24_000_000
+MAX_CONVERSATION_IMAGE_BYTES = 14_000_000
 # A question is refused before it is sent when the chat, with it, leaves less than this for
 # the reply: a reply is never written only to find that it cannot be saved.
 REPLY_ROOM = 400_000
@@ -79,7 +81,13 @@ def check_room(messages: list[Message], *, room: int | None = None) -> None:
     """Refuse (InvalidRequest) messages a saved chat cannot hold with `room` bytes to spare
     for what comes next; the message says how big the chat is and what to do."""
     room = REPLY_ROOM if room is None else room
-    text = sum(len(m.content.encode()) + 64 for m in messages)
+    # Counted as saved: the messages as JSON (escapes included), without their images.
+    text = len(
+        json.dumps(
+            [m.model_dump(exclude_defaults=True, exclude={"images"}) for m in messages],
+            ensure_ascii=False,
+        ).encode()
+    )
     pictures = sum(len(url) for m in messages for url in m.images)
     if text + room > MAX_CONVERSATION_BYTES:
         what = "the reply to this message would not fit" if room else "it is too long to save"

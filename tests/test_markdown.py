@@ -9,7 +9,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from ui.chat import to_display
-from ui.markdown import MAX_MARKDOWN_CHARS, safe_parts, source_of
+from ui.markdown import MAX_MARKDOWN_CHARS, safe_parts, shown_parts, source_of
 
 # A second opinion on the output: how a CommonMark + GFM-tables renderer with raw HTML on reads it.
 RENDER = MarkdownIt("commonmark", {"html": True}).enable("table")
@@ -215,7 +215,23 @@ def test_a_question_shown_in_parts_comes_back_whole_for_editing(text: str) -> No
 def test_an_edited_part_goes_back_into_the_question() -> None:
     parts = safe_parts("Explain:\n\n```c\nint x = a < b;\n```\nbriefly")
     parts[1] = parts[1].replace("a < b", "a <= b")  # edited in its own box, as typed
-    parts[0] = parts[0].replace("Explain", "Explain &amp; fix")
+    parts[0] = parts[0].replace("Explain", "Explain & fix")
     assert "".join(source_of(p) for p in parts) == (
         "Explain & fix:\n\n```c\nint x = a <= b;\n```\nbriefly"
     )
+
+
+@pytest.mark.parametrize("text", [*EXACT.values(), *HOSTILE.values(), "a\r\nb\r\n```\nc\n```\r\n"])
+def test_each_part_keeps_the_text_it_was_made_from(text: str) -> None:
+    """A question edited in one part keeps every other part byte for byte."""
+    parts = shown_parts(text)
+    assert [shown for shown, _ in parts] == safe_parts(text)
+    normalised = text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "\ufffd")
+    assert "".join(source for _, source in parts) == normalised
+
+
+def test_editing_takes_back_only_what_was_added_for_showing() -> None:
+    """Entities a person wrote (a URL's &region=, a literal &amp;) are not decoded."""
+    text = "Map https://x.com/m?a=1&region=eu&copy=2, &amp; &#96; and a < b"
+    (shown,) = safe_parts(text)
+    assert source_of(shown) == text

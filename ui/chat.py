@@ -35,7 +35,7 @@ from ui.common import (
     save_text,
     uploaded_path,
 )
-from ui.markdown import safe_parts, source_of
+from ui.markdown import safe_parts, shown_parts, source_of
 
 # While a reply streams, redisplaying it costs a Markdown parse of the whole reply: show it at
 # most every SHOW_EVERY seconds, and spend at most a fifth of the time on it.
@@ -53,8 +53,9 @@ PASTE_IMAGES_JS = """
     const button = document.querySelector("#chat-attach");  // its file input is beside it
     const input = button && [...button.parentElement.children].find(
       (e) => e.matches("input[type=file]"));
-    if (!files.length || !input) return;
-    if (!data.getData("text/plain")) event.preventDefault();  // text pasted with it stays
+    // Cells copied from a spreadsheet come with a picture of them too: text wins.
+    if (!files.length || !input || data.getData("text/plain")) return;
+    event.preventDefault();
     const transfer = new DataTransfer();
     files.forEach((f) => transfer.items.add(f));
     input.files = transfer.files;
@@ -202,6 +203,9 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     busy = gr.State(False)  # a reply is being written (the next send waits for it)
     # A message whose call failed, to give back to the message box once the call has ended.
     unsent = gr.State(None)  # {"text": ..., "images": [...]}
+    # The chat as it was before a retry or edit cut it back, to restore if the call is refused
+    # before it starts: {"history": [...], "give_back": whether the question goes to the box}.
+    uncut = gr.State(None)
     remote_images = core.settings.allow_remote_images
 
     def show(message: dict[str, Any], user: str = "") -> dict[str, Any]:
@@ -266,6 +270,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         text: str,
         pictures: list[str],
         history: list[dict[str, Any]],
+        was: dict[str, Any] | None,
         system_prompt: str,
         model_name: str,
         temp: float,
@@ -289,7 +294,11 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         try:  # a reply that could not be saved is never asked for
             saved.check_room([saved.Message.model_construct(**_stored(m)) for m in asked])
         except ServiceError as exc:
-            yield gr.skip(), gr.skip(), report(exc), {"text": text, "images": pictures}
+            failed: dict[str, Any] | None = {"text": text, "images": pictures}
+            if was is not None:  # a retry or edit: the chat comes back as it was
+                before = was["history"]
+                failed = failed if was["give_back"] else None
+            yield [show(m, request.username) for m in before], before, report(exc), failed
             return
         shown = [show(m, request.username) for m in asked]
         # Each yield carries the display and the state together: after Stop they agree. The
@@ -465,7 +474,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     async def begin(box: str, waiting: list[str]) -> tuple[Any, ...]:
         """Send: the box's text (and the attached images) become the question, the box empties
         once, Send becomes Stop."""
-        return (box, list(waiting or []), "", [], gr.Row(visible=False),
+        return (box, list(waiting or []), "", [], gr.Row(visible=False), None,
                 gr.Button(visible=False), gr.Button(visible=True), True, *locks(False))  # fmt: skip
 
     def on_attach(uploads: Any, waiting: list[str], request: gr.Request) -> tuple[Any, ...]:
@@ -487,11 +496,12 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
     def prepare_retry(history: list[dict[str, Any]], is_busy: bool) -> tuple[Any, ...]:
         """Retry: the last question again (with its images), its reply dropped."""
         guard(is_busy)
+        was = {"history": list(history or []), "give_back": False}
         history = list(history or [])
         while history and history[-1]["role"] == "assistant":
             history.pop()
         last = history.pop() if history else {"content": ""}
-        return (last["content"], list(last.get("images") or []), history,
+        return (last["content"], list(last.get("images") or []), history, was,
                 gr.Button(visible=False), gr.Button(visible=True), True, *locks(False))  # fmt: skip
 
     def prepare_edit(
@@ -501,24 +511,35 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
 
         A question with a code block is shown in parts (see ui.markdown), and the Chatbot
         edits each part in a box of its own and reports each one as an edit: the parts left
-        as they were are ignored, the changed one goes back into the whole question."""
+        as they were are ignored, the changed one goes back into the whole question, and the
+        others keep the exact text they were written with."""
         history = list(history or [])
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
         index = min(max(index, 0), len(history))
         question = history[index] if index < len(history) else {"role": "user", "content": ""}
-        shown = [p["text"] for p in to_display(question, remote_images=remote_images)["content"]]
+        parts = shown_parts(question["content"], remote_images=remote_images)
         value = edit.value if isinstance(edit.value, str) else str(edit.value)
         previous = edit.previous_value
-        if len(shown) > 1 and value == previous:
+        if len(parts) > 1 and value == previous:
             raise gr.Error("unchanged part", visible=False, print_exception=False)
+        if is_busy and len(parts) > 1:
+            raise gr.Error(
+                "One part of a question is edited at a time: your other change was not "
+                "applied. Edit that part again once this reply is done.",
+                title="One part at a time", print_exception=False,
+            )  # fmt: skip
         guard(is_busy)
+        shown = [display for display, _ in parts]
         if previous in shown:
-            shown[shown.index(previous)] = value
+            at = shown.index(previous)
+            sources = [source for _, source in parts]
+            sources[at] = source_of(value)
+            new_text = "".join(sources)
         else:  # not what this tab shows (the chat changed meanwhile): the edit as typed
-            shown = [value]
-        new_text = "".join(source_of(part) for part in shown)
+            new_text = source_of(value)
         kept = list(question.get("images") or [])
-        return (new_text, kept, history[:index], gr.Button(visible=False),
+        was = {"history": history, "give_back": True}
+        return (new_text, kept, history[:index], was, gr.Button(visible=False),
                 gr.Button(visible=True), True, *locks(False))  # fmt: skip
 
     def undo(
@@ -544,12 +565,16 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             except ServiceError:  # deleted meanwhile (another tab): the screen still undoes
                 pass
         back: tuple[Any, ...] = (gr.skip(), gr.skip(), gr.skip())
-        if pictures and not waiting:
+        status: Any = gr.skip()
+        if (box or "").strip():  # a draft stays; the question and its images do not mix in
+            status = notice("Undone. Your draft stays in the box (the undone question is not "
+                            "put back over it).")  # fmt: skip
+        elif pictures and not waiting:
             back = (pictures, gr.Row(visible=True), waiting_line(len(pictures)))
         shown = [show(m, request.username) for m in history]
-        return shown, history, box or question, seen, *back
+        return shown, history, box or question, seen, *back, status
 
-    reply_inputs = [asking, asking_images, conversation, system, model, temperature,
+    reply_inputs = [asking, asking_images, conversation, uncut, system, model, temperature,
                     max_tokens, stop_text]  # fmt: skip
     reply_outputs = [chatbot, conversation, usage, unsent]
     settle_inputs = [conversation, message, unsent, attached, current, version, system, model,
@@ -577,12 +602,13 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
             queue=False,
         )
 
-    began = [asking, asking_images, message, attached, attached_row, send, stop, busy, *locked]
+    began = [asking, asking_images, message, attached, attached_row, uncut, send, stop, busy,
+             *locked]  # fmt: skip
     sending = gr.on([message.submit, send.click], guard, [busy], None, api_visibility="private",
                     queue=False)  # fmt: skip
     chain(sending.success(begin, [message, attached], began, api_visibility="private",
                           queue=False))  # fmt: skip
-    prepared = [asking, asking_images, conversation, send, stop, busy, *locked]
+    prepared = [asking, asking_images, conversation, uncut, send, stop, busy, *locked]
     chain(chatbot.retry(prepare_retry, [conversation, busy], prepared, api_visibility="private",
                         queue=False))  # fmt: skip
     chain(chatbot.edit(prepare_edit, [conversation, busy], prepared, api_visibility="private",
@@ -593,7 +619,8 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
                    [attached, attached_row, attached_line], api_visibility="private",
                    queue=False)  # fmt: skip
     chatbot.undo(undo, [conversation, message, attached, current],
-                 [chatbot, conversation, message, version, attached, attached_row, attached_line],
+                 [chatbot, conversation, message, version, attached, attached_row, attached_line,
+                  usage],
                  api_visibility="private")  # fmt: skip
 
     clear.click(

@@ -18,7 +18,6 @@ Gradio's Chatbot renders each text part with `marked` (raw HTML on) and a saniti
 from __future__ import annotations
 
 import bisect
-import html
 import logging
 import re
 import string
@@ -36,31 +35,47 @@ _INFO = re.compile(r"[\w+#.-]{1,40}")
 _CODE_SPAN = re.compile(r"<code>(.*?)</code>", re.DOTALL)
 _FENCED = re.compile(r"(`{3,})[^`\n]*\n(?:.*\n)?\1\n?", re.DOTALL)
 _LINK_IMAGE = re.compile(r"(?<!\\)\\!\[")
+_NUMERIC = re.compile(r"&#(\d{1,7});")
 # Longer texts are shown as one code block: a streamed reply is parsed again and again.
 MAX_MARKDOWN_CHARS = 100_000
 
 
 def safe_parts(text: str, *, remote_images: bool = False) -> list[str]:
     """`text` as Markdown parts to show one after the other, each rendered on its own."""
+    return [shown for shown, _ in shown_parts(text, remote_images=remote_images)]
+
+
+def shown_parts(text: str, *, remote_images: bool = False) -> list[tuple[str, str]]:
+    """Each part as shown, with the text it was made from: joined, those texts are `text`
+    (newlines normalised), so a part edited on its own goes back among the others as written."""
     # The same normalisation markdown-it does, so its line numbers index `lines`.
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "\ufffd")
     if len(text) > MAX_MARKDOWN_CHARS:
-        return [_fence(text, "")]
+        return [(_fence(text, ""), text)]
     lines = text.split("\n")
     tokens = _PARSER.parse(text)
     inline = sorted({tuple(t.map) for t in tokens if t.type == "inline" and t.map})
     fences = [t for t in tokens if t.type == "fence" and t.level == 0 and t.map]
-    parts: list[str] = []
+    pieces: list[tuple[str, int]] = []  # (shown, its first line)
     line = 0
     for fence in fences:
         start, end = fence.map
-        parts.append(_prose(lines, line, start, inline, remote_images))
-        parts.append(_fence(fence.content, fence.info))
+        pieces.append((_prose(lines, line, start, inline, remote_images), line))
+        pieces.append((_fence(fence.content, fence.info), start))
         line = end
-    parts.append(_prose(lines, line, len(lines), inline, remote_images))
-    parts = [part for part in parts if part.strip()]
-    # Gradio's copy button joins parts with a space: a newline keeps the copy valid Markdown.
-    return [part + "\n" for part in parts[:-1]] + parts[-1:]
+    pieces.append((_prose(lines, line, len(lines), inline, remote_images), line))
+    kept = [(shown, first) for shown, first in pieces if shown.strip()]
+    if not kept:
+        return []
+    # Each part's source runs from its first line to the next part's (the first from line 0).
+    starts = [0] + [first for _, first in kept[1:]] + [len(lines)]
+    out = []
+    for i, (shown, _) in enumerate(kept):
+        source = "\n".join(lines[starts[i] : starts[i + 1]])
+        last = i == len(kept) - 1
+        # Gradio's copy button joins parts with a space: a newline keeps the copy valid Markdown.
+        out.append((shown if last else shown + "\n", source if last else source + "\n"))
+    return out
 
 
 def _fence(content: str, info: str) -> str:
@@ -155,17 +170,17 @@ def _plain(text: str, remote_images: bool) -> str:
 
 
 def source_of(part: str) -> str:
-    """The Markdown a part from `safe_parts` shows, for editing: a code block is its own
-    Markdown already; in text, entities and our `<code>` spans go back to characters and
-    backticks, and the "!" we escaped becomes an image again. Text without those comes back
-    exactly; text with them as Markdown that reads the same."""
+    """The Markdown a part from `safe_parts` shows, after a person edited it: a code block is
+    its own Markdown already; in text, only what `safe_parts` added is taken back (the `&lt;`
+    for "<", our `<code>` spans as backticks, the "\\" before an image's "!"). Anything else
+    the person wrote, entities included, stays as written."""
     if _FENCED.fullmatch(part):
         return part
     out: list[str] = []
     done = 0
     for span in _CODE_SPAN.finditer(part):
         out.append(_unplain(part[done : span.start()]))
-        content = html.unescape(span[1])
+        content = _NUMERIC.sub(lambda m: chr(int(m[1])), span[1])
         ticks = "`" * (max((len(r) for r in _BACKTICKS.findall(content)), default=0) + 1)
         pad = " " if content.startswith("`") or content.endswith("`") else ""
         out.append(f"{ticks}{pad}{content}{pad}{ticks}")
@@ -175,4 +190,4 @@ def source_of(part: str) -> str:
 
 
 def _unplain(text: str) -> str:
-    return html.unescape(_LINK_IMAGE.sub("![", text))
+    return _LINK_IMAGE.sub("![", text).replace("&lt;", "<")

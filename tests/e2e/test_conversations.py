@@ -170,6 +170,43 @@ def test_a_chat_too_full_to_save_a_reply_refuses_the_question_first(
     expect(page.locator("#chatbot")).to_contain_text("Echo: A second question")
 
 
+def test_a_retry_or_edit_refused_for_room_leaves_the_chat_as_it_was(
+    page: Page, monkeypatch
+) -> None:
+    """Refused before it starts, a retry or an edit cuts nothing: not on screen, not saved."""
+    from core import conversations
+
+    chat = page.locator("#chatbot")
+    send(page, "First question")
+    expect(page.locator("#chat-status")).to_contain_text("tokens")
+    send(page, "Second question")
+    expect(chat).to_contain_text("Echo: Second question")
+    expect(page.locator("#chat-status")).to_contain_text("tokens")
+    monkeypatch.setattr(conversations, "REPLY_ROOM", 4_000_000)
+    chat.get_by_role("button", name="Retry").click()
+    expect(page.locator("#chat-status")).to_contain_text("would not fit")
+    expect(page.get_by_role("textbox", name="Message")).to_have_value("")  # nothing doubled
+    page.get_by_test_id("user").first.hover()
+    chat.get_by_role("button", name="Edit").first.click()
+    chat.locator("textarea").fill("An edited first question")
+    chat.get_by_role("button", name="Submit").click()
+    expect(page.get_by_role("textbox", name="Message")).to_have_value("An edited first question")
+    assert chat.inner_text().count("Echo:") == 2
+    page.reload()  # and nothing was cut from the saved chat
+    expect(chat).to_contain_text("Echo: Second question")
+    assert chat.inner_text().count("Echo:") == 2
+
+
+def test_undo_keeps_a_draft_and_says_so(page: Page) -> None:
+    send(page, "A question")
+    expect(page.locator("#chat-status")).to_contain_text("tokens")
+    page.get_by_role("textbox", name="Message").fill("a draft")
+    page.locator("#chatbot").get_by_role("button", name="Undo").click()
+    expect(page.locator("#chat-status")).to_contain_text("Your draft stays")
+    expect(page.get_by_role("textbox", name="Message")).to_have_value("a draft")
+    expect(page.get_by_test_id("bot")).to_have_count(0)
+
+
 def test_presets_save_load_and_delete(page: Page, new_context) -> None:
     page.get_by_label("System prompt").fill("You are a terse pirate.")
     page.get_by_label("number input for Temperature").fill("1.3")
