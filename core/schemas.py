@@ -217,6 +217,8 @@ class StreamChunk(BaseModel):
     # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     logprobs: Any = None
     tool_calls: list[dict[str, Any]] | None = None  # whole calls, with their arguments
+    # On a stream's first chunk, when a fallback answered: the model (an id that routes to it).
+    served_by: str | None = None
 
 
 class ImageResult(BaseModel):

@@ -54,6 +54,15 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(8)
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    kind: str
+    description: str
+    functions: list[str]
+    honours: Mapping[str, frozenset[str]] | None  # None: every field goes upstream as sent
+
+
 @dataclass
 class Call:
     """One call through the service, as it is logged and recorded in the ledger."""
@@ -361,6 +370,19 @@ class Service:
         """Why `function` is not served, and how to get it."""
         return self.router.unavailable(function)
 
+    def backends(self) -> list[BackendInfo]:
+        """Each backend: its name, kind, description, what it serves and honours."""
+        return [
+            BackendInfo(
+                name=s.name,
+                kind=s.kind,
+                description=s.provider.describe(),
+                functions=[f for f in ENDPOINTS if s.serves(f)],
+                honours=s.provider.honours,
+            )
+            for s in self.router.backends
+        ]
+
     @property
     def honours(self) -> Mapping[str, frozenset[str]] | None:
         """The request fields the (first) backend honours per function; None: every field
@@ -502,10 +524,13 @@ class Service:
             except errors.ServiceError as exc:
                 await stream.aclose()
                 if i + 1 == len(routes) or not falls_back(exc):
+                    call.route, call.model = route, route.model  # who failed, for the message
                     raise
                 self._moved(call, route, exc, routes[i + 1])
                 continue
             self._answered(call, route, attempt)
+            if i and isinstance(first, StreamChunk):  # a fallback: say which model answered
+                first = first.model_copy(update={"served_by": self.router.public_id(route)})
             async with aclosing(stream):
                 yield first
                 async for item in stream:
@@ -529,6 +554,7 @@ class Service:
                 answer = await send(route.provider, attempt)
             except errors.ServiceError as exc:
                 if i + 1 == len(routes) or not falls_back(exc):
+                    call.route, call.model = route, route.model  # who failed, for the message
                     raise
                 self._moved(call, route, exc, routes[i + 1])
                 continue
@@ -635,7 +661,7 @@ class Service:
             status = type(exc).__name__
             call.refused = isinstance(exc, errors.QuotaExceeded)
             exc.request_id = call.request_id
-            exc.message = self._scrub(exc.message)
+            exc.message = self._scrub(self._named(call, exc))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -712,6 +738,24 @@ class Service:
             ts=call.started_at,
             **outcome,
         )
+
+    def _named(self, call: Call, exc: errors.ServiceError) -> str:
+        """With several backends, an upstream's failure names the backend it came from (and
+        the variable of its key, for a key refused)."""
+        route = call.route
+        if self.router.single or route is None:
+            return exc.message
+        from_backend = exc.upstream_status is not None or isinstance(
+            exc, errors.UpstreamError | errors.UpstreamAuthError
+        )
+        if not from_backend:
+            return exc.message
+        if isinstance(exc, errors.UpstreamAuthError):
+            env = route.served.spec.api_key_env or "its key"
+            return f"The {route.name} backend rejected its key: check {env}."
+        if exc.message.startswith("The upstream"):
+            return f"The {route.name} backend" + exc.message.removeprefix("The upstream")
+        return f"{exc.message} (backend: {route.name})"
 
     def _scrub(self, text: str) -> str:
         return redact(text, self._secrets)

@@ -75,22 +75,27 @@ def _inert(value: object) -> object:
 
 
 def models_frame(models: list[ModelInfo]) -> pd.DataFrame:
-    """The model list as a table: id, owner, created date, kind."""
-    return pd.DataFrame(
-        {
-            "id": [m.id for m in models],
-            "owned_by": [m.owned_by for m in models],
-            "created": [_date(m.created) for m in models],
-            "kind": [", ".join(m.kinds) for m in models],
-        },
-        columns=["id", "owned_by", "created", "kind"],
-    )
+    """The model list as a table: id, owner, created date, kind (and, with several backends,
+    the backend that serves each)."""
+    columns = ["id", "owned_by", "created", "kind"]
+    data = {
+        "id": [m.id for m in models],
+        "owned_by": [m.owned_by for m in models],
+        "created": [_date(m.created) for m in models],
+        "kind": [", ".join(m.kinds) for m in models],
+    }
+    if any(m.backend for m in models):
+        columns.insert(0, "backend")
+        data["backend"] = [m.backend or "" for m in models]
+    return pd.DataFrame(data, columns=columns)
 
 
 def filter_models(frame: pd.DataFrame, *, search: str = "", kind: str = "all") -> pd.DataFrame:
-    """Rows whose id or owner contains every word of `search`, of the given kind."""
+    """Rows whose id, owner or backend contains every word of `search`, of the given kind."""
     mask = pd.Series(True, index=frame.index)
     haystack = frame["id"].str.lower() + " " + frame["owned_by"].str.lower()
+    if "backend" in frame:
+        haystack += " " + frame["backend"].str.lower()
     for word in search.lower().split():
         mask &= haystack.str.contains(word, regex=False)
     if kind and kind != "all":

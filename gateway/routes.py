@@ -258,6 +258,7 @@ def build_router(core: Core) -> Router:
                 async for chunk in chunks:
                     pieces.append(chunk)
                     usage = chunk.usage or usage
+                    shape.model = chunk.served_by or shape.model
             return shape.whole(pieces, usage)
 
         try:
@@ -387,6 +388,7 @@ async def _events(
     async with aclosing(chunks):  # a client that leaves stops the generation now
         async for chunk in chunks:
             usage = chunk.usage or usage
+            shape.model = chunk.served_by or shape.model  # a fallback's model, as OpenAI says
             if chunk.text or chunk.finish_reason or chunk.tool_calls or chunk.logprobs:
                 yield shape.event(chunk)
     if include_usage:

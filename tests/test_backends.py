@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,114 +19,14 @@ from gradio_client import Client
 from core.backends import parse_backends
 from core.config import load_settings
 from core.errors import ConfigError
-from core.providers.local import bundled_model_path
-from tests.conftest import ACCESS_KEY, LOG_STREAM, Served, free_port, serve
-from tests.fake_anthropic import FakeAnthropic
-from tests.fake_huggingface import CHAT_MODEL as HF_CHAT
-from tests.fake_huggingface import EMBEDDING_MODEL as HF_EMBED
-from tests.fake_huggingface import IMAGE_MODEL as HF_IMAGE
-from tests.fake_huggingface import FakeHuggingFace
-from tests.upstream import FakeUpstream
-
-LOCAL = bundled_model_path().stem
-KEYS = {
-    "TEAM_OPENAI_KEY": "sk-team-openai-key-0123456789abcdef",
-    "TEAM_ANTHROPIC_KEY": "sk-ant-team-key-0123456789abcdef",
-    "TEAM_HF_TOKEN": "hf_team_token_0123456789abcdef",
-}
-
-
-@dataclass
-class Team:
-    url: str
-    core: object
-    openai: FakeUpstream
-    ollama: FakeUpstream
-    claude: FakeAnthropic
-    hf: FakeHuggingFace
-    client: openai.OpenAI
-
-
-BACKENDS = """
-backends:
-  - name: openai
-    kind: openai
-    base_url: {openai}
-    api_key_env: TEAM_OPENAI_KEY
-    models: [gpt-4.1-mini, text-embedding-3-small, gpt-image-1, error-503]
-    fallbacks: {{error-503: [ollama/llama3.2]}}
-  - name: claude
-    kind: anthropic
-    base_url: {claude}
-    api_key_env: TEAM_ANTHROPIC_KEY
-    models: [claude-sonnet-4-5, claude-error-529, claude-error-429, claude-error-400,
-             claude-cut-stream]
-    fallbacks: {{claude-error-529: [openai/gpt-4.1-mini], claude-error-429: [local/{local}]}}
-    prices: {{claude-sonnet-4-5: {{input: 3, output: 15}}}}
-  - name: ollama
-    kind: openai
-    base_url: {ollama}
-    models: "*"
-  - name: hf
-    kind: huggingface
-    base_url: {hf}
-    api_key_env: TEAM_HF_TOKEN
-    models: [{hf_chat}, {hf_embed}, {hf_image}]
-  - name: down
-    kind: openai
-    base_url: http://127.0.0.1:{closed}/v1
-    models: [down-model]
-    fallbacks: {{down-model: [ollama/llama3.2]}}
-  - name: local
-    kind: local
-"""
+from tests.conftest import ACCESS_KEY, LOG_STREAM
+from tests.team import HF_CHAT, HF_EMBED, HF_IMAGE, KEYS, LOCAL, Team, running_team
 
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
-    fakes = {
-        "openai": FakeUpstream(api_key=KEYS["TEAM_OPENAI_KEY"]).start(),
-        # Ollama takes any key (the product sends a placeholder when it has none).
-        "ollama": FakeUpstream(api_key="not-needed", models=["llama3.2", "qwen2.5-coder"]).start(),
-        "claude": FakeAnthropic(api_key=KEYS["TEAM_ANTHROPIC_KEY"]).start(),
-        "hf": FakeHuggingFace(token=KEYS["TEAM_HF_TOKEN"]).start(),
-    }
-    folder = tmp_path_factory.mktemp("team")
-    path = folder / "backends.yaml"
-    path.write_text(
-        BACKENDS.format(
-            openai=fakes["openai"].url, ollama=fakes["ollama"].url, claude=fakes["claude"].url,
-            hf=fakes["hf"].url, closed=free_port(), local=LOCAL, hf_chat=HF_CHAT,
-            hf_embed=HF_EMBED, hf_image=HF_IMAGE,
-        )
-    )  # fmt: skip
-    saved = {k: os.environ.get(k) for k in KEYS}
-    os.environ.update(KEYS)
-    settings = load_settings(
-        environ={
-            "ACCESS_KEY": ACCESS_KEY,
-            "BACKENDS_FILE": str(path),
-            "DATA_DIR": str(folder / "data"),
-            "UPSTREAM_MAX_RETRIES": "0",
-            "REQUEST_TIMEOUT": "10",
-        },
-        env_file=None,
-    )
-    from ui.server import create_app
-
-    app = create_app(settings)
-    served: Served = serve(app)
-    client = openai.OpenAI(base_url=served.url + "/v1", api_key=ACCESS_KEY, max_retries=0)
-    yield Team(served.url, app.dashboard.state.core, fakes["openai"], fakes["ollama"],
-               fakes["claude"], fakes["hf"], client)  # fmt: skip
-    served.stop()
-    for fake in fakes.values():
-        fake.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with running_team(tmp_path_factory.mktemp("team")) as running:
+        yield running
 
 
 def last_row(team: Team) -> dict:
@@ -219,6 +117,25 @@ def test_a_failing_model_falls_back_and_the_ledger_names_who_answered(team: Team
     assert after == before + 1
 
 
+def test_a_fallback_gets_the_whole_request_and_names_its_model(team: Team) -> None:
+    """From Anthropic's typed path to an OpenAI-compatible server: tools and sampling go too."""
+    team.openai.reset()
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    reply = team.client.chat.completions.create(
+        model="claude-error-529",
+        messages=[{"role": "user", "content": "Look it up"}],
+        tools=tools,
+        tool_choice="auto",
+        top_p=0.5,
+        max_tokens=30,
+    )
+    sent = [r for r in team.openai.requests if r["path"] == "/v1/chat/completions"][-1]["json"]
+    assert sent["model"] == "gpt-4.1-mini"
+    assert sent["tools"] == tools and sent["tool_choice"] == "auto" and sent["top_p"] == 0.5
+    assert sent["max_tokens"] == 30
+    assert reply.model == "gpt-4.1-mini"  # the model that answered, as OpenAI reports it
+
+
 def test_a_fallback_streams_too(team: Team) -> None:
     stream = team.client.chat.completions.create(
         model="claude-error-529",
@@ -230,6 +147,7 @@ def test_a_fallback_streams_too(team: Team) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Echo: Stream it"
     assert chunks[-1].usage is not None
+    assert {c.model for c in chunks} == {"gpt-4.1-mini"}
 
 
 def test_a_429_falls_back_to_the_embedded_model(team: Team) -> None:
@@ -489,3 +407,9 @@ def test_the_file_may_be_toml(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="BACKENDS_FILE"):
         load_settings(environ={"BACKENDS_FILE": str(missing)}, env_file=None)
+
+
+def test_a_backends_failure_names_the_backend(team: Team) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(team, "claude-error-500")
+    assert "claude" in info.value.message and "500" in info.value.message

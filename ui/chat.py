@@ -306,9 +306,10 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         reply: dict[str, Any] = {"role": "assistant", "content": "", "pending": True}
         yield [*shown, show(reply)], [*asked, reply], "Generating…", None
         body = chat_body(asked, system_prompt, model_name, temp, cap, stops)
-        text_so_far, last_usage, next_show = "", None, 0.0
+        text_so_far, last_usage, next_show, served = "", None, 0.0, None
         try:
             async for chunk in service.chat_stream(body, **caller_of(core, request)):
+                served = chunk.served_by or served
                 last_usage = chunk.usage or last_usage
                 text_so_far += chunk.text or ""
                 if chunk.text and time.monotonic() >= next_show:
@@ -326,7 +327,7 @@ def build(core: Core, files: FileRegistry, demo: gr.Blocks) -> ChatTab:
         if last_usage is not None:
             reply |= {"prompt_tokens": last_usage.prompt_tokens,
                       "completion_tokens": last_usage.completion_tokens}  # fmt: skip
-        model_used = body["model"] or service.default_model("chat")
+        model_used = served or body["model"] or service.default_model("chat")
         status = usage_line(last_usage, model_used)
         yield [*shown, show(reply)], [*asked, reply], status, None
 

@@ -73,12 +73,22 @@ def caller_of(core: Core, request: gr.Request | None) -> dict[str, Any]:
 def model_choices(
     service: Service, models: list[Any], kind: str, *, current: str | None = None
 ) -> gr.Dropdown:
-    """A model picker update: the backend's models of one kind, free text still allowed."""
+    """A model picker update: the backends' models of one kind, free text still allowed.
+    With several backends they are grouped by backend, each labelled with it."""
     default = current or service.default_model(kind)
-    ids = [m.id for m in models if kind in m.kinds]
-    if default not in ids:
-        ids.insert(0, default)
-    return gr.Dropdown(choices=ids, value=default)
+    fitting = [m for m in models if kind in m.kinds]
+    choices: list[Any] = [(_label(m), m.id) for m in fitting]
+    if default not in {m.id for m in fitting}:
+        choices.insert(0, (default, default))
+    return gr.Dropdown(choices=choices, value=default)
+
+
+def _label(model: Any) -> str:
+    """`backend · model` when several backends serve (the id without its backend prefix)."""
+    backend = getattr(model, "backend", None)
+    if not backend:
+        return model.id
+    return f"{backend} · {model.id.removeprefix(backend + '/')}"
 
 
 def parse_stop(text: str) -> list[str]:

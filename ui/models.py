@@ -9,30 +9,34 @@ from core import tables
 from core.context import Core
 from core.endpoints import ENDPOINTS
 from core.errors import ServiceError
-from core.service import Service
+from core.service import BackendInfo, Service
 from ui.common import caller_of, report
 
 KINDS = ["all", "chat", "completion", "embedding", "image", "audio", "other"]
 
 
 def honoured_markdown(service: Service) -> str:
-    """What the backend does with a request's fields, per function (from the provider's own
+    """What each backend does with a request's fields, per function (from the provider's own
     declaration, the list the service enforces)."""
-    if service.honours is None:
+    return "\n\n".join(_honoured(b) for b in service.backends())
+
+
+def _honoured(backend: BackendInfo) -> str:
+    if backend.honours is None:
         return (
-            f"{service.describe()}: every field of a `/v1` request goes to the upstream as "
-            "sent, which reads and answers for each of them."
+            f"**{backend.name}** ({backend.description}): every field of a `/v1` request goes "
+            "to the upstream as sent, which reads and answers for each of them."
         )
     lines = [
-        f"{service.describe()} honours these fields of a `/v1` request and refuses any other "
-        "with a 400 that names it:",
+        f"**{backend.name}** ({backend.description}) honours these fields of a `/v1` request "
+        "and refuses any other with a 400 that names it:",
         "",
         "| function | fields |",
         "|---|---|",
     ]
     for function in ENDPOINTS:
-        if service.serves(function):
-            names = ", ".join(f"`{n}`" for n in sorted(service.honours.get(function, ())))
+        if function in backend.functions:
+            names = ", ".join(f"`{n}`" for n in sorted(backend.honours.get(function, ())))
             lines.append(f"| {function} | {names} |")
         else:
             lines.append(f"| {function} | not served |")
@@ -45,25 +49,33 @@ def build(core: Core, demo: gr.Blocks) -> None:
     # align-bottom: the button lines up with the input boxes, not with their labels.
     with gr.Row(elem_classes="align-bottom"):
         search = gr.Textbox(
-            label="Search", placeholder="Filter by id or owner, e.g. gpt 4", scale=3, min_width=200
+            label="Search",
+            placeholder="Filter by id, owner or backend, e.g. gpt 4",
+            scale=3,
+            min_width=200,
         )
         kind = gr.Dropdown(label="Kind", choices=KINDS, value="all", scale=1, min_width=120)
         refresh = gr.Button("Refresh", scale=0, min_width=110)
     count = gr.Markdown(
         "Loading the model list…", elem_classes="usage-line", elem_id="models-count"
     )
+    several = len(service.backends()) > 1
+    columns = ["backend"] * several + ["id", "owned_by", "created", "kind"]
     table = gr.Dataframe(
         label="Models",
-        headers=["id", "owned_by", "created", "kind"],
+        headers=columns,
         interactive=False,
         wrap=True,
         max_height=560,
         elem_id="models-table",
     )
-    with gr.Accordion("Request fields this backend honours", open=False):
+    label = (
+        "Request fields each backend honours" if several else "Request fields this backend honours"
+    )
+    with gr.Accordion(label, open=False):
         gr.Markdown(honoured_markdown(service), elem_id="models-honours")
     # The full list lives per browser session, so filtering needs no new upstream call.
-    full = gr.State(pd.DataFrame(columns=["id", "owned_by", "created", "kind"]))
+    full = gr.State(pd.DataFrame(columns=columns))
 
     def show(frame: pd.DataFrame, text: str, chosen: str) -> tuple[pd.DataFrame, str]:
         shown = tables.filter_models(frame, search=text or "", kind=chosen or "all")

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -215,11 +215,14 @@ class OpenAIProvider:
         )
 
     async def _stream(
-        self, path: str, body: dict[str, Any], model: str | None, text_of: Callable[[dict], Any]
+        self, path: str, body: dict[str, Any], model: str | None, chat: bool
     ) -> AsyncIterator[StreamChunk]:
         """Stream over the raw connection, reading each event with orjson: the SDK's typed
-        chunk objects cost more CPU than the rest of the relay put together."""
+        chunk objects cost more CPU than the rest of the relay put together. Every choice
+        is read (n > 1), with its log probabilities; tool calls, which arrive in pieces, are
+        passed on whole when their choice finishes."""
         finished = False
+        calls: dict[int, dict[int, dict[str, Any]]] = {}  # choice -> call index -> the call
         upstream = self.forward_stream(path, orjson.dumps(body), model)
         async with aclosing(sse_batches(upstream)) as batches:
             async for events in batches:
@@ -246,10 +249,11 @@ class OpenAIProvider:
                         if usage:
                             yield StreamChunk(usage=usage)
                         continue
-                    reason = choices[0].get("finish_reason")
-                    text = text_of(choices[0]) or ""
-                    if text or reason or usage:
-                        yield StreamChunk(text=text, finish_reason=reason, usage=usage)
+                    for choice in choices:
+                        piece = _piece(choice, chat, calls, usage)
+                        if piece is not None:
+                            yield piece
+                            usage = None  # once per event
         if not finished:
             raise errors.StreamInterrupted()
 
@@ -260,14 +264,13 @@ class OpenAIProvider:
             "temperature": request.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **_sampling(request, CHAT_FIELDS),
         }
         if request.max_tokens:
             body[self.cap_param] = request.max_tokens
         if request.stop:
             body["stop"] = request.stop
-        async with aclosing(
-            self._stream("chat/completions", body, request.model, _delta_text)
-        ) as chunks:
+        async with aclosing(self._stream("chat/completions", body, request.model, True)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -278,14 +281,13 @@ class OpenAIProvider:
             "temperature": request.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **_sampling(request, COMPLETION_FIELDS),
         }
         if request.max_tokens:
             body["max_tokens"] = request.max_tokens
         if request.stop:
             body["stop"] = request.stop
-        async with aclosing(
-            self._stream("completions", body, request.model, _choice_text)
-        ) as chunks:
+        async with aclosing(self._stream("completions", body, request.model, False)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -533,9 +535,54 @@ def _basic_auth(url: str) -> str | None:
     return "Basic " + base64.b64encode(pair.encode()).decode()
 
 
-def _delta_text(choice: dict) -> str | None:
-    return (choice.get("delta") or {}).get("content")
+# The typed request's fields sent as they are when set (a call from the dashboard, or one
+# that fell back here from another backend: nothing it asked for is dropped on the way).
+SAMPLING_FIELDS = ("n", "top_p", "seed", "presence_penalty", "frequency_penalty")
+CHAT_FIELDS = (*SAMPLING_FIELDS, "logprobs", "top_logprobs", "response_format", "tools",
+               "tool_choice")  # fmt: skip
+COMPLETION_FIELDS = (*SAMPLING_FIELDS, "best_of", "logprobs")
 
 
-def _choice_text(choice: dict) -> str | None:
-    return choice.get("text")
+def _sampling(request: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(request, n) for n in names if getattr(request, n) is not None}
+
+
+def _piece(
+    choice: dict[str, Any],
+    chat: bool,
+    calls: dict[int, dict[int, dict[str, Any]]],
+    usage: Usage | None,
+) -> StreamChunk | None:
+    """One choice of a streamed event as a chunk (None if it carries nothing yet)."""
+    index = choice.get("index") or 0
+    reason = choice.get("finish_reason")
+    logprobs = choice.get("logprobs")
+    if chat:
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or ""
+        logprobs = logprobs.get("content") if isinstance(logprobs, dict) else None
+        for piece in delta.get("tool_calls") or []:
+            if not isinstance(piece, dict):
+                continue
+            call = calls.setdefault(index, {}).setdefault(
+                piece.get("index") or 0, {"id": "", "name": "", "arguments": []}
+            )
+            call["id"] = piece.get("id") or call["id"]
+            function = piece.get("function") or {}
+            call["name"] = function.get("name") or call["name"]
+            call["arguments"].append(function.get("arguments") or "")
+    else:
+        text = choice.get("text") or ""
+    whole = None
+    if reason and calls.get(index):
+        whole = [
+            {"index": i, "id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
+            for i, c in sorted(calls.pop(index).items())
+        ]  # fmt: skip
+    if not (text or reason or usage or whole or logprobs):
+        return None
+    return StreamChunk(
+        text=text, finish_reason=reason, usage=usage, index=index, logprobs=logprobs,
+        tool_calls=whole,
+    )  # fmt: skip
