@@ -413,3 +413,37 @@ def test_a_backends_failure_names_the_backend(team: Team) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         chat(team, "claude-error-500")
     assert "claude" in info.value.message and "500" in info.value.message
+
+
+def test_the_readmes_backends_file_is_valid_as_written() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```yaml\nbackends:", 1)[1].split("```", 1)[0]
+    spec = parse_backends("backends:" + block)
+    assert [b.name for b in spec.backends] == ["openai", "claude", "ollama", "local"]
+    assert spec.backends[1].fallbacks == {"claude-sonnet-4-5": ["openai/gpt-4.1-mini"]}
+
+
+def test_the_issues_file_form_works_as_written() -> None:
+    """The form the team asked for, with the ollama server listing everything."""
+    text = """
+backends:
+  - name: openai
+    kind: openai
+    base_url: https://api.openai.com/v1
+    api_key_env: OPENAI_API_KEY
+    models: [gpt-4.1-mini, text-embedding-3-small, gpt-image-1]
+  - name: claude
+    kind: anthropic
+    base_url: https://api.anthropic.com
+    api_key_env: ANTHROPIC_API_KEY
+    models: [claude-sonnet-4-5]
+    fallbacks: {claude-sonnet-4-5: [openai/gpt-4.1-mini]}
+  - name: ollama
+    kind: openai
+    base_url: http://localhost:11434/v1
+    models: "*"            # whatever the server lists
+  - name: local
+    kind: local
+"""
+    spec = parse_backends(text)
+    assert spec.backends[2].lists_everything() and spec.backends[3].kind == "local"
