@@ -11,6 +11,7 @@ import uvicorn
 from core.config import Settings, load_settings
 from core.errors import ConfigError
 from core.log import configure_logging
+from core.providers import configured_backends
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 log = logging.getLogger("app")
@@ -58,7 +59,10 @@ def main() -> None:
 
 
 def _secrets(settings: Settings) -> list[str]:
-    return [s.get_secret_value() for s in (settings.access_key, settings.openai_api_key) if s]
+    """Every key the process holds, for the log filter: ours, and each backend's."""
+    keys = [settings.access_key, settings.openai_api_key]
+    keys += [b.api_key for b in configured_backends(settings)]
+    return [s.get_secret_value() for s in keys if s]
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ Nothing here talks to a backend: core.router builds the providers and routes cal
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -41,6 +42,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -50,10 +52,13 @@ from core.errors import ConfigError
 from core.pricing import Price
 from core.schemas import MODEL_NAME_PATTERN
 
+log = logging.getLogger("core.backends")
 Kind = Literal["openai", "anthropic", "huggingface", "local"]
 KINDS: tuple[str, ...] = ("openai", "anthropic", "huggingface", "local")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+# The NAME of a variable, in the usual capitals: a key pasted here by mistake (sk-..., gsk_...)
+# does not fit, and is refused without being repeated.
+ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
 FUNCTIONS = ("chat", "completion", "embedding", "image")
 # Where each kind answers when the file gives no base_url.
 DEFAULT_URLS = {
@@ -89,11 +94,19 @@ class BackendSpec(BaseModel):
 
     @field_validator("base_url")
     @classmethod
-    def _url(cls, value: str | None) -> str | None:
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        if not re.match(r"^https?://[^\s/]+", value):
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or " " in value:
             raise ValueError("must be an http:// or https:// URL")
+        in_file = (info.context or {}).get("file", False)  # OPENAI_BASE_URL may hold a user
+        if in_file and ("@" in parts.netloc or parts.query or parts.fragment):
+            # user:password@ or ?key=...: a secret in the file, and shown wherever the URL is
+            raise ValueError(
+                "must hold no user, password, query or fragment: put the key in an "
+                "environment variable and name it in api_key_env"
+            )
         return value.rstrip("/")
 
     @model_validator(mode="before")
@@ -139,7 +152,7 @@ class BackendsFile(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> BackendsFile:
-        names = [b.name for b in self.backends]
+        names = [b.name.lower() for b in self.backends]
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"two backends are named {name!r}: names must be unique")
@@ -178,17 +191,32 @@ def _is_pattern(entry: str) -> bool:
     return any(c in entry for c in "*?[")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_backends(text: str, *, source: str = "BACKENDS_FILE", toml: bool = False) -> BackendsFile:
     """The file's text, validated; ConfigError names the entry and field that is wrong."""
     try:
-        data = tomllib.loads(text) if toml else yaml.safe_load(text)
+        data = tomllib.loads(text) if toml else yaml.load(text, Loader=_StrictLoader)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{source} is not valid {'TOML' if toml else 'YAML'}: {first}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must hold a 'backends:' list of backends")
     try:
-        return BackendsFile.model_validate(data)
+        return BackendsFile.model_validate(data, context={"file": True})
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_input=False, include_url=False):
@@ -229,8 +257,37 @@ def load_backends(path: Path, environ: Mapping[str, str] | None = None) -> list[
     backends = []
     for backend in spec.backends:
         key = env.get(backend.api_key_env, "").strip() if backend.api_key_env else ""
+        if backend.api_key_env and not key:
+            raise ConfigError(
+                f"BACKENDS_FILE ({path.name}): backend {backend.name!r} takes its key from "
+                f"{backend.api_key_env}, which is not set: set it, or leave the backend out"
+            )
         backends.append(Backend(spec=backend, api_key=SecretStr(key) if key else None))
+    _warn_about_fallbacks(spec)
     return backends
+
+
+def _warn_about_fallbacks(spec: BackendsFile) -> None:
+    """Fallbacks that can never be used, said once at start (the file still loads)."""
+    by_name = {b.name: b for b in spec.backends}
+    for backend in spec.backends:
+        for model, targets in backend.fallbacks.items():
+            if isinstance(backend.models, list) and not backend.named(model):
+                log.warning("backend %r: fallbacks for %r, a model it does not list",
+                            backend.name, model)  # fmt: skip
+            for target in targets:
+                first, slash, _ = target.partition("/")
+                other = by_name.get(first) if slash else None
+                if other is None and not any(b.named(target) or b.lists_everything()
+                                             for b in spec.backends):  # fmt: skip
+                    log.warning("backend %r: no backend serves the fallback %r",
+                                backend.name, target)  # fmt: skip
+                elif other is not None and backend.kind == "openai" and other.kind != "openai":
+                    log.warning(
+                        "backend %r: the fallback %r is used for dashboard calls only: /v1 "
+                        "passes OpenAI's bytes through, which only an openai-kind backend takes",
+                        backend.name, target,
+                    )  # fmt: skip
 
 
 def from_settings(settings: Settings) -> list[Backend]:

@@ -34,6 +34,7 @@ class Served:
 
     spec: BackendSpec
     provider: Provider
+    shorthand: bool = False  # the one backend of the variables (no BACKENDS_FILE)
     listed: tuple[float, list[ModelInfo]] | None = None
     failed: float = 0.0
     lock: asyncio.Lock | None = field(default=None, repr=False)
@@ -93,11 +94,15 @@ class Router:
     @classmethod
     def of(cls, backends: list[Backend], build: Callable[[Backend], Provider]) -> Router:
         """A router over `backends`, each with the provider `build` makes for it."""
-        return cls([Served(spec=b.spec, provider=build(b)) for b in backends])
+        return cls(
+            [Served(spec=b.spec, provider=build(b), shorthand=b.shorthand) for b in backends]
+        )
 
     @property
     def single(self) -> bool:
-        return len(self.backends) == 1
+        """The one backend the variables describe: it takes every model as it is named, and
+        its words are the variables' (a BACKENDS_FILE of one backend still routes)."""
+        return len(self.backends) == 1 and self.first.shorthand
 
     @property
     def first(self) -> Served:
@@ -120,6 +125,9 @@ class Router:
 
     def _claims_plain(self, model: str) -> Served | None:
         """The backend a plain id goes to without asking anyone for a list, if any."""
+        for served in self.backends:  # an id a list names exactly, even one with a "/"
+            if model in served.ids():
+                return served
         first, slash, _ = model.partition("/")
         if slash and first in self.by_name:
             return None
@@ -143,10 +151,11 @@ class Router:
             return route
         if self.single:
             return Route(self.first, model)
+        served = next((s for s in self.backends if model in s.ids()), None)
         first, slash, rest = model.partition("/")
-        if slash and rest and first in self.by_name:
+        if served is None and slash and rest and first in self.by_name:
             return Route(self.by_name[first], rest)
-        served = self._claims_plain(model)
+        served = served or self._claims_plain(model)
         if served is None:
             for candidate in self.backends:
                 if not (candidate.spec.lists_everything() and candidate.serves(function)):

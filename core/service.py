@@ -101,9 +101,8 @@ class Service:
         self.settings = settings
         if router is None and provider is not None:  # one given backend (tests, scripts)
             kind = "local" if provider.name == "local" else "openai"
-            router = Router(
-                [Served(spec=BackendSpec(name=provider.name, kind=kind), provider=provider)]
-            )
+            spec = BackendSpec(name=provider.name, kind=kind)
+            router = Router([Served(spec=spec, provider=provider, shorthand=True)])
         if router is None:
             router = Router.of(configured_backends(settings), lambda b: build_provider(settings, b))
         self.router = router
@@ -118,6 +117,7 @@ class Service:
             m for s in router.backends for m in (*s.ids(), *s.provider.default_models.values())
         }
         self._ping: tuple[float, dict[str, bool]] | None = None
+        self._pinging: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     @property
@@ -212,13 +212,21 @@ class Service:
         """Whether a /v1 call naming `model` goes to a backend that takes OpenAI's bytes as
         they are (else the gateway builds OpenAI's answers from the typed calls). A model no
         backend serves: False, and the typed call says so."""
+        route = await self._route_or_none(function, model)
+        return route is not None and route.provider.supports_passthrough
+
+    async def kind_for(self, function: str, model: str | None) -> str | None:
+        """The kind of backend (openai, anthropic, huggingface, local) a call would go to."""
+        route = await self._route_or_none(function, model)
+        return route.served.kind if route else None
+
+    async def _route_or_none(self, function: str, model: str | None) -> Route | None:
         if self.router.single:
-            return self.provider.supports_passthrough
+            return Route(self.router.first, model or "")
         try:
-            route = await self.router.resolve(function, model if isinstance(model, str) else None)
+            return await self.router.resolve(function, model if isinstance(model, str) else None)
         except errors.ServiceError:
-            return False
-        return route.provider.supports_passthrough
+            return None
 
     async def forward_json(
         self,
@@ -331,30 +339,46 @@ class Service:
 
     async def health(self) -> dict[str, Any]:
         """Secret-free status for /health: version, each backend, and whether it answers.
-        One backend that does not answer makes the status "degraded"; the others serve on."""
-        now = time.monotonic()
-        if self._ping is None or now - self._ping[0] > PING_TTL:
-            backends = self.router.backends
-            answers = await asyncio.gather(*(s.provider.ping() for s in backends))
-            self._ping = (now, {s.name: ok for s, ok in zip(backends, answers, strict=True)})
+        One backend that does not answer makes the status "degraded"; the others serve on.
+        Answered from the last check; a stale one is refreshed in the background, one check
+        at a time, however many probes come (only the very first waits for it)."""
+        loop = asyncio.get_running_loop()
+        running = self._pinging if self._pinging and self._pinging[0] is loop else None
+        if running is None or running[1].done():
+            stale = self._ping is None or time.monotonic() - self._ping[0] > PING_TTL
+            if stale:
+                running = (loop, asyncio.ensure_future(self._check_backends()))
+                self._pinging = running
+        if self._ping is None and running is not None:
+            await asyncio.shield(running[1])
+        assert self._ping is not None
         reachable = self._ping[1]
         status = {
             "status": "ok" if all(reachable.values()) else "degraded",
             **self.settings.status(),
             "upstream": self.describe(),
-            "reachable": any(reachable.values())
-            if not self.router.single
-            else all(reachable.values()),
+            # With several backends: whether any answers (the status says if one does not).
+            "reachable": any(reachable.values()),
         }
         if not self.router.single:
             status["provider"] = "backends"
             status["base_url"] = None
+            status["upstream_key_set"] = None
             status["backends"] = [
                 {"name": s.name, "kind": s.kind, "upstream": s.provider.describe(),
+                 "key_set": getattr(s.provider, "api_key", None) is not None,
                  "reachable": reachable[s.name]}
                 for s in self.router.backends
             ]  # fmt: skip
         return status
+
+    async def _check_backends(self) -> None:
+        backends = self.router.backends
+        answers = await asyncio.gather(*(s.provider.ping() for s in backends))
+        self._ping = (
+            time.monotonic(),
+            {s.name: ok for s, ok in zip(backends, answers, strict=True)},
+        )
 
     def default_model(self, function: str) -> str:
         """The model a call of `function` gets when it names none, as an id that routes to it
@@ -463,15 +487,17 @@ class Service:
                     param=name,
                 )
 
-    def _unsupported_on(self, route: Route, function: str) -> errors.Unsupported:
+    def _unsupported_on(self, route: Route, function: str) -> errors.ServiceError:
         if self.router.single:
             return errors.Unsupported(self.unavailable(function))
         endpoint = ENDPOINTS[function]
         others = [s.name for s in self.router.backends if s.serves(function)]
-        hint = f"the backends that do: {', '.join(others)}" if others else "no backend here does"
-        return errors.Unsupported(
-            f"The {route.name} backend ({route.served.kind}) does not serve /{endpoint.path} "
-            f"({hint}).",
+        if not others:
+            return errors.Unsupported(self.unavailable(function))
+        # The caller named the wrong model for it: theirs to fix (400, not a 5xx to retry).
+        return errors.InvalidRequest(
+            f"The {route.name} backend ({route.served.kind}) does not serve /{endpoint.path}; "
+            f"the backends that do: {', '.join(others)}.",
             param="model",
         )
 

@@ -246,7 +246,8 @@ def build_router(core: Core) -> Router:
             return error_response(exc, params)
         call = service.chat_stream if function == "chat" else service.completion_stream
         model = fields.get("model") or service.default_model(function)
-        shape = shapes.Completion(function, model, kwargs["request_id"])
+        kind = await service.kind_for(function, fields.get("model"))
+        shape = shapes.Completion(function, model, kwargs["request_id"], backend_kind=kind)
         chunks = call(fields, **kwargs)
         if stream:
             events = _events(shape, chunks, include_usage)

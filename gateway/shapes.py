@@ -18,7 +18,9 @@ from core.schemas import EmbeddingResult, ImageResult, ModelInfo, StreamChunk, U
 
 # Which build of the backend answered (OpenAI's system_fingerprint): this app's, for the
 # embedded model, whose answers this module shapes.
-FINGERPRINT = "fp_embedded_llama_cpp"
+# system_fingerprint, by the kind of backend that answered (OpenAI's schema wants the field;
+# a backend without one of its own gets None, never another's).
+FINGERPRINTS = {"local": "fp_embedded_llama_cpp"}
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -67,9 +69,12 @@ class Completion:
     """Builds chat.completion(.chunk) and text_completion objects from service chunks, with
     every field OpenAI's schema requires (refusal, logprobs, system_fingerprint)."""
 
-    def __init__(self, function: str, model: str, request_id: str) -> None:
+    def __init__(
+        self, function: str, model: str, request_id: str, *, backend_kind: str | None = "local"
+    ) -> None:
         self.chat = function == "chat"
         self.model = model
+        self.fingerprint = FINGERPRINTS.get(backend_kind or "")
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id.removeprefix("req_")
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
@@ -118,7 +123,7 @@ class Completion:
             "object": kind,
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": FINGERPRINT,
+            "system_fingerprint": self.fingerprint,
             "choices": choices,
             **extra,
         }

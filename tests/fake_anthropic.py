@@ -8,7 +8,8 @@ input_json_delta) / `content_block_stop` / `message_delta` (stop_reason, usage) 
 with the statuses Anthropic uses (400, 401, 404, 429, 500, 529), and GET /v1/models.
 
 Models that fail on purpose: claude-error-<status> fails with that status; claude-cut-stream
-sends an `error` event after its first words.
+sends an `error` event after its first words; claude-overloaded-early sends one (overloaded)
+right after message_start, before any text.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class FakeAnthropic:
         if isinstance(model, str) and model.startswith("claude-error-"):
             status = int(model.rsplit("-", 1)[1])
             return error(status, f"Fake failure {status}")
-        if model not in [*MODELS, "claude-cut-stream"]:
+        if model not in [*MODELS, "claude-cut-stream", "claude-overloaded-early"]:
             return error(404, f"model: {model}")
         if not isinstance(body.get("max_tokens"), int):
             return error(400, "max_tokens: Field required")
@@ -111,9 +112,18 @@ class FakeAnthropic:
         events = list(self._reply(body))
         if not body.get("stream"):
             return JSONResponse(self._whole(events))
+        if model == "claude-overloaded-early":  # a 200, then an error before any text
+            return StreamingResponse(self._overloaded(events), media_type="text/event-stream")
         return StreamingResponse(
             self._stream(events, model == "claude-cut-stream"), media_type="text/event-stream"
         )
+
+    async def _overloaded(self, steps: list[Any]) -> Any:
+        async for event in self._stream(steps, False):
+            yield event
+            break  # message_start only
+        overloaded = {"type": "overloaded_error", "message": "Overloaded"}
+        yield _sse("error", {"type": "error", "error": overloaded})
 
     def _reply(self, body: dict[str, Any]) -> Any:
         """The reply as (kind, payload) steps: text words, then perhaps a tool call."""

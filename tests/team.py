@@ -58,8 +58,9 @@ backends:
     base_url: {claude}
     api_key_env: TEAM_ANTHROPIC_KEY
     models: [claude-sonnet-4-5, claude-error-529, claude-error-429, claude-error-400,
-             claude-error-500, claude-cut-stream]
-    fallbacks: {{claude-error-529: [openai/gpt-4.1-mini], claude-error-429: [local/{local}]}}
+             claude-error-500, claude-cut-stream, claude-overloaded-early]
+    fallbacks: {{claude-error-529: [openai/gpt-4.1-mini], claude-error-429: [local/{local}],
+                claude-overloaded-early: [openai/gpt-4.1-mini]}}
     prices: {{claude-sonnet-4-5: {{input: 3, output: 15}}}}
   - name: ollama
     kind: openai

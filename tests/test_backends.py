@@ -16,9 +16,11 @@ import openai
 import pytest
 from gradio_client import Client
 
-from core.backends import parse_backends
+from core.backends import Backend, from_settings, load_backends, parse_backends
 from core.config import load_settings
 from core.errors import ConfigError
+from core.providers import build_provider
+from core.router import Router
 from tests.conftest import ACCESS_KEY, LOG_STREAM
 from tests.team import HF_CHAT, HF_EMBED, HF_IMAGE, KEYS, LOCAL, Team, running_team
 
@@ -97,7 +99,8 @@ def test_an_unknown_model_says_which_backends_were_asked(team: Team) -> None:
 
 
 def test_a_function_the_backend_does_not_serve_is_refused_by_name(team: Team) -> None:
-    with pytest.raises(openai.APIStatusError) as info:
+    # The caller's to fix (a 400 the SDK does not retry), naming the backends that serve it.
+    with pytest.raises(openai.BadRequestError) as info:
         team.client.embeddings.create(model="claude-sonnet-4-5", input="hi")
     assert "claude" in info.value.message and "embeddings" in info.value.message
     assert "openai" in info.value.message  # a backend that does
@@ -271,6 +274,61 @@ def test_tool_calls_stream_in_openais_shape(team: Team) -> None:
     assert team.claude.requests[-1]["tool_choice"] == {"type": "tool", "name": "w"}
 
 
+def test_an_overloaded_error_inside_the_stream_falls_back_too(team: Team) -> None:
+    """Anthropic reports overload as an error event after its 200: still a 5xx-like failure
+    before the first byte, so the fallback answers; after the first byte, the stream is cut."""
+    assert chat(team, "claude-overloaded-early") == "Echo: Hello there"
+    assert last_row(team)["provider"] == "openai"
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(team, "claude-cut-stream")  # words came, then the error: cut, not "your fault"
+    assert info.value.status_code == 502
+
+
+def test_answers_from_anthropic_carry_no_other_backends_fingerprint(team: Team) -> None:
+    reply = team.client.chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert reply.system_fingerprint is None
+    local = team.client.chat.completions.create(
+        model=LOCAL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert local.system_fingerprint == "fp_embedded_llama_cpp"
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "user", "content": "Hi", "name": "ann"}, "messages.0.name"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "https://example.com/a.png", "detail": "high"}}]},
+         "messages.0.content.0.image_url.detail"),
+        ({"role": "user", "content": [{"type": "text", "text": "x", "cache": 1}]},
+         "messages.0.content.0.cache"),
+        ({"role": "user", "content": ""}, "messages.0.content"),
+    ],
+)  # fmt: skip
+def test_message_fields_anthropic_has_no_equivalent_for_are_refused(
+    team: Team, message: dict, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        team.client.chat.completions.create(model="claude-sonnet-4-5", messages=[message])
+    assert info.value.param == param
+
+
+def test_a_system_message_after_the_conversation_began_is_refused(team: Team) -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        team.client.chat.completions.create(model="claude-sonnet-4-5", messages=messages)
+    assert info.value.param == "messages.1.role"
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(team, "claude-sonnet-4-5", stop=[""])
+    assert info.value.param == "stop"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}, "strict": True}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(team, "claude-sonnet-4-5", tools=tools)
+    assert info.value.param == "tools.0.function.strict"
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -343,6 +401,8 @@ def test_one_backend_down_is_degraded_not_down(team: Team) -> None:
     states = {b["name"]: b["reachable"] for b in health["backends"]}
     assert states == {"openai": True, "claude": True, "ollama": True, "hf": True,
                       "down": False, "local": True}  # fmt: skip
+    keys = {b["name"]: b["key_set"] for b in health["backends"]}
+    assert keys["openai"] and keys["claude"] and keys["hf"] and not keys["ollama"]
     assert chat(team, "gpt-4.1-mini")  # the others keep serving
 
 
@@ -381,6 +441,12 @@ def _metric(team: Team, sample: str) -> float:
         ("backends:\n  - {name: a, kind: openai}\n  - {name: a, kind: local}", "unique"),
         ("backends:\n  - {name: a, kind: openai, base_url: ftp://x}", "backends[0] (a).base_url"),
         ("backends:\n  - {name: a, kind: openai, fallbacks: {m: [m]}}", "fall back to itself"),
+        # A key pasted where the variable's NAME goes is refused, and not repeated.
+        ("backends:\n  - {name: g, kind: openai, api_key_env: gsk_A1b2C3d4e5}", "api_key_env"),
+        ("backends:\n  - {name: a, kind: openai, base_url: 'http://h/v1?key=AIzaSyX'}", "query"),
+        ("backends:\n  - {name: a, kind: openai, base_url: 'https://u:pw@h/v1'}", "password"),
+        ("backends:\n  - {name: a, kind: openai}\n  - {name: A, kind: local}", "unique"),
+        ("backends:\n  - {name: a, kind: openai, kind: local}", "given twice"),
         ("backends: [", "not valid YAML"),
         ("- just a list", "'backends:'"),
     ],
@@ -389,7 +455,8 @@ def test_a_wrong_backends_file_says_what_and_where(text: str, said: str) -> None
     with pytest.raises(ConfigError) as info:
         parse_backends(text)
     assert said in str(info.value)
-    assert "sk-123" not in str(info.value)
+    for secret in ("sk-123", "gsk_A1b2", "AIzaSyX", ":pw@"):
+        assert secret not in str(info.value)
 
 
 def test_the_file_may_be_toml(tmp_path: Path) -> None:
@@ -447,3 +514,36 @@ backends:
 """
     spec = parse_backends(text)
     assert spec.backends[2].lists_everything() and spec.backends[3].kind == "local"
+
+
+def test_a_key_variable_that_is_not_set_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "backends.yaml"
+    path.write_text("backends:\n  - {name: claude, kind: anthropic, api_key_env: NOT_SET_KEY}")
+    with pytest.raises(
+        ConfigError, match="'claude' takes its key from NOT_SET_KEY, which is not set"
+    ):
+        load_backends(path, environ={})
+
+
+def test_routing_rules_in_a_file(tmp_path: Path) -> None:
+    """A file of one backend still routes by backend/model (only the variables' one backend
+    takes every id as it is); an id a list names exactly wins over a backend-name prefix."""
+    settings = load_settings(environ={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, env_file=None)
+    text = """
+backends:
+  - {name: openai, kind: openai, base_url: "http://127.0.0.1:9/v1", models: [gpt-4o]}
+  - {name: openrouter, kind: openai, base_url: "http://127.0.0.1:9/api/v1",
+     models: [openai/gpt-4o, anthropic/claude-3.5-sonnet]}
+"""
+    backends = [Backend(spec=b) for b in parse_backends(text).backends]
+    router = Router.of(backends, lambda b: build_provider(settings, b))
+    resolve = lambda model: asyncio.run(router.resolve("chat", model))  # noqa: E731
+    assert (resolve("openai/gpt-4o").name, resolve("openai/gpt-4o").model) == (
+        "openrouter", "openai/gpt-4o")  # fmt: skip
+    assert (resolve("gpt-4o").name, resolve("openrouter/openai/gpt-4o").model) == (
+        "openai", "openai/gpt-4o")  # fmt: skip
+    one = Router.of(backends[:1], lambda b: build_provider(settings, b))
+    route = asyncio.run(one.resolve("chat", "openai/gpt-4o"))
+    assert (route.name, route.model) == ("openai", "gpt-4o")  # the file's backend, by name
+    shorthand = Router.of(from_settings(settings), lambda b: build_provider(settings, b))
+    assert asyncio.run(shorthand.resolve("chat", "openai/gpt-4o")).model == "openai/gpt-4o"

@@ -93,15 +93,22 @@ class AnthropicProvider:
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         params = to_messages_request(request)
         self._check_configured()
+        reader = ReplyReader()
+        sent = False
         try:
             stream = await self._client.messages.create(**params, stream=True)
-            reader = ReplyReader()
             async with stream:
                 async for event in stream:
                     for chunk in reader.read(event.model_dump()):
+                        sent = True
                         yield chunk
         except anthropic.APIStatusError as exc:
-            raise _status_error(exc, request.model) from None
+            error = _status_error(exc, request.model)
+            if sent:  # the reply was under way: it was cut, whatever the cause
+                raise errors.StreamInterrupted(
+                    f"Anthropic reported an error: {error.message}"
+                ) from None
+            raise error from None
         except anthropic.APITimeoutError:
             raise errors.UpstreamTimeout() from None
         except anthropic.APIConnectionError:
@@ -159,13 +166,30 @@ class AnthropicProvider:
         await self._client.close()
 
 
+# An error event inside a stream comes with the stream's 200: its type says what it was.
+ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
 def _status_error(exc: anthropic.APIStatusError, model: str | None) -> errors.ServiceError:
     """Anthropic's error ({"type": "error", "error": {"type", "message"}}) as ours; 529
-    (overloaded) is a 5xx like any other: a fallback may take the call."""
+    (overloaded) is a 5xx like any other: a fallback may take the call. An error event in a
+    stream arrives with the stream's 200: its type gives the status."""
+    status = exc.status_code
+    if status < 400:
+        inner = exc.body.get("error") if isinstance(exc.body, dict) else None
+        kind = inner.get("type") if isinstance(inner, dict) else None
+        status = ERROR_STATUS.get(kind, 500) if isinstance(kind, str) else 500
     retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
-    return map_status(
-        exc.status_code, exc.body, retry_after=retry_after, model=model, path="messages"
-    )
+    return map_status(status, exc.body, retry_after=retry_after, model=model, path="messages")
 
 
 # ---- OpenAI's request -> a Messages request ------------------------------------------------
@@ -182,6 +206,12 @@ def to_messages_request(request: ChatRequest) -> dict[str, Any]:
     turns: list[dict[str, Any]] = []
     for i, message in enumerate(request.messages):
         if message.role in ("system", "developer"):
+            if turns:
+                raise errors.InvalidRequest(
+                    "Anthropic's models take system (and developer) messages only before the "
+                    "conversation, as one system prompt.",
+                    param=f"messages.{i}.role",
+                )
             system.append(_plain_text(message, i))
             continue
         role, blocks = _blocks(message, i)
@@ -201,6 +231,10 @@ def to_messages_request(request: ChatRequest) -> dict[str, Any]:
     if system:
         params["system"] = "\n\n".join(system)
     if request.stop:
+        if any(not stop.strip() for stop in request.stop):
+            raise errors.InvalidRequest(
+                "Anthropic's models refuse an empty or blank stop sequence.", param="stop"
+            )
         params["stop_sequences"] = request.stop
     extra: dict[str, Any] = {}
     if "temperature" in request.model_fields_set:
@@ -230,13 +264,25 @@ def _plain_text(message: ChatMessage, i: int) -> str:
 
 
 def _blocks(message: ChatMessage, i: int) -> tuple[str, list[dict[str, Any]]]:
-    """(role, content blocks) of one OpenAI message."""
+    """(role, content blocks) of one OpenAI message; a field with no equivalent is refused."""
     where = f"messages.{i}"
+    extra = message.model_extra or {}
+    for name in ("name", "refusal", "audio", "function_call", *extra):
+        value = extra[name] if name in extra else getattr(message, name, None)
+        if value not in (None, "", [], {}):  # an empty echo of a reply's field says nothing
+            raise errors.InvalidRequest(
+                f"Anthropic's models have no equivalent of a message's {name!r}.",
+                param=f"{where}.{name}",
+            )
     if message.role == "tool":
         if not message.tool_call_id:
             raise errors.InvalidRequest("A tool message needs its tool_call_id.", param=where)
-        result = {"type": "tool_result", "tool_use_id": message.tool_call_id,
-                  "content": message.text()}  # fmt: skip
+        if isinstance(message.content, list):
+            content: Any = [_part(p.model_dump(exclude_none=True), f"{where}.content.{j}")
+                            for j, p in enumerate(message.content)]  # fmt: skip
+        else:
+            content = message.content or ""
+        result = {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": content}
         return "user", [result]
     if message.role == "function":
         raise errors.InvalidRequest(
@@ -250,21 +296,39 @@ def _blocks(message: ChatMessage, i: int) -> tuple[str, list[dict[str, Any]]]:
             blocks.append({"type": "text", "text": message.content})
     else:
         for j, part in enumerate(message.content or []):
-            blocks.append(_part(part.model_dump(), f"{where}.content.{j}"))
+            block = _part(part.model_dump(exclude_none=True), f"{where}.content.{j}")
+            if block.get("type") != "text" or block["text"]:  # an empty text part says nothing
+                blocks.append(block)
     if message.role == "assistant":
         for j, call in enumerate(message.tool_calls or []):
             blocks.append(_tool_use(call, f"{where}.tool_calls.{j}"))
     if not blocks:
-        blocks.append({"type": "text", "text": ""})
+        raise errors.InvalidRequest(
+            "Anthropic's models refuse an empty message: give it text, an image or tool calls.",
+            param=f"{where}.content",
+        )
     return ("assistant" if message.role == "assistant" else "user"), blocks
 
 
 def _part(part: dict[str, Any], where: str) -> dict[str, Any]:
     kind = part.get("type")
+    known = {"text": {"type", "text"}, "refusal": {"type", "refusal"},
+             "image_url": {"type", "image_url"}}.get(kind, {"type"})  # fmt: skip
+    for name in part:
+        if name not in known:
+            raise errors.InvalidRequest(
+                f"Anthropic's models have no equivalent of a part's {name!r}.",
+                param=f"{where}.{name}",
+            )
     if kind in ("text", "refusal"):
         return {"type": "text", "text": part.get("text") or part.get("refusal") or ""}
     if kind == "image_url":
         image = part.get("image_url")
+        if isinstance(image, dict) and image.get("detail") not in (None, "auto"):
+            raise errors.InvalidRequest(
+                "Anthropic's models take no image detail setting (only auto).",
+                param=f"{where}.image_url.detail",
+            )
         url = image.get("url") if isinstance(image, dict) else image
         if not isinstance(url, str):
             raise errors.InvalidRequest("An image_url part needs a url.", param=where)
@@ -309,6 +373,12 @@ def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
     function = tool["function"]
     if not isinstance(function.get("name"), str):
         raise errors.InvalidRequest("A tool needs a name.", param=f"tools.{i}.function.name")
+    for name in function:
+        if name not in ("name", "description", "parameters"):
+            raise errors.InvalidRequest(
+                f"Anthropic's tools have no equivalent of a function's {name!r}.",
+                param=f"tools.{i}.function.{name}",
+            )
     out = {
         "name": function["name"],
         "input_schema": function.get("parameters") or {"type": "object", "properties": {}},

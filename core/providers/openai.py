@@ -172,6 +172,7 @@ class OpenAIProvider:
         # header (aiohttp refuses a URL with them next to an Authorization header).
         url = spec.base_url or OPENAI_URL
         self.base_url = public_url(url)
+        self.api_key = backend.api_key  # kept secret: never shown, logged or returned
         self.configured = backend.api_key is not None or spec.base_url is not None
         key = backend.api_key.get_secret_value() if backend.api_key else None
         # The variables' backend has OpenAI's models as defaults; a file's backend has what
