@@ -21,6 +21,7 @@ from core.users import User, UserStore, key_user_id
 
 log = logging.getLogger("core.auth")
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._@+\-]")
+REVOKED_WITHIN = 2.0  # seconds: how soon every replica sees a disabled user or a new key
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,9 @@ class Authenticator:
         """Refuse a caller whose key was disabled or rotated since they signed in."""
         if principal.user_id is None or self.users is None:
             return
-        user = self.users.get(principal.name)
+        # Read again after at most REVOKED_WITHIN seconds (at once on the replica that made
+        # the change: it forgets its own copy), not on every request of every session.
+        user = self.users.get(principal.name, max_age=REVOKED_WITHIN)
         if user is None or user.disabled or user.key_version != principal.key_version:
             raise Revoked()
 

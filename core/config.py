@@ -58,6 +58,7 @@ _ALLOWED = {
     "UPLOAD_TTL_MINUTES": "a whole number of minutes from 1 to 10080",
     "ALLOW_REMOTE_IMAGES": "true or false",
     "BACKENDS_FILE": "the path of a YAML (.yaml, .yml) or TOML (.toml) file of backends",
+    "SESSION_SECRET": "at least 32 characters (make one: openssl rand -base64 48)",
 }
 for _name in ("CHAT_MODEL", "COMPLETION_MODEL", "IMAGE_MODEL", "EMBEDDING_MODEL"):
     _ALLOWED[_name] = "a model id: visible characters, no spaces, at most 256 (a path is fine)"
@@ -104,6 +105,8 @@ class Settings(BaseModel):
         default=4 * 1024 * 1024, ge=1024, le=2**30, alias="MAX_REQUEST_BYTES"
     )
     session_idle_minutes: int = Field(default=480, ge=1, le=525_600, alias="SESSION_IDLE_MINUTES")
+    # Signs session tokens; every replica needs the same one (unset: made once in DATA_DIR).
+    session_secret: SecretStr | None = Field(default=None, alias="SESSION_SECRET")
     session_max_hours: int = Field(default=72, ge=1, le=8760, alias="SESSION_MAX_HOURS")
     upload_quota_mb: int = Field(default=50, ge=1, le=102_400, alias="UPLOAD_QUOTA_MB")
     upload_ttl_minutes: int = Field(default=60, ge=1, le=10_080, alias="UPLOAD_TTL_MINUTES")
@@ -129,6 +132,13 @@ class Settings(BaseModel):
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         # Guessing is rate limited, but a short key still falls to a patient attacker.
         if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("too short")
+        return value
+
+    @field_validator("session_secret")
+    @classmethod
+    def _strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
             raise ValueError("too short")
         return value
 
@@ -272,7 +282,7 @@ def load_settings(
         lines = []
         for err in exc.errors(include_input=False, include_url=False):
             name = str(err["loc"][0]) if err["loc"] else "?"
-            secret = "KEY" in name or name == "DATABASE_URL"
+            secret = "KEY" in name or "SECRET" in name or name == "DATABASE_URL"
             got = "" if secret else f" (got {values.get(name, '')!r})"
             reason = err["msg"].removeprefix("Value error, ")
             lines.append(f"{name}{got}: {reason}; allowed: {_ALLOWED.get(name, 'see README')}")

@@ -82,6 +82,15 @@ presets = sa.Table(
     sa.UniqueConstraint("user", "name", name="uq_presets_user_name"),
 )
 
+# Signed-out sessions (their token id), until the token would have expired anyway: sessions
+# are signed tokens any replica accepts, so ending one early is written down for all.
+ended_sessions = sa.Table(
+    "ended_sessions",
+    metadata,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -103,11 +112,16 @@ def _v3(conn: Connection) -> None:
     presets.create(conn)
 
 
+def _v4(conn: Connection) -> None:
+    ended_sessions.create(conn)
+
+
 # Append only: never edit or reorder a released migration; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "users and usage ledger", _v1),
     (2, "saved conversations", _v2),
     (3, "chat presets", _v3),
+    (4, "ended sessions (signed session tokens)", _v4),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request, cookie_parser
 
 from core.auth import LOGIN_CAPTURE, Authenticator, LockedOut, Principal, Revoked
+from core.session_store import EndedSessions, decode, encode
 from edge.http import (
     ASGIApp,
     Message,
@@ -66,79 +68,136 @@ button{font-size:1rem;padding:.5rem 1.25rem}</style></head><body>
 
 @dataclass
 class Session:
-    token: str
+    token: str  # the session's id (its token's jti): the same across cookie refreshes
     user: str  # the name Gradio knows the session by (gr.Request.username)
     principal: Principal
-    created: float
+    created: float  # wall-clock seconds, as in the token
     seen: float
+    cookie: str = ""  # the signed token the browser holds
+    cookie_name: str = SESSION_COOKIE  # Gradio's name for it (the app's cookie id in it)
 
 
 class SessionTable:
-    """Live sessions, least recently used first: expiry pops from the front, so each request
-    costs the same however many sessions there are. A user holds at most `max_per_user`
-    sessions (the one they used least recently ends), so one user cannot grow the table
-    without bound, while a script's many busy clients all stay signed in."""
+    """Sessions as signed tokens (core.session_store): nothing about a live session is kept
+    in this process, so any replica with the same secret accepts it and a restart keeps it.
+    A session ends when idle too long (its last-use mark, refreshed in the cookie at most
+    once a minute), when too old (SESSION_MAX_HOURS from sign-in), at sign-out (written to
+    the database for every replica), or when its key is disabled or rotated.
 
-    max_per_user = 100
+    Gradio checks its own table of tokens: each signed token in use is entered there, at
+    most `max_known` at once (the least recently used goes, and comes back on its next use).
+    """
+
+    refresh_every = 60.0
+    max_known = 10_000
 
     def __init__(
-        self, *, idle: float, lifetime: float, on_end: list[Callable[[Session], None]]
+        self,
+        *,
+        secret: bytes,
+        idle: float,
+        lifetime: float,
+        on_end: list[Callable[[Session], None]],
+        ended: EndedSessions | None = None,
+        owner_mark: str = "",
+        gradio_tokens: Callable[[], dict[str, str]] = dict,
     ) -> None:
+        self.secret = secret
         self.idle = idle
         self.lifetime = lifetime
         self.on_end = on_end
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
-        # user -> their tokens, least recently used first
-        self._by_user: dict[str, OrderedDict[str, None]] = {}
+        self.ended = ended
+        self.owner_mark = owner_mark
+        self.gradio_tokens = gradio_tokens
+        self._known: OrderedDict[str, str] = OrderedDict()  # cookie -> jti, known to Gradio
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._known)
 
-    def add(self, token: str, user: str, principal: Principal) -> Session:
-        now = time.monotonic()
-        self._expire_idle(now)
-        session = Session(token, user, principal, created=now, seen=now)
-        self._sessions[token] = session
-        mine = self._by_user.setdefault(user, OrderedDict())
-        mine[token] = None
-        while len(mine) > self.max_per_user:
-            self.end(next(iter(mine)), f"the user has more than {self.max_per_user} sessions")
+    def issue(self, user: str, principal: Principal) -> Session:
+        """A new session for a sign-in, with its signed cookie (entered in Gradio's table)."""
+        now = time.time()
+        session = Session(secrets.token_urlsafe(16), user, principal, created=now, seen=now)
+        session.cookie = self._sign(session)
+        self.know(session)
         return session
 
-    def get(self, token: str) -> Session | None:
-        """The live session for a token (now marked as used), or None."""
-        now = time.monotonic()
-        self._expire_idle(now)
-        session = self._sessions.get(token)
-        if session is None:
+    def _sign(self, session: Session) -> str:
+        p = session.principal
+        claims = {
+            "sub": session.user,
+            "name": p.name,
+            "role": p.role,
+            "uid": p.user_id,
+            "kv": p.key_version,
+            # The owner key's sessions carry a mark of that key: a new ACCESS_KEY ends them.
+            "okm": self.owner_mark if p.user_id is None else None,
+            "iat": round(session.created, 3),
+            "seen": round(session.seen, 3),
+            "exp": int(session.created + self.lifetime) + 1,
+            "jti": session.token,
+        }
+        return encode(self.secret, claims)
+
+    def get(self, cookie: str) -> Session | None:
+        """The live session a cookie holds, or None (forged, expired, idle, signed out)."""
+        claims = decode(self.secret, cookie)
+        if claims is None:
             return None
-        if now - session.created > self.lifetime:
-            self.end(token, "reached SESSION_MAX_HOURS")
+        now = time.time()
+        try:
+            created, seen = float(claims["iat"]), float(claims["seen"])  # type: ignore[arg-type]
+            principal = Principal(
+                name=str(claims["name"]),
+                role="admin" if claims["role"] == "admin" else "user",
+                user_id=claims.get("uid"),  # type: ignore[arg-type]
+                key_version=claims.get("kv"),  # type: ignore[arg-type]
+            )
+            user, jti = str(claims["sub"]), str(claims["jti"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if now - created > self.lifetime or now - seen > self.idle:
+            return None
+        if principal.user_id is None and claims.get("okm") != self.owner_mark:
+            return None  # made with an owner key that is no longer the one
+        if self.ended is not None and jti in self.ended:
+            return None
+        return Session(jti, user, principal, created=created, seen=seen, cookie=cookie)
+
+    def touch(self, session: Session) -> str | None:
+        """A fresh cookie (its last-use mark now) when the one in use is over a minute old."""
+        now = time.time()
+        if now - session.seen < self.refresh_every:
             return None
         session.seen = now
-        self._sessions.move_to_end(token)
-        self._by_user[session.user].move_to_end(token)
-        return session
+        session.cookie = self._sign(session)
+        self.know(session)
+        return session.cookie
 
-    def end(self, token: str, reason: str) -> None:
-        session = self._sessions.pop(token, None)
-        if session is None:
-            return
-        mine = self._by_user.get(session.user)
-        if mine is not None:
-            mine.pop(token, None)
-            if not mine:
-                del self._by_user[session.user]
+    def know(self, session: Session) -> None:
+        """Enter the session's cookie in Gradio's table (it checks only its own)."""
+        tokens = self.gradio_tokens()
+        tokens[session.cookie] = session.user
+        self._known[session.cookie] = session.token
+        self._known.move_to_end(session.cookie)
+        while len(self._known) > self.max_known:
+            cookie, _ = self._known.popitem(last=False)
+            tokens.pop(cookie, None)
+
+    def end(self, session: Session, reason: str, *, record: bool = True) -> None:
+        """End a session: on every replica when `record` (sign-out, a new sign-in; this
+        writes to the database, so call it off the event loop), else here only (a revoked key,
+        which every replica sees for itself)."""
+        if record and self.ended is not None:
+            self.ended.add(session.token, session.created + self.lifetime)
+        tokens = self.gradio_tokens()
+        for cookie in [c for c, jti in self._known.items() if jti == session.token]:
+            del self._known[cookie]
+            tokens.pop(cookie, None)
+        tokens.pop(session.cookie, None)
         log.info("session of %r ended: %s", session.user, reason)
         for callback in self.on_end:
             callback(session)
-
-    def _expire_idle(self, now: float) -> None:
-        while self._sessions:
-            token, oldest = next(iter(self._sessions.items()))
-            if now - oldest.seen <= self.idle:
-                return
-            self.end(token, "idle for SESSION_IDLE_MINUTES")
 
 
 class SessionGuard:
@@ -175,7 +234,7 @@ class SessionGuard:
         if method == "POST" and path.rstrip("/") == "/login":
             await self._checked_login(scope, receive, send)
             return
-        session, why = self._session(scope)
+        session, why = await self._session(scope)
         if session is None and method in ("GET", "HEAD") and path in LOGIN_PAGES:
             await self._page(send, self.login_page)
             return
@@ -189,27 +248,46 @@ class SessionGuard:
             await refuse(scope, send, 401, why)
             return
         scope[SCOPE_KEY] = session
+        if session is not None and scope["type"] == "http":
+            fresh = self.sessions.touch(session)
+            if fresh is not None:  # its last-use mark, renewed in the cookie it came in
+                cookie = self._cookie(session.cookie_name, fresh, session)
+                send = _setting_cookie(send, cookie)
         if path.startswith(SESSION_STREAMS):
             await quietly(self.app, scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
-    def _session(self, scope: Scope) -> tuple[Session | None, str]:
+    def _cookie(self, name: str, token: str, session: Session) -> bytes:
+        left = max(1, int(session.created + self.sessions.lifetime - time.time()))
+        return f"{name}={token}; Max-Age={left}; Path=/; HttpOnly; SameSite=Lax".encode()
+
+    async def _session(self, scope: Scope) -> tuple[Session | None, str]:
         """The request's live session (or why there is none). Every token it carries is
-        checked, so a decoy cookie in front cannot hide a revoked one."""
+        checked, so a decoy cookie in front cannot hide a revoked one. The database is read
+        off the event loop, and at most every few seconds (signed-out sessions, key versions)."""
+        cookies = session_cookies(scope)
+        if not cookies:
+            return None, NOT_SIGNED_IN
+        ended = self.sessions.ended
+        if ended is not None and ended.stale():
+            await asyncio.to_thread(ended.refresh)
         live, why = None, NOT_SIGNED_IN
-        for token in session_tokens(scope):
+        for name, token in cookies:
             session = self.sessions.get(token)
+            if session is not None:
+                session.cookie_name = name
             if session is None:
                 self.gradio_tokens().pop(token, None)  # not ours: Gradio must not honour it
                 why = SESSION_ENDED
                 continue
             try:
-                self.auth.check_active(session.principal)
+                await asyncio.to_thread(self.auth.check_active, session.principal)
             except Revoked:
-                self.sessions.end(token, "its key was disabled or rotated")
+                self.sessions.end(session, "its key was disabled or rotated", record=False)
                 live, why = None, Revoked.default_message
                 break
+            self.sessions.know(session)  # this replica's Gradio accepts it too
             live = live or session
         return live, why
 
@@ -271,14 +349,13 @@ class SessionGuard:
                 "to your proxy's address if it is one.",
                 client,
             )
-        previous = session_tokens(scope)
+        previous = [s for t in session_tokens(scope) if (s := self.sessions.get(t))]
         holder: dict = {"client": client}
-        status: list[int] = []
-        new_tokens: list[str] = []
         replaced = False
+        signed_in = False
 
         async def watch(message: Message) -> None:
-            nonlocal replaced
+            nonlocal replaced, signed_in
             if replaced:
                 return  # the app's own answer was swapped for the lockout's
             if message["type"] == "http.response.start":
@@ -286,10 +363,11 @@ class SessionGuard:
                     replaced = True
                     await _locked(scope, send, locked)
                     return
-                status.append(message["status"])
-                for name, value in message.get("headers", []):
-                    if name.lower() == b"set-cookie" and value.startswith(SESSION_COOKIE.encode()):
-                        new_tokens.append(value.decode().split(";", 1)[0].split("=", 1)[1])
+                principal = holder.get("principal")
+                if message["status"] == 200 and principal is not None:
+                    # Gradio's random token becomes a signed one (the same user name).
+                    message = {**message, "headers": self._signed(message, principal)}
+                    signed_in = True
             await send(message)
 
         reset = LOGIN_CAPTURE.set(holder)
@@ -297,14 +375,23 @@ class SessionGuard:
             await self.app(scope, receive, watch)
         finally:
             LOGIN_CAPTURE.reset(reset)
-        principal = holder.get("principal")
-        if status and status[0] == 200 and principal is not None:
-            for token in new_tokens:
-                user = self.gradio_tokens().get(token, principal.name)
-                self.sessions.add(token, user, principal)
-            for token in previous:
-                if token not in new_tokens:
-                    self.sessions.end(token, "replaced by a new sign-in")
+        if signed_in:
+            for old in previous:
+                await asyncio.to_thread(self.sessions.end, old, "replaced by a new sign-in")
+
+    def _signed(self, message: Message, principal: Principal) -> list[tuple[bytes, bytes]]:
+        """The login answer's headers, each session cookie Gradio set swapped for a signed
+        token of a new session (Gradio's own token is forgotten: nobody holds it)."""
+        headers, session = [], None
+        for name, value in message.get("headers", []):
+            if name.lower() == b"set-cookie" and value.startswith(SESSION_COOKIE.encode()):
+                cookie_name, _, token = value.decode("latin-1").split(";", 1)[0].partition("=")
+                user = self.gradio_tokens().pop(token, principal.name)
+                if session is None:
+                    session = self.sessions.issue(user, principal)
+                value = self._cookie(cookie_name, session.cookie, session)
+            headers.append((name, value))
+        return headers
 
     async def _logout(self, scope: Scope, send: Send, session: Session | None) -> None:
         """GET shows a confirmation (so a link on another site cannot sign anyone out);
@@ -315,12 +402,24 @@ class SessionGuard:
             await send({"type": "http.response.body", "body": LOGOUT_PAGE})
             return
         if session is not None:
-            self.sessions.end(session.token, "signed out")
+            await asyncio.to_thread(self.sessions.end, session, "signed out")
         headers = [(b"location", b"./")]
         for name, _ in session_cookies(scope):
             headers.append((b"set-cookie", f"{name}=; Max-Age=0; Path=/".encode()))
         await send({"type": "http.response.start", "status": 303, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _setting_cookie(send: Send, cookie: bytes) -> Send:
+    """`send`, with a Set-Cookie added to the answer's headers."""
+
+    async def with_cookie(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", []), (b"set-cookie", cookie)]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return with_cookie
 
 
 async def quietly(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:

@@ -16,6 +16,7 @@ from gradio.utils import get_upload_folder
 
 from core.config import Settings
 from core.context import Core, open_core
+from core.session_store import EndedSessions, key_mark, session_secret
 from edge.body import BodyLimit
 from edge.files import FileGuard, FileRegistry
 from edge.http import ASGIApp, Receive, Scope, Send, is_bearer_api
@@ -90,10 +91,20 @@ def create_app(settings: Settings, core: Core | None = None) -> Server:
     demo = build_demo(core, files)
     app = FastAPI(title="AI dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.core = core
+    secret = session_secret(
+        settings.session_secret.get_secret_value() if settings.session_secret else None,
+        settings.data_dir,
+        shared_database=settings.database_url is not None,
+    )
+    assert settings.access_key is not None
     sessions = SessionTable(
+        secret=secret,
         idle=settings.session_idle_minutes * 60.0,
         lifetime=settings.session_max_hours * 3600.0,
-        on_end=[lambda s: _gradio_tokens(app).pop(s.token, None), files.end_session],
+        on_end=[files.end_session],
+        ended=EndedSessions(core.users.engine),
+        owner_mark=key_mark(secret, settings.access_key.get_secret_value()),
+        gradio_tokens=lambda: _gradio_tokens(app),
     )
     app.state.sessions = sessions
     # Added innermost first: a request meets OriginPolicy, SessionGuard, BodyLimit, FileGuard.
@@ -142,6 +153,9 @@ def create_app(settings: Settings, core: Core | None = None) -> Server:
     # launched", which launch() sets and mount_gradio_app() does not: without this, any
     # event input naming /proc/self/environ is copied into the cache and served back.
     demo.has_launched = True
+    # Gradio names its session cookie after a random id of each start: the same id on every
+    # replica and after a restart, so a signed session's cookie is the one Gradio reads.
+    _gradio_app(app).cookie_id = key_mark(secret, "gradio-cookie-id")
     api = OriginPolicy(
         BodyLimit(build_router(core), max_bytes=settings.max_request_bytes),
         allowed_origins=settings.allowed_origins,
@@ -167,10 +181,15 @@ def server_options() -> dict[str, Any]:
     }
 
 
+def _gradio_app(app: FastAPI) -> Any:
+    """The Gradio app mounted on `app`."""
+    for route in app.routes:
+        inner = getattr(route, "app", None)
+        if isinstance(getattr(inner, "tokens", None), dict):
+            return inner
+    raise RuntimeError("no Gradio app is mounted")
+
+
 def _gradio_tokens(app: FastAPI) -> dict[str, str]:
     """The session table of the Gradio app mounted on `app`."""
-    for route in app.routes:
-        tokens = getattr(getattr(route, "app", None), "tokens", None)
-        if isinstance(tokens, dict):
-            return tokens
-    return {}
+    return _gradio_app(app).tokens
