@@ -5,14 +5,21 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import queue
 import re
+import secrets
 import threading
 import time
 from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from core import db
 from core.config import Settings
 from core.errors import RateLimited, ServiceError
 from core.ledger import Limits
@@ -61,7 +68,9 @@ class Authenticator:
             daily_tokens=settings.default_daily_tokens or None, rpm=settings.default_rpm or None
         )
         self.lockout = Lockout(
-            max_failures=settings.login_max_failures, window=settings.login_lockout_seconds
+            max_failures=settings.login_max_failures,
+            window=settings.login_lockout_seconds,
+            engine=users.engine if users is not None else None,
         )
 
     def __call__(self, username: str, password: str) -> bool:
@@ -210,23 +219,39 @@ class Lockout:
     window lock the address out; failures only age out, no success clears them (any login
     can be a guess at the owner key). Callers check and count in one synchronous step (no
     await in between), so concurrent guesses cannot all slip past the first failure.
+
+    With a database (`engine`), every replica counts every replica's failures: each failure
+    is written in the background, and the others' are read at most every SHARE_EVERY seconds,
+    also in the background, so a check never waits on the database.
     """
 
-    def __init__(self, *, max_failures: int, window: float) -> None:
+    SHARE_EVERY = 2.0
+
+    def __init__(self, *, max_failures: int, window: float, engine: Engine | None = None) -> None:
         self.max_failures = max_failures
         self.window = window
+        self.engine = engine
+        self.replica = secrets.token_hex(8)
         self._failures: dict[str, deque[tuple[float, str]]] = {}
+        self._others: dict[str, list[float]] = {}  # other replicas' failures (wall clock)
         self._lock = threading.Lock()
+        self._read = 0.0
+        self._reading = False
+        self._writes: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     def retry_after(self, client: str, now: float | None = None) -> float:
         """Seconds until `client` may try again (0 when it is not locked out)."""
         client = _bucket(client)
-        now = time.monotonic() if now is None else now
+        now = time.time() if now is None else now
+        self._share()
         with self._lock:
-            attempts = self._recent(client, now)
-            if len(attempts) < self.max_failures:
+            times = [t for t, _ in self._recent(client, now)]
+            times += [t for t in self._others.get(client, ()) if t > now - self.window]
+            if len(times) < self.max_failures:
                 return 0.0
-            return max(0.0, attempts[-self.max_failures][0] + self.window - now)
+            times.sort()
+            return max(0.0, times[-self.max_failures] + self.window - now)
 
     def check(self, client: str) -> None:
         """Raise LockedOut while `client` is locked out."""
@@ -235,11 +260,14 @@ class Lockout:
 
     def failure(self, client: str, name: str, now: float | None = None) -> None:
         client = _bucket(client)
-        now = time.monotonic() if now is None else now
+        now = time.time() if now is None else now
         with self._lock:
             self._recent(client, now).append((now, name))
             if len(self._failures) > 10_000:
                 self._prune(now)
+        if self.engine is not None:
+            self._writes.put((client, now))
+            self._start_writer()
         if wait := self.retry_after(client, now):
             log.warning(
                 "sign-in locked for client %s after %d failed attempts; retry in %.0f s",
@@ -258,3 +286,55 @@ class Lockout:
         stale = [c for c, a in self._failures.items() if not a or a[-1][0] <= now - self.window]
         for client in stale:
             del self._failures[client]
+
+    # ---- sharing through the database (background threads only) ---------------------------
+
+    def _start_writer(self) -> None:
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write, name="lockout", daemon=True)
+                self._writer.start()
+
+    def _write(self) -> None:
+        assert self.engine is not None
+        while True:
+            bucket, at = self._writes.get()
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        db.sign_in_failures.insert().values(
+                            bucket=bucket[:64], ts=datetime.fromtimestamp(at, UTC),
+                            replica=self.replica,
+                        )
+                    )  # fmt: skip
+            except Exception:
+                log.exception("could not share a failed sign-in with the other replicas")
+
+    def _share(self) -> None:
+        """Read the other replicas' recent failures, in the background, when it is time."""
+        if self.engine is None or self._reading or time.monotonic() - self._read < self.SHARE_EVERY:
+            return
+        self._reading = True
+        threading.Thread(target=self._read_others, name="lockout-read", daemon=True).start()
+
+    def _read_others(self) -> None:
+        assert self.engine is not None
+        try:
+            since = datetime.fromtimestamp(time.time() - self.window, UTC)
+            f = db.sign_in_failures.c
+            with self.engine.begin() as conn:
+                conn.execute(db.sign_in_failures.delete().where(f.ts < since))
+                rows = conn.execute(
+                    sa.select(f.bucket, f.ts).where(f.ts >= since, f.replica != self.replica)
+                ).all()
+            others: dict[str, list[float]] = {}
+            for bucket, at in rows:
+                at = at if at.tzinfo else at.replace(tzinfo=UTC)
+                others.setdefault(bucket, []).append(at.timestamp())
+            with self._lock:
+                self._others = others
+        except Exception:
+            log.exception("could not read the other replicas' failed sign-ins")
+        finally:
+            self._read = time.monotonic()
+            self._reading = False

@@ -91,6 +91,16 @@ ended_sessions = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
+# Failed sign-ins, so that every replica's lockout counts every replica's failures.
+sign_in_failures = sa.Table(
+    "sign_in_failures",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("bucket", sa.String(64), nullable=False),
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("replica", sa.String(32), nullable=False),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -116,12 +126,17 @@ def _v4(conn: Connection) -> None:
     ended_sessions.create(conn)
 
 
+def _v5(conn: Connection) -> None:
+    sign_in_failures.create(conn)
+
+
 # Append only: never edit or reorder a released migration; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "users and usage ledger", _v1),
     (2, "saved conversations", _v2),
     (3, "chat presets", _v3),
     (4, "ended sessions (signed session tokens)", _v4),
+    (5, "failed sign-ins shared by replicas", _v5),
 ]
 
 

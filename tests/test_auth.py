@@ -69,11 +69,13 @@ def test_raw_http_with_a_login_cookie_works(running_app: Served) -> None:
         assert "gpt-4.1-mini" in stream.text
 
 
-def test_login_lockout_after_five_failures(upstream) -> None:
-    """A separate app, so locking 127.0.0.1 out does not disturb the other tests."""
+def test_login_lockout_after_five_failures(upstream, tmp_path) -> None:
+    """A separate app and database (lockouts are shared through the database), so locking
+    127.0.0.1 out does not disturb the other tests."""
     from ui.server import create_app
 
-    served = serve(create_app(app_settings(upstream, LOGIN_LOCKOUT_SECONDS="900")))
+    settings = app_settings(upstream, LOGIN_LOCKOUT_SECONDS="900", DATA_DIR=str(tmp_path))
+    served = serve(create_app(settings))
     try:
         with httpx.Client(base_url=served.url) as http:
             for _ in range(5):
@@ -93,11 +95,11 @@ def test_login_lockout_after_five_failures(upstream) -> None:
     assert "sign-in locked for client 127.0.0.1" in logged()
 
 
-def test_a_successful_login_does_not_reset_the_failure_count(upstream) -> None:
+def test_a_successful_login_does_not_reset_the_failure_count(upstream, tmp_path) -> None:
     """Any login may be a guess at the owner key, so one's own success clears nothing."""
     from ui.server import create_app
 
-    served = serve(create_app(app_settings(upstream)))
+    served = serve(create_app(app_settings(upstream, DATA_DIR=str(tmp_path))))
     try:
         with httpx.Client(base_url=served.url) as http:
             for _ in range(3):
@@ -112,12 +114,13 @@ def test_a_successful_login_does_not_reset_the_failure_count(upstream) -> None:
         served.stop()
 
 
-def test_the_sign_in_form_is_tidied_and_empty_fields_are_not_guesses(upstream) -> None:
+def test_the_sign_in_form_is_tidied_and_empty_fields_are_not_guesses(upstream, tmp_path) -> None:
     """An empty name or key is refused with a message and counts toward no lockout; a key
     pasted with spaces around it works; multipart forms (Gradio's own page) are read too."""
     from ui.server import create_app
 
-    served = serve(create_app(app_settings(upstream, LOGIN_MAX_FAILURES="2")))
+    settings = app_settings(upstream, LOGIN_MAX_FAILURES="2", DATA_DIR=str(tmp_path))
+    served = serve(create_app(settings))
     try:
         with httpx.Client(base_url=served.url) as http:
             for form in ({"username": "", "password": ACCESS_KEY}, {"username": "  "},

@@ -133,3 +133,28 @@ def test_the_cookie_is_renewed_while_in_use_and_the_new_one_works(pair) -> None:
         assert signed_in(second.http(http.cookies))
     finally:
         sessions.refresh_every = every
+
+
+def test_failed_sign_ins_on_one_replica_lock_the_address_out_on_the_other(pair) -> None:
+    first, second = pair
+    limit = first.app.state.core.settings.login_max_failures
+    ip = {"x-forwarded-for": "10.77.0.1"}  # tests' apps do not trust proxies: all one address
+    for _ in range(limit):
+        answer = first.http().post(
+            "/login", data={"username": "mallory", "password": "wrong-guess"}, headers=ip
+        )
+        assert answer.status_code in (400, 401)
+    deadline = time.monotonic() + 6  # shared in the background, every couple of seconds
+    status = 0
+    while time.monotonic() < deadline:
+        # The owner key itself: refused only because of the first replica's failures (it
+        # counts as no failure here, and a locked-out address may not try the owner key).
+        status = (
+            second.http()
+            .post("/login", data={"username": "mallory", "password": ACCESS_KEY})
+            .status_code
+        )
+        if status == 429:
+            break
+        time.sleep(0.5)
+    assert status == 429
