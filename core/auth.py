@@ -152,10 +152,16 @@ class Authenticator:
         """Refuse a caller whose key was disabled or rotated since they signed in."""
         if principal.user_id is None or self.users is None:
             return
+
         # Read again after at most REVOKED_WITHIN seconds (at once on the replica that made
         # the change: it forgets its own copy), not on every request of every session.
-        user = self.users.get(principal.name, max_age=REVOKED_WITHIN)
-        if user is None or user.disabled or user.key_version != principal.key_version:
+        def revoked(user: User | None) -> bool:
+            return user is None or user.disabled or user.key_version != principal.key_version
+
+        # A copy older than this session (a key rotated elsewhere, then signed in with here)
+        # must not end it: only a fresh read may.
+        cached = self.users.get(principal.name, max_age=REVOKED_WITHIN)
+        if revoked(cached) and revoked(self.users.get(principal.name)):
             raise Revoked()
 
     def _principal(self, user: User) -> Principal:

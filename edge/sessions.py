@@ -284,7 +284,10 @@ class SessionGuard:
             try:
                 await asyncio.to_thread(self.auth.check_active, session.principal)
             except Revoked:
-                self.sessions.end(session, "its key was disabled or rotated", record=False)
+                # Written down: enabling the user again must not bring this session back.
+                await asyncio.to_thread(
+                    self.sessions.end, session, "its key was disabled or rotated"
+                )
                 live, why = None, Revoked.default_message
                 break
             self.sessions.know(session)  # this replica's Gradio accepts it too

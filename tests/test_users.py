@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from core import db
+from core.auth import REVOKED_WITHIN
 from core.context import Core
 from core.users import UserStore, hash_key, key_matches
 from tests.conftest import ACCESS_KEY, Served, app_settings, logged, serve
@@ -468,6 +470,8 @@ def test_the_cli_on_the_apps_database_drives_the_live_app(team: Team) -> None:
     sam = team.login("sam", key)
     sam.predict(messages=HELLO, api_name="/chat")
     assert cli(team.data_dir, "disable", "sam").returncode == 0
+    # Another process changed the database: the app sees it within REVOKED_WITHIN seconds.
+    time.sleep(REVOKED_WITHIN + 0.5)
     with pytest.raises(httpx.HTTPStatusError, match="401 Unauthorized"):
         sam.predict(api_name="/usage")
     assert cli(team.data_dir, "enable", "sam").returncode == 0

@@ -4,6 +4,7 @@ with the edge's session, body and file guards, and Gradio mounted behind its log
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
@@ -19,7 +20,7 @@ from core.context import Core, open_core
 from core.session_store import EndedSessions, key_mark, session_secret
 from edge.body import BodyLimit
 from edge.files import FileGuard, FileRegistry
-from edge.http import ASGIApp, Receive, Scope, Send, is_bearer_api
+from edge.http import ASGIApp, Message, Receive, Scope, Send, is_bearer_api
 from edge.origin import OriginPolicy
 from edge.proxy import GuardedHttpToolsProtocol, trust_proxies
 from edge.sessions import SessionGuard, SessionTable
@@ -69,8 +70,25 @@ class Server:
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and is_api(scope["path"]):
             await self.api(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.dashboard(scope, receive, self._flushing(send))
         else:
             await self.dashboard(scope, receive, send)
+
+    def _flushing(self, send: Send) -> Send:
+        """The lifespan's `send`, writing every queued ledger row before shutdown completes:
+        uvicorn re-raises SIGTERM (what Docker and Railway send) after its shutdown, so an
+        atexit hook never runs; this does, once the last request has ended."""
+
+        async def flushed(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                core = getattr(self.state, "core", None)
+                if core is not None:
+                    await asyncio.to_thread(core.ledger.flush)
+                    log.info("ledger written before shutdown")
+            await send(message)
+
+        return flushed
 
 
 def is_api(path: str) -> bool:
