@@ -62,9 +62,16 @@ balancer() {  # N: HAProxy over replicas 1..N, with deploy/haproxy.cfg's setting
     wait_healthy "http://127.0.0.1:$LB_PORT/health" "haproxy"
 }
 
-stop_pid() {
+stop_pid() {  # stop the process in a pid file, and wait until it is gone (port free)
     if [ -f "$1" ]; then
-        kill "$(cat "$1")" 2>/dev/null || true
+        local pid
+        pid=$(cat "$1")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 300); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
         rm -f "$1"
     fi
 }
