@@ -46,6 +46,16 @@ class InvalidRequest(ServiceError):
     default_message = "The request is invalid."
 
 
+class DatabaseUnavailable(ServiceError):
+    """The database (quotas, users) does not answer."""
+
+    status = 503
+    default_message = (
+        "The database is not answering, so quotas cannot be checked right now. Try again in a "
+        "moment."
+    )
+
+
 class NotConfigured(ServiceError):
     """The active provider lacks something it needs (a key, a model)."""
 

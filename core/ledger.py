@@ -6,6 +6,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -122,20 +123,34 @@ class Ledger:
                 except queue.Empty:
                     break
             batch = [item for item in taken if item[0] != "flush"]
-            try:
-                if batch:
-                    self._write_batch(batch)
-            except Exception:
-                log.exception("could not write %d ledger rows; retrying one by one", len(batch))
-                for item in batch:
-                    try:
-                        self._write_batch([item])
-                    except Exception:
-                        log.exception("dropped a ledger row")
+            if batch:
+                self._write_surely(batch)
             self._written += len(batch)  # only this thread writes it
             for kind, done in taken:
                 if kind == "flush":  # everything queued before the marker is written now
                     done.set()
+
+    def _write_surely(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write the batch; while the database cannot be reached (an outage, a restart), keep
+        it and try again with a growing pause, rather than drop answered calls' rows. A row
+        the database refuses for itself is written alone, so it does not hold the rest."""
+        pause = 0.5
+        while True:
+            try:
+                self._write_batch(batch)
+                return
+            except sa.exc.OperationalError:
+                log.warning("the database is not answering; %d ledger row(s) wait", len(batch))
+                time.sleep(pause)
+                pause = min(pause * 2, 10.0)
+            except Exception:
+                log.exception("could not write %d ledger rows; writing them one by one", len(batch))
+                for item in batch:
+                    try:
+                        self._write_batch([item])
+                    except Exception:
+                        log.exception("dropped a ledger row the database refused")
+                return
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every outcome handed to the ledger so far is written."""

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
+import sqlalchemy as sa
 
 from core import errors, metrics, tokens
 from core.auth import SYSTEM, Principal
@@ -118,6 +119,7 @@ class Service:
         }
         self._ping: tuple[float, dict[str, bool]] | None = None
         self._pinging: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._database_ok = True
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     @property
@@ -354,7 +356,8 @@ class Service:
         assert self._ping is not None
         reachable = self._ping[1]
         status = {
-            "status": "ok" if all(reachable.values()) else "degraded",
+            "status": "ok" if all(reachable.values()) and self._database_ok else "degraded",
+            "database": "ok" if self._database_ok else "not answering",
             **self.settings.status(),
             "upstream": self.describe(),
             # With several backends: whether any answers (the status says if one does not).
@@ -374,11 +377,25 @@ class Service:
 
     async def _check_backends(self) -> None:
         backends = self.router.backends
-        answers = await asyncio.gather(*(s.provider.ping() for s in backends))
+        *answers, database = await asyncio.gather(
+            *(s.provider.ping() for s in backends), asyncio.to_thread(self._database_answers)
+        )
+        self._database_ok = database
         self._ping = (
             time.monotonic(),
             {s.name: ok for s, ok in zip(backends, answers, strict=True)},
         )
+
+    def _database_answers(self) -> bool:
+        """Whether the database answers a trivial query (the quotas and users need it)."""
+        if self.ledger is None:
+            return True
+        try:
+            with self.ledger.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError:
+            return False
+        return True
 
     def default_model(self, function: str) -> str:
         """The model a call of `function` gets when it names none, as an id that routes to it
@@ -692,6 +709,10 @@ class Service:
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
+        except sa.exc.OperationalError:
+            status = "DatabaseUnavailable"
+            log.warning("request_id=%s: the database is not answering", call.request_id)
+            raise errors.DatabaseUnavailable(request_id=call.request_id) from None
         except Exception:
             status = "internal_error"
             log.exception("request_id=%s function=%s failed", call.request_id, call.function)

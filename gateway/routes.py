@@ -13,6 +13,7 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 import orjson
+import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -174,6 +175,9 @@ def build_router(core: Core) -> Router:
         except ClientGone:
             log.info("request_id=%s: the client left before the answer", request_id)
             return Response(status_code=499)  # nobody reads it
+        except sa.exc.OperationalError:  # the key's owner could not be looked up
+            log.warning("request_id=%s: the database is not answering", request_id)
+            response = error_response(errors.DatabaseUnavailable(request_id=request_id))
         response.headers["x-request-id"] = request_id
         return response
 
