@@ -232,6 +232,7 @@ class Lockout:
     """
 
     SHARE_EVERY = 2.0
+    MAX_TRACKED = 10_000  # addresses, before aged-out ones are forgotten
 
     def __init__(self, *, max_failures: int, window: float, engine: Engine | None = None) -> None:
         self.max_failures = max_failures
@@ -239,6 +240,7 @@ class Lockout:
         self.engine = engine
         self.replica = secrets.token_hex(8)
         self._failures: dict[str, deque[tuple[float, str]]] = {}
+        self._pruned = 0.0
         self._others: dict[str, list[float]] = {}  # other replicas' failures (wall clock)
         self._lock = threading.Lock()
         self._read = 0.0
@@ -269,7 +271,7 @@ class Lockout:
         now = time.time() if now is None else now
         with self._lock:
             self._recent(client, now).append((now, name))
-            if len(self._failures) > 10_000:
+            if len(self._failures) > self.MAX_TRACKED and now - self._pruned > 10:
                 self._prune(now)
         if self.engine is not None:
             self._writes.put((client, now))
@@ -289,8 +291,14 @@ class Lockout:
         return attempts
 
     def _prune(self, now: float) -> None:
+        """Forget addresses whose failures aged out (at most every ten seconds: a flood of
+        made-up addresses must not make each failure scan them all); past a hard cap, the
+        addresses tracked longest go first."""
+        self._pruned = now
         stale = [c for c, a in self._failures.items() if not a or a[-1][0] <= now - self.window]
         for client in stale:
+            del self._failures[client]
+        for client in list(self._failures)[: max(0, len(self._failures) - 10 * self.MAX_TRACKED)]:
             del self._failures[client]
 
     # ---- sharing through the database (background threads only) ---------------------------

@@ -174,7 +174,12 @@ class UserStore:
         return _user(row)
 
     def set_disabled(self, name: str, disabled: bool) -> User:
-        return self._update(name, disabled=disabled)
+        """Disable (or enable) a user. Disabling also moves the key version on: every session
+        signed in before it stays ended when the user is enabled again, used or not meanwhile
+        (the key itself still works after enabling)."""
+        if disabled:
+            return self._update(name, disabled=True, key_version=db.users.c.key_version + 1)
+        return self._update(name, disabled=False)
 
     def rotate(self, name: str) -> tuple[User, str]:
         """A new key for the user; the old one (and its sessions) stop working at once."""

@@ -29,8 +29,12 @@ need() {
     command -v "$HAPROXY" >/dev/null || { echo "haproxy not found: apt-get install haproxy" >&2; exit 2; }
 }
 
-wait_healthy() {  # url, name
+wait_healthy() {  # url, name[, pid file of the process that must stay alive meanwhile]
     for _ in $(seq 1 600); do
+        if [ -n "${3:-}" ] && ! kill -0 "$(cat "$3")" 2>/dev/null; then
+            echo "$2 exited (port taken?); see $RUN_DIR" >&2
+            return 1
+        fi
         if "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" 2>/dev/null; then
             return 0
         fi
@@ -47,7 +51,7 @@ replica() {  # I: start replica I on FIRST_PORT + I - 1
     PORT=$port GRADIO_SERVER_NAME=127.0.0.1 FORWARDED_ALLOW_IPS=127.0.0.1 \
         DATA_DIR="$RUN_DIR/replica$i" nohup "$PYTHON" app.py >>"$RUN_DIR/replica$i.log" 2>&1 &
     echo $! >"$RUN_DIR/replica$i.pid"
-    wait_healthy "http://127.0.0.1:$port/health" "replica $i"
+    wait_healthy "http://127.0.0.1:$port/health" "replica $i" "$RUN_DIR/replica$i.pid"
 }
 
 balancer() {  # N: HAProxy over replicas 1..N, with deploy/haproxy.cfg's settings
@@ -59,7 +63,7 @@ balancer() {  # N: HAProxy over replicas 1..N, with deploy/haproxy.cfg's setting
     done
     stop_pid "$RUN_DIR/haproxy.pid"
     "$HAPROXY" -f "$cfg" -D -p "$RUN_DIR/haproxy.pid"
-    wait_healthy "http://127.0.0.1:$LB_PORT/health" "haproxy"
+    wait_healthy "http://127.0.0.1:$LB_PORT/health" "haproxy" "$RUN_DIR/haproxy.pid"
 }
 
 stop_pid() {  # stop the process in a pid file, and wait until it is gone (port free)
@@ -93,9 +97,14 @@ start() {  # N
 
 case "${1:-up}" in
     up)
+        trap stop EXIT
+        trap 'exit 143' INT TERM
         start "${2:-2}"
-        trap stop EXIT INT TERM
-        while sleep 3600; do :; done
+        # A sleep in the background: bash runs a trap only once its foreground command ends.
+        while true; do
+            sleep 3600 &
+            wait $!
+        done
         ;;
     start) start "${2:-2}" ;;
     replica) need; replica "${2:?which replica}" ;;

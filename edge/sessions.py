@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+import sqlalchemy as sa
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request, cookie_parser
@@ -55,6 +56,7 @@ PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 SESSION_STREAMS = ("/gradio_api/queue/data", "/gradio_api/heartbeat/")
 NOT_SIGNED_IN = "Not signed in: sign in first (POST /login, or the login page)."
 SESSION_ENDED = "Your session ended (signed out, idle too long, or too old). Sign in again."
+DATABASE_DOWN = "The database is not answering, so your session cannot be checked. Try again soon."
 LOGIN_PAGES = {"/", "/login"}  # not /login/: the form's relative URLs would miss
 MAX_LOGIN_BYTES = 16 * 1024  # a name and a key; read here, before the body limit's guard
 LOGIN_SECONDS = 10.0  # to send them
@@ -234,7 +236,15 @@ class SessionGuard:
         if method == "POST" and path.rstrip("/") == "/login":
             await self._checked_login(scope, receive, send)
             return
-        session, why = await self._session(scope)
+        try:
+            session, why = await self._session(scope)
+        except sa.exc.OperationalError:  # a key version could not be read: refuse, say why
+            if path == "/logout":  # but signing out needs no database: it always works
+                mine = [s for t in session_tokens(scope) if (s := self.sessions.get(t))]
+                await self._logout(scope, send, mine[0] if mine else None)
+                return
+            await refuse(scope, send, 503, DATABASE_DOWN)
+            return
         if session is None and method in ("GET", "HEAD") and path in LOGIN_PAGES:
             await self._page(send, self.login_page)
             return

@@ -15,16 +15,14 @@ right after message_start, before any text.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.background import BackgroundServer
 
 MODELS = ["claude-sonnet-4-5", "claude-haiku-4-5"]
 ERROR_TYPES = {
@@ -58,18 +56,19 @@ def _sse(kind: str, data: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-class FakeAnthropic:
+class FakeAnthropic(BackgroundServer):
+    name = "fake Anthropic"
+
     def __init__(self, api_key: str = "sk-ant-test-key-0123456789") -> None:
         self.api_key = api_key
         self.requests: list[dict[str, Any]] = []
-        self.url = ""
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.app = Starlette(
-            routes=[
-                Route("/v1/messages", self.messages, methods=["POST"]),
-                Route("/v1/models", self.models, methods=["GET"]),
-            ]
+        super().__init__(
+            Starlette(
+                routes=[
+                    Route("/v1/messages", self.messages, methods=["POST"]),
+                    Route("/v1/models", self.models, methods=["GET"]),
+                ]
+            )
         )
 
     # ---- the API ---------------------------------------------------------------------------
@@ -290,29 +289,3 @@ class FakeAnthropic:
             "stop_sequence": end["stop_sequence"],
             "usage": {"input_tokens": end["input"], "output_tokens": end["output"]},
         }
-
-    # ---- running it ----------------------------------------------------------------------
-
-    def start(self) -> FakeAnthropic:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="fake-anthropic", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake Anthropic did not start")
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=5)

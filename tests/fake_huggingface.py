@@ -12,17 +12,14 @@ Errors come in Hugging Face's shape, {"error": "..."}; hf-error-<status> models 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.background import BackgroundServer
 from tests.upstream import embed, tiny_png
 
 CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -35,24 +32,25 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-class FakeHuggingFace:
+class FakeHuggingFace(BackgroundServer):
+    name = "fake Hugging Face"
+
     def __init__(self, token: str = "hf_test_token_0123456789abcdef") -> None:
         self.token = token
         self.requests: list[dict[str, Any]] = []
-        self.url = ""
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.app = Starlette(
-            routes=[
-                Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                Route("/v1/models", self.models, methods=["GET"]),
-                Route(
-                    "/hf-inference/models/{model:path}/pipeline/feature-extraction",
-                    self.features,
-                    methods=["POST"],
-                ),
-                Route("/hf-inference/models/{model:path}", self.image, methods=["POST"]),
-            ]
+        super().__init__(
+            Starlette(
+                routes=[
+                    Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                    Route("/v1/models", self.models, methods=["GET"]),
+                    Route(
+                        "/hf-inference/models/{model:path}/pipeline/feature-extraction",
+                        self.features,
+                        methods=["POST"],
+                    ),
+                    Route("/hf-inference/models/{model:path}", self.image, methods=["POST"]),
+                ]
+            )
         )
 
     def _refused(self, request: Request) -> JSONResponse | None:
@@ -140,27 +138,3 @@ class FakeHuggingFace:
         if model != IMAGE_MODEL:
             return error(404, f"Model {model} does not exist")
         return Response(tiny_png(body.get("inputs", "")), media_type="image/png")
-
-    def start(self) -> FakeHuggingFace:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="fake-hf", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake Hugging Face did not start")
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=5)

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from core import service as service_module
+from core.auth import REVOKED_WITHIN
 from tests.conftest import ACCESS_KEY, app_settings, serve
 from tests.upstream import FakeUpstream
 
@@ -72,6 +73,10 @@ def test_an_outage_is_a_503_with_a_request_id_and_no_answered_call_is_lost(outag
     _, key = core.users.add("quota-user", role="user", rpm=100)
     owner = {"Authorization": f"Bearer {ACCESS_KEY}"}
     assert httpx.post(url + "/v1/chat/completions", headers=owner, json=BODY).status_code == 200
+    browser = httpx.Client(base_url=url, timeout=30)
+    assert (
+        browser.post("/login", data={"username": "quota-user", "password": key}).status_code == 200
+    )
     down()
     try:
         limited = httpx.post(
@@ -95,6 +100,12 @@ def test_an_outage_is_a_503_with_a_request_id_and_no_answered_call_is_lost(outag
             time.sleep(0.3)
             health = httpx.get(url + "/health").json()
         assert health["status"] == "degraded" and health["database"] == "not answering"
+        # The dashboard says why instead of failing (once its two-second copy of the user is
+        # too old to trust); signing out still ends the session here and clears the cookie.
+        time.sleep(REVOKED_WITHIN + 0.5)
+        assert browser.get("/config").status_code == 503
+        out = browser.post("/logout", headers={"origin": url})
+        assert out.status_code == 303 and "Max-Age=0" in out.headers["set-cookie"]
     finally:
         up()
     # Back: the rows that waited are written (the writer kept them and tried again).

@@ -189,3 +189,18 @@ def test_streams_come_through_the_balancer_chunk_by_chunk(cluster: Cluster) -> N
     assert len(arrivals) >= 5
     # Not held back and sent at once: the chunks arrive spread over the generation.
     assert arrivals[-1] - arrivals[0] > 0.5
+
+
+def test_a_forged_forwarded_address_does_not_escape_the_lockout(cluster: Cluster) -> None:
+    """HAProxy writes the client's address itself: a made-up X-Forwarded-For is dropped, so
+    each guess counts against the real address (the test's), wherever it lands."""
+    http = httpx.Client(base_url=cluster.url, timeout=30)
+    statuses = [
+        http.post(
+            "/login",
+            data={"username": "guesser", "password": f"wrong-{i}"},
+            headers={"X-Forwarded-For": f"10.9.9.{i}"},
+        ).status_code
+        for i in range(12)
+    ]
+    assert 429 in statuses, statuses

@@ -158,3 +158,30 @@ def test_failed_sign_ins_on_one_replica_lock_the_address_out_on_the_other(pair) 
             break
         time.sleep(0.5)
     assert status == 429
+
+
+def test_a_users_sessions_stay_ended_after_disable_and_enable_even_unused(pair) -> None:
+    """Disabling ends every session signed in before, whether or not one was used while the
+    user was disabled: enabling the user again does not bring them back."""
+    first, second = pair
+    core = first.app.state.core
+    key = core.users.add("hal", role="user")[1]
+    there = second.http(login(first, "hal", key).cookies)
+    assert signed_in(there)
+    core.users.set_disabled("hal", True)
+    core.users.set_disabled("hal", False)  # no request in between
+    time.sleep(2.5)  # the other replica reads key versions again within two seconds
+    assert not signed_in(there)
+    assert signed_in(second.http(login(second, "hal", key).cookies))  # the key still works
+
+
+def test_a_session_secret_file_too_short_stops_the_start(tmp_path: Path) -> None:
+    from core.errors import ConfigError
+    from core.session_store import SECRET_FILE, session_secret
+
+    made = session_secret(None, tmp_path, shared_database=False)
+    assert len(made) >= 32 and oct((tmp_path / SECRET_FILE).stat().st_mode)[-3:] == "600"
+    assert session_secret(None, tmp_path, shared_database=False) == made  # kept
+    (tmp_path / SECRET_FILE).write_text("abc")
+    with pytest.raises(ConfigError, match="shorter than 32"):
+        session_secret(None, tmp_path, shared_database=False)

@@ -158,7 +158,8 @@ def test_cli_disable_enable_rotate_and_limits(tmp_path: Path) -> None:
     assert new != old and old not in rotated.stdout
     assert "old key no longer works" in rotated.stdout
     assert store.authenticate("erin", old) is None
-    assert store.authenticate("erin", new).key_version == 2
+    # Moved on twice: by the disable (its sessions stay ended) and by the rotation.
+    assert store.authenticate("erin", new).key_version == 3
 
     limited = cli(tmp_path, "limits", "erin", "--rpm", "3", "--daily-tokens", "500")
     assert (limited.returncode, limited.stdout.strip()) == (0, "erin: daily tokens 500, rpm 3")
