@@ -61,7 +61,7 @@ def main() -> None:
 def _secrets(settings: Settings) -> list[str]:
     """Every key the process holds, for the log filter: ours, and each backend's."""
     keys = [settings.access_key, settings.openai_api_key, settings.session_secret]
-    keys += [b.api_key for b in configured_backends(settings)]
+    keys += [b.api_key for b in configured_backends(settings, warn=False)]  # the app warns
     return [s.get_secret_value() for s in keys if s]
 
 

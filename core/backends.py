@@ -246,8 +246,11 @@ def _where(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
     return ".".join(parts) or "the file"
 
 
-def load_backends(path: Path, environ: Mapping[str, str] | None = None) -> list[Backend]:
-    """Read BACKENDS_FILE and each backend's key from the environment."""
+def load_backends(
+    path: Path, environ: Mapping[str, str] | None = None, *, warn: bool = True
+) -> list[Backend]:
+    """Read BACKENDS_FILE and each backend's key from the environment (`warn`: log the
+    fallbacks that can never be used)."""
     env = os.environ if environ is None else environ
     try:
         text = path.read_text(encoding="utf-8")
@@ -263,7 +266,8 @@ def load_backends(path: Path, environ: Mapping[str, str] | None = None) -> list[
                 f"{backend.api_key_env}, which is not set: set it, or leave the backend out"
             )
         backends.append(Backend(spec=backend, api_key=SecretStr(key) if key else None))
-    _warn_about_fallbacks(spec)
+    if warn:
+        _warn_about_fallbacks(spec)
     return backends
 
 

@@ -292,7 +292,8 @@ class SessionGuard:
                 why = SESSION_ENDED
                 continue
             try:
-                await asyncio.to_thread(self.auth.check_active, session.principal)
+                if session.principal.user_id is not None:  # the owner's needs no database
+                    await asyncio.to_thread(self.auth.check_active, session.principal)
             except Revoked:
                 # Written down: enabling the user again must not bring this session back.
                 await asyncio.to_thread(

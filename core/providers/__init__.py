@@ -28,8 +28,8 @@ def build_provider(settings: Settings, backend: Backend | None = None) -> Provid
     return OpenAIProvider(settings, backend)
 
 
-def configured_backends(settings: Settings) -> list[Backend]:
+def configured_backends(settings: Settings, *, warn: bool = True) -> list[Backend]:
     """BACKENDS_FILE's backends, or the one the variables describe."""
     if settings.backends_file is not None:
-        return load_backends(settings.backends_file)
+        return load_backends(settings.backends_file, warn=warn)
     return from_settings(settings)
