@@ -55,7 +55,8 @@ from core.schemas import MODEL_NAME_PATTERN
 log = logging.getLogger("core.backends")
 Kind = Literal["openai", "anthropic", "huggingface", "local"]
 KINDS: tuple[str, ...] = ("openai", "anthropic", "huggingface", "local")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
+# At most 16 characters: the ledger's provider column holds the name of the backend.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,15}$"
 # The NAME of a variable, in the usual capitals: a key pasted here by mistake (sk-..., gsk_...)
 # does not fit, and is refused without being repeated.
 ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"

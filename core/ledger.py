@@ -76,6 +76,15 @@ class Reservation:
     token_budget: int | None  # what this call may still spend today (None: no limit)
 
 
+# The columns' sizes (core.db.usage): PostgreSQL refuses a longer value, and the row with it.
+MODEL_CHARS = db.usage.c.model.type.length or 128
+PROVIDER_CHARS = db.usage.c.provider.type.length or 16
+
+
+def _fit(value: str | None, size: int) -> str | None:
+    return value[:size] if value else value
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -193,8 +202,8 @@ class Ledger:
                 "user": user,
                 "source": source,
                 "function": function,
-                "model": model,
-                "provider": provider,
+                "model": _fit(model, MODEL_CHARS),
+                "provider": _fit(provider, PROVIDER_CHARS),
                 "status": "refused" if refusal else "pending",
                 "request_id": request_id,
             }
@@ -305,8 +314,8 @@ class Ledger:
             {
                 "row_id": reservation.row_id,
                 "new_status": status,
-                "new_model": model,
-                "new_provider": provider,
+                "new_model": _fit(model, MODEL_CHARS),
+                "new_provider": _fit(provider, PROVIDER_CHARS),
                 "new_prompt_tokens": prompt_tokens,
                 "new_completion_tokens": completion_tokens,
                 "new_latency_ms": round(latency_ms, 1),
@@ -348,8 +357,8 @@ class Ledger:
             "user": user,
             "source": source,
             "function": function,
-            "model": model,
-            "provider": provider,
+            "model": _fit(model, MODEL_CHARS),
+            "provider": _fit(provider, PROVIDER_CHARS),
             "status": status,
             "request_id": request_id,
             "prompt_tokens": prompt_tokens,

@@ -446,6 +446,11 @@ def _metric(team: Team, sample: str) -> float:
         ("backends:\n  - {name: a, kind: openai, base_url: 'http://h/v1?key=AIzaSyX'}", "query"),
         ("backends:\n  - {name: a, kind: openai, base_url: 'https://u:pw@h/v1'}", "password"),
         ("backends:\n  - {name: a, kind: openai}\n  - {name: A, kind: local}", "unique"),
+        # The ledger's provider column holds the name: 16 characters at most.
+        (
+            "backends:\n  - {name: openrouter-eu-west-1, kind: openai}",
+            "backends[0] (openrouter-eu-west-1).name",
+        ),
         ("backends:\n  - {name: a, kind: openai, kind: local}", "given twice"),
         ("backends: [", "not valid YAML"),
         ("- just a list", "'backends:'"),

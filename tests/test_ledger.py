@@ -195,6 +195,22 @@ def test_a_successful_chat_is_one_row_with_tokens_cost_and_request_id(upstream, 
     assert abs(datetime.now(UTC) - _aware(row["ts"])) < timedelta(hours=1)
 
 
+def test_a_model_id_longer_than_its_column_is_still_recorded(upstream, database) -> None:
+    """Model ids may be 256 characters (a path on vLLM); the column holds 128. PostgreSQL
+    refuses a longer value, and would lose the row with it: the ledger cuts it to fit."""
+    long_id = "m" * 200  # the fake upstream answers 404 for it: a row all the same
+    for who in (caller("row-long-free"), caller("row-long-quota", rpm=100)):
+
+        async def scenario(service: Service, who: Principal = who) -> None:
+            with pytest.raises(errors.ServiceError):
+                await chat(service, who, model=long_id)
+
+        with opened(upstream, database) as core:
+            run(core, scenario(core.service))
+        [row] = database.usage(user=who.name)
+        assert row["model"] == long_id[:128]
+
+
 def test_streamed_completion_and_embeddings_are_counted(upstream, database) -> None:
     who = caller("row-more")
 
