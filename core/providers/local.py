@@ -116,6 +116,11 @@ def grammar_loads(llm: llama_cpp.Llama, grammar: llama_cpp.LlamaGrammar) -> bool
     return True
 
 
+# llama-cpp-python keys its top candidates by their text: two tokens that read the same (two
+# byte-pieces of one character) leave one entry. A few more are asked for, so that k remain.
+SPARE_CANDIDATES = 4
+
+
 def _top(candidates: dict[str, Any], k: int) -> list[tuple[str, float]]:
     """llama-cpp-python's top tokens (which always include the chosen one) cut to OpenAI's k."""
     ranked = sorted(((t, float(p)) for t, p in candidates.items()), key=lambda tp: -tp[1])
@@ -286,7 +291,7 @@ class LocalProvider:
                 yield from self._chat_with_logprobs(llm, messages, options, k, stop)
                 return
             if k is not None:  # no template to render with: llama-cpp-python's own stream
-                options |= {"logprobs": True, "top_logprobs": max(k, 1)}
+                options |= {"logprobs": True, "top_logprobs": max(k, 1) + SPARE_CANDIDATES}
             chunks = llm.create_chat_completion(messages=messages, **options)
             if tool is not None:
                 yield from _tool_call(chunks, tool)
@@ -321,7 +326,7 @@ class LocalProvider:
         options = options | {
             "stream": False,
             "stop": options["stop"] + [s for s in extra if s],
-            "logprobs": max(k, 1),
+            "logprobs": max(k, 1) + SPARE_CANDIDATES,
             "stopping_criteria": llama_cpp.StoppingCriteriaList([lambda *_: stop.is_set()]),
         }
         answer = llm.create_completion(prompt=prompt, **options)
@@ -359,7 +364,8 @@ class LocalProvider:
 
         def pieces(choice: int, stop: threading.Event) -> Pieces:
             llm = self._model_for(k)
-            options = self._sampling(request, choice, llm) | {"logprobs": k}
+            asked = k + SPARE_CANDIDATES if k else k  # None: no log probabilities
+            options = self._sampling(request, choice, llm) | {"logprobs": asked}
             if k is not None:
                 # Generated whole: streamed logprobs drop characters that span tokens. The
                 # stopping criterion still ends it between tokens when the client leaves.
