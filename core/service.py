@@ -210,17 +210,15 @@ class Service:
         """True when the (first) backend takes OpenAI-shaped bytes as they are."""
         return self.provider.supports_passthrough
 
-    async def passthrough_for(self, function: str, model: str | None) -> bool:
-        """Whether a /v1 call naming `model` goes to a backend that takes OpenAI's bytes as
-        they are (else the gateway builds OpenAI's answers from the typed calls). A model no
-        backend serves: False, and the typed call says so."""
+    async def backend_for(self, function: str, model: str | None) -> tuple[bool, str | None]:
+        """For a /v1 call naming `model`: whether its backend takes OpenAI's bytes as they
+        are (else the gateway builds OpenAI's answers from the typed calls), and the backend's
+        kind (openai, anthropic, huggingface, local). A model no backend serves: (False, None),
+        and the typed call says why."""
         route = await self._route_or_none(function, model)
-        return route is not None and route.provider.supports_passthrough
-
-    async def kind_for(self, function: str, model: str | None) -> str | None:
-        """The kind of backend (openai, anthropic, huggingface, local) a call would go to."""
-        route = await self._route_or_none(function, model)
-        return route.served.kind if route else None
+        if route is None:
+            return False, None
+        return route.provider.supports_passthrough, route.served.kind
 
     async def _route_or_none(self, function: str, model: str | None) -> Route | None:
         if self.router.single:

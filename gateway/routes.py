@@ -196,7 +196,8 @@ def build_router(core: Core) -> Router:
         params = endpoint.renamed(body)
         stream = bool(body.get("stream")) and endpoint.streams
         include_usage = bool((options or {}).get("include_usage"))
-        if await service.passthrough_for(function, fields.get("model")):
+        passthrough, kind = await service.backend_for(function, fields.get("model"))
+        if passthrough:
             if stream:
                 events = service.forward_stream(
                     function,
@@ -219,7 +220,7 @@ def build_router(core: Core) -> Router:
             return Response(content, media_type=JSON)
         kwargs = {"caller": caller, "source": "v1", "request_id": request_id, "body": body}
         return await built_here(
-            request, function, fields, body, kwargs, stream, include_usage, params
+            request, function, fields, body, kwargs, stream, include_usage, params, kind
         )
 
     async def built_here(
@@ -231,6 +232,7 @@ def build_router(core: Core) -> Router:
         stream: bool,
         include_usage: bool,
         params: dict[str, str],
+        kind: str | None,
     ) -> Response:
         """A backend that builds its own answers (the embedded model, Anthropic, Hugging
         Face): run the service's typed calls and shape OpenAI's answers."""
@@ -250,7 +252,6 @@ def build_router(core: Core) -> Router:
             return error_response(exc, params)
         call = service.chat_stream if function == "chat" else service.completion_stream
         model = fields.get("model") or service.default_model(function)
-        kind = await service.kind_for(function, fields.get("model"))
         shape = shapes.Completion(function, model, kwargs["request_id"], backend_kind=kind)
         chunks = call(fields, **kwargs)
         if stream:

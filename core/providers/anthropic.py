@@ -21,6 +21,7 @@ import anthropic
 from core import errors
 from core.backends import DEFAULT_URLS, Backend
 from core.config import Settings, public_url
+from core.providers.base import TypedOnly
 from core.providers.openai import map_status
 from core.schemas import (
     ChatMessage,
@@ -56,14 +57,12 @@ FINISH = {
 DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|gif|webp));base64,(.+)$", re.DOTALL)
 
 
-class AnthropicProvider:
+class AnthropicProvider(TypedOnly):
     """Claude models; chat only (embeddings and images are refused by name)."""
 
     functions = frozenset({"chat"})
     honours = HONOURS
-    supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
-    cap_param = "max_tokens"
-    notice = None
+    kind_label = "Anthropic"
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         spec = backend.spec
@@ -79,16 +78,6 @@ class AnthropicProvider:
             timeout=spec.timeout or settings.request_timeout,
             max_retries=settings.upstream_max_retries if retries is None else retries,
         )
-
-    def describe(self) -> str:
-        return f"Anthropic backend {self.name} at {self.base_url}"
-
-    def _check_configured(self) -> None:
-        if self.api_key is None:
-            raise errors.NotConfigured(
-                f"The {self.name} backend has no key: set {self._key_env or 'its api_key_env'} "
-                "in the environment."
-            )
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         params = to_messages_request(request)
@@ -152,15 +141,6 @@ class AnthropicProvider:
         except anthropic.APIError:
             return False
         return True
-
-    async def forward_json(self, path: str, payload: bytes, model: str | None) -> bytes:
-        raise errors.Unsupported("The Anthropic backend takes typed calls only.")
-
-    async def forward_stream(
-        self, path: str, payload: bytes, model: str | None
-    ) -> AsyncIterator[bytes]:
-        raise errors.Unsupported("The Anthropic backend takes typed calls only.")
-        yield b""  # pragma: no cover
 
     async def aclose(self) -> None:
         await self._client.close()

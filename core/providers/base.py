@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
+from pydantic import SecretStr
+
+from core import errors
 from core.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -66,3 +69,36 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class TypedOnly:
+    """What a backend that builds its own answers (Anthropic, Hugging Face) shares: no OpenAI
+    bytes to pass through, and a key it cannot work without (named by its api_key_env)."""
+
+    supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
+    cap_param = "max_tokens"
+    notice = None
+    name: str
+    kind_label: str  # "Anthropic", "Hugging Face"
+    key_hint = ""  # what the key is, when it needs saying
+    api_key: SecretStr | None
+    _key_env: str | None
+
+    def describe(self) -> str:
+        return f"{self.kind_label} backend {self.name} at {self.base_url}"  # type: ignore[attr-defined]
+
+    def _check_configured(self) -> None:
+        if self.api_key is None:
+            raise errors.NotConfigured(
+                f"The {self.name} backend has no key: set {self._key_env or 'its api_key_env'}"
+                f"{self.key_hint} in the environment."
+            )
+
+    async def forward_json(self, path: str, payload: bytes, model: str | None) -> bytes:
+        raise errors.Unsupported(f"The {self.kind_label} backend takes typed calls only.")
+
+    async def forward_stream(
+        self, path: str, payload: bytes, model: str | None
+    ) -> AsyncIterator[bytes]:
+        raise errors.Unsupported(f"The {self.kind_label} backend takes typed calls only.")
+        yield b""  # pragma: no cover (makes this an async generator)

@@ -25,6 +25,7 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
 from core import errors
 from core.backends import DEFAULT_URLS, Backend
 from core.config import Settings, public_url
+from core.providers.base import TypedOnly
 from core.providers.openai import map_status
 from core.schemas import (
     ChatRequest,
@@ -52,14 +53,13 @@ HONOURS = {
 }  # fmt: skip
 
 
-class HuggingFaceProvider:
+class HuggingFaceProvider(TypedOnly):
     """Chat, embeddings and images on Hugging Face (no /completions)."""
 
     functions = frozenset({"chat", "embedding", "image"})
     honours = HONOURS
-    supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
-    cap_param = "max_tokens"
-    notice = None
+    kind_label = "Hugging Face"
+    key_hint = " (a Hugging Face token, hf_...)"
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         spec = backend.spec
@@ -78,16 +78,6 @@ class HuggingFaceProvider:
         )
         self._tasks = AsyncInferenceClient(api_key=token, timeout=self._timeout)
         self._token = token
-
-    def describe(self) -> str:
-        return f"Hugging Face backend {self.name} at {self.base_url}"
-
-    def _check_configured(self) -> None:
-        if self.api_key is None:
-            raise errors.NotConfigured(
-                f"The {self.name} backend has no token: set {self._key_env or 'its api_key_env'} "
-                "(a Hugging Face token, hf_...) in the environment."
-            )
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         self._check_configured()
@@ -227,15 +217,6 @@ class HuggingFaceProvider:
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
-
-    async def forward_json(self, path: str, payload: bytes, model: str | None) -> bytes:
-        raise errors.Unsupported("The Hugging Face backend takes typed calls only.")
-
-    async def forward_stream(
-        self, path: str, payload: bytes, model: str | None
-    ) -> AsyncIterator[bytes]:
-        raise errors.Unsupported("The Hugging Face backend takes typed calls only.")
-        yield b""  # pragma: no cover
 
     async def aclose(self) -> None:
         return None
