@@ -50,6 +50,9 @@ usage = sa.Table(
     sa.Column("request_id", sa.String(40), nullable=False),
     sa.Column("prompt_text", sa.Text, nullable=True),
     sa.Column("completion_text", sa.Text, nullable=True),
+    # The process (core.db.processes) whose call holds reserved_tokens, while it is pending:
+    # when that process stops beating, its holds are released by the processes still running.
+    sa.Column("holder", sa.String(40), nullable=True),
     sa.Index("ix_usage_user_ts", "user", "ts"),
     sa.Index("ix_usage_ts", "ts"),
 )
@@ -101,6 +104,23 @@ sign_in_failures = sa.Table(
     sa.Column("replica", sa.String(32), nullable=False),
 )
 
+# Every running process, with the last time it said it is alive (every few seconds).
+processes = sa.Table(
+    "processes",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Cached answers (CACHE=database), by a hash of who asked what; shared by the replicas.
+response_cache = sa.Table(
+    "response_cache",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -130,6 +150,17 @@ def _v5(conn: Connection) -> None:
     sign_in_failures.create(conn)
 
 
+def _v6(conn: Connection) -> None:
+    processes.create(conn)
+    # v1 creates `usage` from today's definition: a new database has the column already.
+    if "holder" not in {c["name"] for c in sa.inspect(conn).get_columns("usage")}:
+        conn.execute(sa.text("ALTER TABLE usage ADD COLUMN holder VARCHAR(40)"))
+
+
+def _v7(conn: Connection) -> None:
+    response_cache.create(conn)
+
+
 # Append only: never edit or reorder a released migration; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "users and usage ledger", _v1),
@@ -137,6 +168,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (3, "chat presets", _v3),
     (4, "ended sessions (signed session tokens)", _v4),
     (5, "failed sign-ins shared by replicas", _v5),
+    (6, "ledger holds name their process; process heartbeats", _v6),
+    (7, "response cache", _v7),
 ]
 
 

@@ -136,6 +136,33 @@ def test_migrations_run_once_and_record_their_versions(database: Database, tmp_p
         assert numbers == sorted(set(numbers))
 
 
+def test_a_database_made_before_the_holder_column_gains_it(database: Database, tmp_path) -> None:
+    """A database of schema 5 (made by an older release) keeps its rows and gets the column
+    that names the process holding a pending row's tokens."""
+    with fresh_database(database.backend, tmp_path) as fresh:
+        with fresh.engine.begin() as conn:
+            db.schema_version.create(conn)
+            for version, description, apply in db.MIGRATIONS[:5]:
+                apply(conn)
+                conn.execute(
+                    db.schema_version.insert().values(version=version, description=description)
+                )
+            conn.execute(sa.text("ALTER TABLE usage DROP COLUMN holder"))  # as v1 made it then
+            conn.execute(
+                sa.text(
+                    'INSERT INTO usage (ts, "user", source, function, provider, status, '
+                    "request_id) VALUES (:ts, 'old', 'v1', 'chat', 'openai', 'ok', 'req_old')"
+                ),
+                {"ts": datetime.now(UTC)},
+            )
+        assert db.migrate(fresh.engine) == db.MIGRATIONS[-1][0]
+        with fresh.engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("usage")}
+            kept = conn.execute(sa.select(db.usage.c.request_id, db.usage.c.holder)).all()
+        assert "holder" in columns
+        assert [tuple(row) for row in kept] == [("req_old", None)]
+
+
 def test_a_new_migration_is_applied_once(database: Database, tmp_path, monkeypatch) -> None:
     applied: list[int] = []
 
