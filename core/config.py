@@ -59,6 +59,10 @@ _ALLOWED = {
     "ALLOW_REMOTE_IMAGES": "true or false",
     "BACKENDS_FILE": "the path of a YAML (.yaml, .yml) or TOML (.toml) file of backends",
     "SESSION_SECRET": "at least 32 characters (make one: openssl rand -base64 48)",
+    "CACHE": "off, memory or database",
+    "CACHE_TTL_SECONDS": "a whole number of seconds from 1 to 31536000",
+    "CACHE_MAX_MB": "a whole number of megabytes from 1 to 102400",
+    "CACHE_SHARED": "true or false",
 }
 for _name in ("CHAT_MODEL", "COMPLETION_MODEL", "IMAGE_MODEL", "EMBEDDING_MODEL"):
     _ALLOWED[_name] = "a model id: visible characters, no spaces, at most 256 (a path is fine)"
@@ -114,6 +118,11 @@ class Settings(BaseModel):
     # Several named backends at once (core.backends); without it, the variables above
     # describe the one backend.
     backends_file: Path | None = Field(default=None, alias="BACKENDS_FILE")
+    # The response cache (core.cache): where answers are kept, for how long, for whom.
+    cache: Literal["off", "memory", "database"] = Field(default="off", alias="CACHE")
+    cache_ttl_seconds: int = Field(default=86_400, ge=1, le=31_536_000, alias="CACHE_TTL_SECONDS")
+    cache_max_mb: int = Field(default=256, ge=1, le=102_400, alias="CACHE_MAX_MB")
+    cache_shared: bool = Field(default=False, alias="CACHE_SHARED")
     # True when ACCESS_KEY was not set and we made one up for this run.
     access_key_generated: bool = False
 
@@ -122,7 +131,7 @@ class Settings(BaseModel):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("provider", mode="before")
+    @field_validator("provider", "cache", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -235,6 +244,7 @@ class Settings(BaseModel):
                 else None
             ),
             "upstream_key_set": self.openai_api_key is not None,
+            "cache": self.cache,
         }
 
 

@@ -230,7 +230,8 @@ class Ledger:
                 sa.select(sa.func.count(), sa.func.min(u.ts)).where(
                     u.user == user,
                     u.ts >= since,
-                    u.status != "refused",
+                    # Refused calls and answers from the response cache cost no request.
+                    u.status.not_in(("refused", "cached")),
                     u.function.in_(QUOTA_FUNCTIONS),
                 )
             ).one()

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from core import errors, metrics, tokens
 from core.auth import SYSTEM, Principal
 from core.backends import BackendSpec
+from core.cache import Lookup, Outcome, ResponseCache, Use, build_cache
 from core.config import Settings
 from core.endpoints import ENDPOINTS, REPLY_LIMITS
 from core.ledger import QUOTA_FUNCTIONS, Ledger, Reservation
@@ -86,6 +87,21 @@ class Call:
     slot: asyncio.Semaphore | None = None  # held while the backend serves the call
     prompt_text: str | None = None  # only with LOG_CONTENT
     reply: list[str] = field(default_factory=list)  # only with LOG_CONTENT
+    outcome: Outcome | None = None  # the caller's, filled in as the call goes
+    lookup: Lookup | None = None  # a call the response cache takes: its keys and hits
+    capped: bool = False  # the quota cut its max_tokens: not the answer its request gets
+    fell_back: bool = False  # another model answered: not the answer its request names
+
+    @property
+    def cached(self) -> bool:
+        """Answered from the response cache alone."""
+        return self.lookup is not None and self.lookup.complete
+
+    @property
+    def stored(self) -> bytes:
+        """The cached answer of a call the cache keys as a whole."""
+        assert self.lookup is not None
+        return self.lookup.found[self.lookup.keys[0]]
 
 
 class Service:
@@ -108,6 +124,13 @@ class Service:
             router = Router.of(configured_backends(settings), lambda b: build_provider(settings, b))
         self.router = router
         self.ledger = ledger
+        self.cache: ResponseCache | None = build_cache(
+            settings.cache,
+            engine=ledger.engine if ledger is not None else None,
+            ttl=settings.cache_ttl_seconds,
+            shared=settings.cache_shared,
+            max_bytes=settings.cache_max_mb * 1_000_000,
+        )
         keys = [settings.openai_api_key, settings.access_key]
         keys += [getattr(s.provider, "api_key", None) for s in router.backends]
         self._secrets = [k.get_secret_value() for k in keys if k]
@@ -137,15 +160,20 @@ class Service:
         source: str = "core",
         request_id: str | None = None,
         body: dict[str, Any] | None = None,
+        cache: Use = "use",
+        outcome: Outcome | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream a chat reply; the last chunk carries the usage when the backend reports it.
         `body`: the OpenAI request it came from (/v1), checked against what the backend honours."""
-        async with self._pipeline("chat", request, caller, source, request_id, body) as (
-            call,
-            req,
-        ):
+        async with self._pipeline(
+            "chat", request, caller, source, request_id, body, cache, outcome, form="typed"
+        ) as (call, req):
+            if call.cached:
+                for chunk in _stored_chunks(call):
+                    yield chunk
+                return
             attempts = self._attempts(call, req, lambda p, r: p.chat_stream(r), body)
-            async for chunk in self._relay(attempts, call):
+            async for chunk in self._kept(call, self._relay(attempts, call), _chunks_value):
                 yield chunk
 
     async def completion_stream(
@@ -156,14 +184,19 @@ class Service:
         source: str = "core",
         request_id: str | None = None,
         body: dict[str, Any] | None = None,
+        cache: Use = "use",
+        outcome: Outcome | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream a text completion of a prompt."""
-        async with self._pipeline("completion", request, caller, source, request_id, body) as (
-            call,
-            req,
-        ):
+        async with self._pipeline(
+            "completion", request, caller, source, request_id, body, cache, outcome, form="typed"
+        ) as (call, req):
+            if call.cached:
+                for chunk in _stored_chunks(call):
+                    yield chunk
+                return
             attempts = self._attempts(call, req, lambda p, r: p.completion_stream(r), body)
-            async for chunk in self._relay(attempts, call):
+            async for chunk in self._kept(call, self._relay(attempts, call), _chunks_value):
                 yield chunk
 
     async def generate_images(
@@ -174,12 +207,13 @@ class Service:
         source: str = "core",
         request_id: str | None = None,
         body: dict[str, Any] | None = None,
+        cache: Use = "use",
+        outcome: Outcome | None = None,
     ) -> ImageResult:
-        """Generate one or more images (PNG bytes)."""
-        async with self._pipeline("image", request, caller, source, request_id, body) as (
-            call,
-            req,
-        ):
+        """Generate one or more images (PNG bytes). Never cached: each is a new picture."""
+        async with self._pipeline(
+            "image", request, caller, source, request_id, body, cache, outcome
+        ) as (call, req):
             result = await self._first_answer(call, req, lambda p, r: p.generate_images(r), body)
             call.images = len(result.images)
             call.usage = result.usage
@@ -193,15 +227,41 @@ class Service:
         source: str = "core",
         request_id: str | None = None,
         body: dict[str, Any] | None = None,
+        cache: Use = "use",
+        outcome: Outcome | None = None,
     ) -> EmbeddingResult:
-        """Embed a list of texts, one vector per text."""
-        async with self._pipeline("embedding", request, caller, source, request_id, body) as (
-            call,
-            req,
-        ):
-            result = await self._first_answer(call, req, lambda p, r: p.embeddings(r), body)
-            call.usage = result.usage
-            return result
+        """Embed a list of texts, one vector per text (with the response cache on: only the
+        texts it does not have are sent to the backend)."""
+        async with self._pipeline(
+            "embedding", request, caller, source, request_id, body, cache, outcome, form="typed"
+        ) as (call, req):
+            lookup = call.lookup
+            if lookup is None:
+                result = await self._first_answer(call, req, lambda p, r: p.embeddings(r), body)
+                call.usage = result.usage
+                return result
+            vectors: dict[str, bytes] = dict(lookup.found)
+            model, usage = req.model, Usage()
+            if missing := lookup.missing():
+                part = req.model_copy(update={"texts": [req.texts[i] for i in missing]})
+                result = await self._first_answer(call, part, lambda p, r: p.embeddings(r), body)
+                call.usage = usage = result.usage
+                model = result.model
+                if len(result.vectors) != len(missing):
+                    raise errors.UpstreamError(
+                        f"The upstream returned {len(result.vectors)} vectors for "
+                        f"{len(missing)} inputs."
+                    )
+                new = {
+                    lookup.keys[i]: orjson.dumps(v)
+                    for i, v in zip(missing, result.vectors, strict=True)
+                }
+                vectors |= new
+                await self._keep_items(call, new)
+            found = [orjson.loads(vectors[k]) for k in lookup.keys]
+            return EmbeddingResult(
+                model=model, dimensions=len(found[0]), vectors=found, usage=usage
+            )
 
     # ---- passthrough for the /v1 gateway -----------------------------------------------------
 
@@ -237,31 +297,71 @@ class Service:
         caller: Principal = SYSTEM,
         source: str = "v1",
         request_id: str | None = None,
+        cache: Use = "use",
+        outcome: Outcome | None = None,
     ) -> bytes:
         """Validate, reserve, send `body` upstream as it is, account for the answer's usage."""
-        endpoint = ENDPOINTS[function]
-        async with self._pipeline(function, request, caller, source, request_id, body) as (
-            call,
-            req,
-        ):
-
-            def send(provider: Provider, r: FunctionRequest) -> Any:
-                payload = _payload(body, r, stream=False, cap_param=provider.cap_param)
-                return provider.forward_json(endpoint.path, payload, r.model)
-
-            content = await self._first_answer(call, req, send, body, passthrough=True)
-            call.usage = usage_in(content)
-            call.reply_chars = len(content)  # if no usage came, the ledger estimates from it
-            if function == "image":
-                call.images = content.count(b'"b64_json"')
-            if function == "embedding" and re.search(rb'"embedding"\s*:\s*\[\s*\[', content):
-                # A server without a pooling setting (llama.cpp's) sends one vector per token:
-                # no client can use that, and it is the upstream's fault, not the caller's.
-                raise errors.UpstreamError(
-                    "The upstream returned one vector per token instead of one per input: "
-                    "give that server a pooling type (llama.cpp: --pooling mean)."
-                )
+        async with self._pipeline(
+            function, request, caller, source, request_id, body, cache, outcome, form="bytes"
+        ) as (call, req):
+            if call.lookup is not None and function == "embedding":
+                return await self._embed_bytes(call, req, body)
+            if call.cached:
+                return call.stored
+            content = await self._forward(call, req, body)
+            await self._keep_items(call, {call.lookup.keys[0]: content} if call.lookup else {})
             return content
+
+    async def _forward(self, call: Call, req: FunctionRequest, body: dict[str, Any]) -> bytes:
+        """`body` sent upstream as it is (with the service's changes: model, cap); its answer
+        accounted for."""
+        path = ENDPOINTS[call.function].path
+
+        def send(provider: Provider, r: FunctionRequest) -> Any:
+            payload = _payload(body, r, stream=False, cap_param=provider.cap_param)
+            return provider.forward_json(path, payload, r.model)
+
+        content = await self._first_answer(call, req, send, body, passthrough=True)
+        call.usage = usage_in(content)
+        call.reply_chars = len(content)  # if no usage came, the ledger estimates from it
+        if call.function == "image":
+            call.images = content.count(b'"b64_json"')
+        if call.function == "embedding" and re.search(rb'"embedding"\s*:\s*\[\s*\[', content):
+            # A server without a pooling setting (llama.cpp's) sends one vector per token:
+            # no client can use that, and it is the upstream's fault, not the caller's.
+            raise errors.UpstreamError(
+                "The upstream returned one vector per token instead of one per input: "
+                "give that server a pooling type (llama.cpp: --pooling mean)."
+            )
+        return content
+
+    async def _embed_bytes(self, call: Call, req: EmbeddingRequest, body: dict[str, Any]) -> bytes:
+        """OpenAI's embeddings answer with the cache on: the inputs it lacks are sent upstream
+        (the rest of the body as it is), each vector is kept as the upstream wrote it (floats
+        or base64), and the answer lists them in the caller's order."""
+        lookup = call.lookup
+        assert lookup is not None
+        missing = lookup.missing()
+        if not missing:
+            data, model, usage = [], req.model, {"prompt_tokens": 0, "total_tokens": 0}
+        else:
+            texts = [req.texts[i] for i in missing]
+            part = req.model_copy(update={"texts": texts})
+            content = await self._forward(call, part, {**body, "input": texts})
+            if len(missing) == len(lookup.keys):
+                # Nothing was cached: the upstream's answer goes back byte for byte.
+                await self._keep_items(call, _vectors_in(content, lookup.keys))
+                return content
+            new = _vectors_in(content, [lookup.keys[i] for i in missing])
+            await self._keep_items(call, new)
+            answer = orjson.loads(content)
+            model, usage = answer.get("model", req.model), answer.get("usage")
+            lookup.found |= new
+        data = [
+            {"object": "embedding", "index": i, "embedding": orjson.Fragment(lookup.found[k])}
+            for i, k in enumerate(lookup.keys)
+        ]
+        return orjson.dumps({"object": "list", "data": data, "model": model, "usage": usage})
 
     async def forward_stream(
         self,
@@ -273,18 +373,24 @@ class Service:
         source: str = "v1",
         include_usage: bool = False,
         request_id: str | None = None,
+        cache: Use = "use",
+        outcome: Outcome | None = None,
     ) -> AsyncIterator[bytes]:
         """Stream SSE events from upstream as they arrive; usage is always asked for (the
         ledger needs it) and its chunk is passed on only when the client asked for it too.
         An upstream that sends none (llama.cpp's server ignores stream_options) gets one made
         from our estimate, so a client that asked for usage always has it."""
         endpoint = ENDPOINTS[function]
-        async with self._pipeline(function, request, caller, source, request_id, body) as (
-            call,
-            req,
-        ):
+        async with self._pipeline(
+            function, request, caller, source, request_id, body, cache, outcome, form="sse"
+        ) as (call, req):
+            if call.cached:
+                for piece in orjson.loads(call.stored):
+                    yield piece.encode()
+                return
             if isinstance(req, ChatRequest | CompletionRequest):
                 call.reply_cap = req.max_tokens
+            sent: list[bytes] = []
 
             def send(provider: Provider, r: FunctionRequest) -> AsyncIterator[bytes]:
                 payload = _payload(body, r, stream=True, cap_param=provider.cap_param)
@@ -316,9 +422,15 @@ class Service:
                         # About one token per chunk: an estimate for a stream cut short.
                         call.reply_chars += 4
                     if kept:
-                        yield b"".join(kept)
+                        piece = b"".join(kept)
+                        if call.lookup is not None:
+                            sent.append(piece)
+                        yield piece
             if not finished:
                 raise errors.StreamInterrupted()
+            if call.lookup is not None:
+                value = orjson.dumps([p.decode() for p in sent])
+                await self._keep_items(call, {call.lookup.keys[0]: value})
 
     async def list_models(
         self, *, refresh: bool = False, caller: Principal = SYSTEM, source: str = "core"
@@ -456,27 +568,96 @@ class Service:
         source: str,
         request_id: str | None,
         body: dict[str, Any] | None = None,
+        cache: Use = "use",
+        outcome: Outcome | None = None,
+        *,
+        form: str | None = None,
     ) -> AsyncIterator[tuple[Call, Any]]:
-        """Every call, typed or passed through, takes this one path: validate -> reserve ->
-        (the caller's provider step, inside the block) -> settle -> record. Yields the call
-        (for the step to note usage on) and the validated request."""
-        call = Call(function, caller, source, request_id or new_request_id())
+        """Every call, typed or passed through, takes this one path: validate -> look in the
+        response cache -> reserve -> (the caller's provider step, inside the block) -> settle
+        -> record. Yields the call (for the step to note usage on; `call.cached` when the cache
+        has its whole answer, and then nothing is reserved) and the validated request.
+        `form`: the answer's form (typed, bytes, sse) when the cache may keep it."""
+        call = Call(function, caller, source, request_id or new_request_id(), outcome=outcome)
         async with self._track(call):
-            req = await self._prepare(ENDPOINTS[function].request, request, call, body)
+            req = await self._validate(ENDPOINTS[function].request, request, call, body or {})
+            if form is not None:
+                await self._look_up(call, req, body or {}, form, cache)
+            if not call.cached:
+                req = await self._admit(call, req, body or {})
             yield call, req
 
-    async def _prepare(
-        self,
-        model: type[RequestT],
-        request: RequestT | Mapping[str, Any],
-        call: Call,
-        body: dict[str, Any] | None = None,
-    ) -> RequestT:
-        """Validate, check the backend serves the function, and reserve; then wait for one of
-        MAX_CONCURRENCY slots: the bound on model calls at once holds for every path
-        (dashboard, Gradio API, /v1), not only for Gradio's queue. The slot is released when
-        the call ends (_track)."""
-        req = await self._reserve(model, request, call, body or {})
+    async def _look_up(
+        self, call: Call, req: FunctionRequest, body: dict[str, Any], form: str, use: Use
+    ) -> None:
+        """Look for the call's answer in the response cache, if it is one the cache takes:
+        embeddings (one key per input), chat and completions at temperature 0 with a seed
+        (one key for the whole request)."""
+        if self.cache is None:
+            return
+        if use == "skip":
+            if call.outcome is not None:
+                call.outcome.cache = "bypass"
+            return
+        assert call.route is not None
+        material: dict[str, Any] = {
+            "function": call.function,
+            "backend": call.route.name,
+            "model": call.route.model,
+            "form": form,
+        }
+        if isinstance(req, EmbeddingRequest):
+            # What else shapes the vectors: dimensions, and on the bytes path any other field
+            # (encoding_format, a server's own options), but not who the caller says they are.
+            rest = {k: v for k, v in body.items() if k not in ("input", "model", "user")}
+            material |= {"dimensions": req.dimensions, "body": rest if form != "typed" else {}}
+            keys = [self.cache.key(call.caller.name, material | {"input": t}) for t in req.texts]
+        elif isinstance(req, ChatRequest | CompletionRequest):
+            if not (req.temperature == 0 and req.seed is not None):
+                return  # a sampled answer: another call should get another one
+            if form == "typed":
+                whole = req.model_dump(mode="json", exclude={"model"}, exclude_none=True)
+            else:
+                whole = {k: v for k, v in body.items() if k != "model"}
+            keys = [self.cache.key(call.caller.name, material | {"request": whole})]
+        else:
+            return
+        call.lookup = await self.cache.look_up(keys, use)
+        if call.outcome is not None:
+            call.outcome.cache = call.lookup.state
+
+    async def _kept(
+        self, call: Call, items: AsyncIterator[StreamChunk], encode: Any
+    ) -> AsyncIterator[StreamChunk]:
+        """`items` passed on; once they all went through, kept in the cache (if it takes the
+        call). A consumer that leaves early, or a failure, keeps nothing."""
+        if call.lookup is None:
+            async with aclosing(items) as passing:
+                async for item in passing:
+                    yield item
+            return
+        seen = []
+        async with aclosing(items) as passing:
+            async for item in passing:
+                seen.append(item)
+                yield item
+        await self._keep_items(call, {call.lookup.keys[0]: encode(seen)})
+
+    async def _keep_items(self, call: Call, items: Mapping[str, bytes]) -> None:
+        """Keep answers for the cache's keys: only the answer the request names (not one the
+        quota cut short, nor another model's after a fallback)."""
+        lookup = call.lookup
+        if self.cache is None or lookup is None or not lookup.write:
+            return
+        if call.capped or call.fell_back:
+            return
+        await self.cache.store_many(items)
+
+    async def _admit(self, call: Call, req: RequestT, body: dict[str, Any]) -> RequestT:
+        """Reserve against the caller's quota; then wait for one of MAX_CONCURRENCY slots:
+        the bound on model calls at once holds for every path (dashboard, Gradio API, /v1),
+        not only for Gradio's queue. The slot is released when the call ends (_track)."""
+        req = await self._reserve(call, req, body)
         slots = self._slot_pool()
         await slots.acquire()
         call.slot = slots
@@ -536,6 +717,7 @@ class Service:
         return routes
 
     def _moved(self, call: Call, failed: Route, exc: errors.ServiceError, to: Route) -> None:
+        call.fell_back = True
         metrics.FALLBACKS.labels(call.function, failed.name, to.name).inc()
         log.warning(
             "request_id=%s %s/%s failed before answering (%s); falling back to %s/%s",
@@ -614,27 +796,34 @@ class Service:
             self._slots = (loop, asyncio.Semaphore(self.settings.max_concurrency))
         return self._slots[1]
 
-    async def _reserve(
+    async def _validate(
         self,
         model: type[RequestT],
         request: RequestT | Mapping[str, Any],
         call: Call,
         body: dict[str, Any],
     ) -> RequestT:
-        """Validate, fill in the default model, and reserve against the caller's quota what the
-        call can cost at most (core.tokens); cap the reply only when the quota needs it."""
+        """Validate, route (filling in the default model), and check that the backend serves
+        the function and honours the request's fields."""
         req = request if isinstance(request, model) else parse(model, dict(request))
         route = await self.router.resolve(call.function, req.model)
         req = route_request(req, route)
         call.route, call.model, call.request = route, route.model, req
-        endpoint = ENDPOINTS[call.function]
         if not route.served.serves(call.function):
             raise self._unsupported_on(route, call.function)
         self._check_honoured(call.function, body, route)
+        if self.ledger is not None and self.settings.log_content:
+            call.prompt_text = req.prompt_text()
+        return req
+
+    async def _reserve(self, call: Call, req: RequestT, body: dict[str, Any]) -> RequestT:
+        """Reserve against the caller's quota what the call can cost at most (core.tokens);
+        cap the reply only when the quota needs it."""
         if self.ledger is None:
             return req
-        if self.settings.log_content:
-            call.prompt_text = req.prompt_text()
+        route = call.route
+        assert route is not None
+        endpoint = ENDPOINTS[call.function]
         limits = call.caller.limits
         if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
             return req  # nothing to check: the outcome is written as one row afterwards
@@ -676,6 +865,7 @@ class Service:
                 # Only when the quota needs it: what is left, shared by the choices, so that
                 # concurrent calls cannot overshoot the day.
                 req = req.model_copy(update={"max_tokens": room})
+                call.capped = True
         return req
 
     async def _relay(
@@ -727,7 +917,7 @@ class Service:
                 function=call.function,
                 model=call.model and (call.model if call.model in self._labelled else "other"),
                 source=call.source,
-                status="refused" if call.refused else status,
+                status="refused" if call.refused else "cached" if call.cached else status,
                 seconds=seconds,
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
@@ -750,7 +940,7 @@ class Service:
             if self.ledger is not None and not call.refused and call.function in ENDPOINTS:
                 # No await: the ledger writes in its own thread, so a cancelled call is
                 # settled too and the answer does not wait for the database.
-                self._settle(call, status)
+                self._settle(call, "cached" if call.cached and status == "ok" else status)
 
     def _settle(self, call: Call, status: str) -> None:
         assert self.ledger is not None
@@ -870,3 +1060,29 @@ def _payload(body: dict[str, Any], req: FunctionRequest, *, stream: bool, cap_pa
         else:
             out[cap_param if isinstance(req, ChatRequest) else "max_tokens"] = cap
     return orjson.dumps(out)
+
+
+def _chunks_value(chunks: list[StreamChunk]) -> bytes:
+    return orjson.dumps([c.model_dump(mode="json", exclude_defaults=True) for c in chunks])
+
+
+def _stored_chunks(call: Call) -> list[StreamChunk]:
+    return [StreamChunk.model_validate(c) for c in orjson.loads(call.stored)]
+
+
+def _vectors_in(content: bytes, keys: list[str]) -> dict[str, bytes]:
+    """Each input's vector in an OpenAI embeddings answer, as the upstream wrote it, by key
+    (the keys in the inputs' order). An answer with another count is the upstream's fault."""
+    try:
+        data = orjson.loads(content)["data"]
+        ordered = sorted(data, key=lambda item: item["index"])
+        vectors = [orjson.dumps(item["embedding"]) for item in ordered]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise errors.UpstreamError(
+            f"The upstream's embeddings answer is malformed ({type(exc).__name__}: {exc})."
+        ) from None
+    if len(vectors) != len(keys):
+        raise errors.UpstreamError(
+            f"The upstream returned {len(vectors)} vectors for {len(keys)} inputs."
+        )
+    return dict(zip(keys, vectors, strict=True))

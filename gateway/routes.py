@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route, Router
 
 from core import errors
 from core.auth import LockedOut, Principal
+from core.cache import Outcome, use_from
 from core.context import Core
 from core.endpoints import ENDPOINTS
 from core.schemas import ModelInfo
@@ -197,6 +198,9 @@ def build_router(core: Core) -> Router:
         stream = bool(body.get("stream")) and endpoint.streams
         include_usage = bool((options or {}).get("include_usage"))
         passthrough, kind = await service.backend_for(function, fields.get("model"))
+        # The response cache (CACHE): Cache-Control: no-cache asks afresh, no-store bypasses.
+        outcome = Outcome()
+        cached = {"cache": use_from(request.headers.get("cache-control")), "outcome": outcome}
         if passthrough:
             if stream:
                 events = service.forward_stream(
@@ -206,21 +210,22 @@ def build_router(core: Core) -> Router:
                     caller=caller,
                     include_usage=include_usage,
                     request_id=request_id,
+                    **cached,
                 )
-                return await stream_response(watched(events, caller), params)
+                return await stream_response(watched(events, caller), params, outcome)
             try:
                 content = await while_connected(
                     request,
                     service.forward_json(
-                        function, fields, body, caller=caller, request_id=request_id
+                        function, fields, body, caller=caller, request_id=request_id, **cached
                     ),
                 )
             except errors.ServiceError as exc:
                 return error_response(exc, params)
-            return Response(content, media_type=JSON)
+            return Response(content, media_type=JSON, headers=cache_headers(outcome))
         kwargs = {"caller": caller, "source": "v1", "request_id": request_id, "body": body}
         return await built_here(
-            request, function, fields, body, kwargs, stream, include_usage, params, kind
+            request, function, fields, body, kwargs | cached, stream, include_usage, params, kind
         )
 
     async def built_here(
@@ -240,7 +245,11 @@ def build_router(core: Core) -> Router:
             if function == "embedding":
                 result = await while_connected(request, service.embeddings(fields, **kwargs))
                 encoding = body.get("encoding_format")
-                return Response(shapes.embeddings_body(result, encoding=encoding), media_type=JSON)
+                return Response(
+                    shapes.embeddings_body(result, encoding=encoding),
+                    media_type=JSON,
+                    headers=cache_headers(kwargs["outcome"]),
+                )
             if function == "image":
                 if body.get("response_format") not in (None, "b64_json"):
                     message = "This backend answers images as b64_json only, not as URLs."
@@ -256,7 +265,9 @@ def build_router(core: Core) -> Router:
         chunks = call(fields, **kwargs)
         if stream:
             events = _events(shape, chunks, include_usage)
-            return await stream_response(watched(events, kwargs["caller"]), params)
+            return await stream_response(
+                watched(events, kwargs["caller"]), params, kwargs["outcome"]
+            )
 
         async def whole() -> bytes:
             pieces, usage = [], None
@@ -268,9 +279,10 @@ def build_router(core: Core) -> Router:
             return shape.whole(pieces, usage)
 
         try:
-            return Response(await while_connected(request, whole()), media_type=JSON)
+            content = await while_connected(request, whole())
         except errors.ServiceError as exc:
             return error_response(exc, params)
+        return Response(content, media_type=JSON, headers=cache_headers(kwargs["outcome"]))
 
     async def watched(events: AsyncIterator[bytes], caller: Principal) -> AsyncIterator[bytes]:
         """A stream that ends, with an error event, once its caller is disabled or rotated:
@@ -359,8 +371,18 @@ def build_router(core: Core) -> Router:
     return Router(routes=routes, redirect_slashes=False)
 
 
+def cache_headers(outcome: Outcome | None) -> dict[str, str]:
+    """X-Cache: hit, partial (embeddings: some inputs), miss or bypass, when the response
+    cache takes the call; absent when it does not (CACHE=off, a sampled answer, images)."""
+    if outcome is None or outcome.cache is None:
+        return {}
+    return {"x-cache": outcome.cache}
+
+
 async def stream_response(
-    events: AsyncIterator[bytes], params: dict[str, str] | None = None
+    events: AsyncIterator[bytes],
+    params: dict[str, str] | None = None,
+    outcome: Outcome | None = None,
 ) -> Response:
     """Wait for the first event, so a refusal is a plain HTTP error, then stream the rest."""
     try:
@@ -370,7 +392,8 @@ async def stream_response(
     except errors.ServiceError as exc:
         return error_response(exc, params)
     rest = _rest(first, events)
-    return StreamingResponse(rest, media_type="text/event-stream", headers=SSE_HEADERS)
+    headers = SSE_HEADERS | cache_headers(outcome)
+    return StreamingResponse(rest, media_type="text/event-stream", headers=headers)
 
 
 async def _rest(first: bytes, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
