@@ -91,11 +91,7 @@ class Call:
     lookup: Lookup | None = None  # a call the response cache takes: its keys and hits
     capped: bool = False  # the quota cut its max_tokens: not the answer its request gets
     fell_back: bool = False  # another model answered: not the answer its request names
-
-    @property
-    def cached(self) -> bool:
-        """Answered from the response cache alone."""
-        return self.lookup is not None and self.lookup.complete
+    cached: bool = False  # answered from the response cache alone (nothing reserved or sent)
 
     @property
     def stored(self) -> bytes:
@@ -356,9 +352,9 @@ class Service:
             await self._keep_items(call, new)
             answer = orjson.loads(content)
             model, usage = answer.get("model", req.model), answer.get("usage")
-            lookup.found |= new
+        vectors = lookup.found | new if missing else lookup.found
         data = [
-            {"object": "embedding", "index": i, "embedding": orjson.Fragment(lookup.found[k])}
+            {"object": "embedding", "index": i, "embedding": orjson.Fragment(vectors[k])}
             for i, k in enumerate(lookup.keys)
         ]
         return orjson.dumps({"object": "list", "data": data, "model": model, "usage": usage})
@@ -623,6 +619,7 @@ class Service:
         else:
             return
         call.lookup = await self.cache.look_up(keys, use)
+        call.cached = call.lookup.complete
         if call.outcome is not None:
             call.outcome.cache = call.lookup.state
 

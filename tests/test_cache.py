@@ -108,6 +108,10 @@ def test_a_batch_sends_only_the_inputs_the_cache_lacks(cached: App) -> None:
     assert [d.embedding for d in answer.data] == [d.embedding for d in fresh.data]
     # Only the new inputs' tokens were spent upstream: two words of four texts' six.
     assert answer.usage.prompt_tokens == 3
+    # A partial hit is an ordinary call for the inputs sent: its ledger row counts them.
+    rows = cached.rows("owner")
+    row = rows[rows["request_id"] == raw.headers["x-request-id"]].iloc[0]
+    assert (row["status"], row["prompt_tokens"]) == ("ok", 3)
 
 
 def test_dimensions_encoding_and_model_are_part_of_the_key(cached: App) -> None:
