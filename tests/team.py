@@ -82,7 +82,8 @@ backends:
 
 
 @contextmanager
-def running_team(folder: Path) -> Iterator[Team]:
+def running_team(folder: Path, **env: str) -> Iterator[Team]:
+    """The team's gateway; `env`: more settings (CACHE=memory...)."""
     fakes = {
         "openai": FakeUpstream(api_key=KEYS["TEAM_OPENAI_KEY"]).start(),
         # Ollama takes any key (the product sends a placeholder when it has none).
@@ -107,6 +108,7 @@ def running_team(folder: Path) -> Iterator[Team]:
             "DATA_DIR": str(folder / "data"),
             "UPSTREAM_MAX_RETRIES": "0",
             "REQUEST_TIMEOUT": "10",
+            **env,
         },
         env_file=None,
     )

@@ -22,6 +22,7 @@ from core.config import load_settings
 from core.errors import ConfigError
 from tests.conftest import ACCESS_KEY, Served, app_settings, serve
 from tests.db_fixtures import BACKENDS, fresh_database
+from tests.team import HF_EMBED, LOCAL, Team, running_team
 from tests.upstream import FakeUpstream
 
 HI = [{"role": "user", "content": "Tell me a fact about owls"}]
@@ -357,6 +358,56 @@ def test_cache_shared_lets_users_share_answers(upstream: FakeUpstream, tmp_path)
         assert app.post("embeddings", body, key=bob).headers["x-cache"] == "hit"
     finally:
         app.stop()
+
+
+# ---- several backends: fallbacks, and backends that build their own answers ----------------
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory) -> Iterator[Team]:
+    with running_team(tmp_path_factory.mktemp("cache-team"), CACHE="memory") as running:
+        yield running
+
+
+def test_a_fallbacks_answer_is_not_kept(team: Team) -> None:
+    """error-503 falls back to ollama/llama3.2: that is not the answer error-503 names."""
+    team.ollama.reset()
+    for _ in range(2):
+        raw = team.client.chat.completions.with_raw_response.create(
+            model="openai/error-503", messages=HI, **SEEDED
+        )
+        assert raw.parse().model.endswith("llama3.2")  # the model that answered
+        assert raw.headers["x-cache"] == "miss"
+    assert len([r for r in team.ollama.requests if r["path"] == "/v1/chat/completions"]) == 2
+
+
+def test_the_embedded_models_seeded_answer_is_cached(team: Team) -> None:
+    """A backend that builds its own answers (the typed path): streamed and not."""
+    ask = {"model": f"local/{LOCAL}", "messages": HI, "max_tokens": 8, **SEEDED}
+    first = team.client.chat.completions.with_raw_response.create(**ask)
+    again = team.client.chat.completions.with_raw_response.create(**ask)
+    assert (first.headers["x-cache"], again.headers["x-cache"]) == ("miss", "hit")
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+    streamed = [
+        team.client.chat.completions.with_raw_response.create(**ask, stream=True) for _ in range(2)
+    ]
+    # Built here from the same chunks, streamed or not: one entry serves both.
+    assert [s.headers["x-cache"] for s in streamed] == ["hit", "hit"]
+    texts = [
+        "".join(c.choices[0].delta.content or "" for c in s.parse() if c.choices) for s in streamed
+    ]
+    assert texts[0] == texts[1] == first.parse().choices[0].message.content
+
+
+def test_hugging_face_embeddings_are_cached_per_input(team: Team) -> None:
+    team.hf.requests.clear()
+    team.client.embeddings.create(model=f"hf/{HF_EMBED}", input=["first text", "second"])
+    raw = team.client.embeddings.with_raw_response.create(
+        model=f"hf/{HF_EMBED}", input=["second", "third text"]
+    )
+    assert raw.headers["x-cache"] == "partial"
+    assert len(raw.parse().data) == 2
+    assert len(team.hf.requests) == 2
 
 
 # ---- the pieces -----------------------------------------------------------------------------
