@@ -240,8 +240,18 @@ class Service:
             model, usage = req.model, Usage()
             if missing := lookup.missing():
                 part = req.model_copy(update={"texts": [req.texts[i] for i in missing]})
-                result = await self._first_answer(call, part, lambda p, r: p.embeddings(r), body)
+                asked = _asked(call)
+
+                def send(p: Provider, r: EmbeddingRequest) -> Any:
+                    # A fallback (another model) embeds the whole batch: one model's vectors.
+                    whole = r if asked(p, r) else r.model_copy(update={"texts": req.texts})
+                    return p.embeddings(whole)
+
+                result = await self._first_answer(call, part, send, body)
                 call.usage = usage = result.usage
+                if call.fell_back:
+                    _missed(call)
+                    return result
                 model = result.model
                 if len(result.vectors) != len(missing):
                     raise errors.UpstreamError(
@@ -308,13 +318,22 @@ class Service:
             await self._keep_items(call, {call.lookup.keys[0]: content} if call.lookup else {})
             return content
 
-    async def _forward(self, call: Call, req: FunctionRequest, body: dict[str, Any]) -> bytes:
+    async def _forward(
+        self,
+        call: Call,
+        req: FunctionRequest,
+        body: dict[str, Any],
+        fallback_body: dict[str, Any] | None = None,
+    ) -> bytes:
         """`body` sent upstream as it is (with the service's changes: model, cap); its answer
-        accounted for."""
+        accounted for. `fallback_body`: what a fallback gets instead (embeddings: the whole
+        batch, when `body` holds only the inputs the cache lacks)."""
         path = ENDPOINTS[call.function].path
+        asked = _asked(call)
 
         def send(provider: Provider, r: FunctionRequest) -> Any:
-            payload = _payload(body, r, stream=False, cap_param=provider.cap_param)
+            sent = body if fallback_body is None or asked(provider, r) else fallback_body
+            payload = _payload(sent, r, stream=False, cap_param=provider.cap_param)
             return provider.forward_json(path, payload, r.model)
 
         content = await self._first_answer(call, req, send, body, passthrough=True)
@@ -343,7 +362,10 @@ class Service:
         else:
             texts = [req.texts[i] for i in missing]
             part = req.model_copy(update={"texts": texts})
-            content = await self._forward(call, part, {**body, "input": texts})
+            content = await self._forward(call, part, {**body, "input": texts}, body)
+            if call.fell_back:
+                _missed(call)
+                return content  # another model's answer to the whole batch: not mixed, not kept
             if len(missing) == len(lookup.keys):
                 # Nothing was cached: the upstream's answer goes back byte for byte.
                 await self._keep_items(call, _vectors_in(content, lookup.keys))
@@ -591,10 +613,6 @@ class Service:
         (one key for the whole request)."""
         if self.cache is None:
             return
-        if use == "skip":
-            if call.outcome is not None:
-                call.outcome.cache = "bypass"
-            return
         assert call.route is not None
         material: dict[str, Any] = {
             "function": call.function,
@@ -607,7 +625,7 @@ class Service:
             # (encoding_format, a server's own options), but not who the caller says they are.
             rest = {k: v for k, v in body.items() if k not in ("input", "model", "user")}
             material |= {"dimensions": req.dimensions, "body": rest if form != "typed" else {}}
-            keys = [self.cache.key(call.caller.name, material | {"input": t}) for t in req.texts]
+            keys = [self.cache.key(_scope(call.caller), material | {"input": t}) for t in req.texts]
         elif isinstance(req, ChatRequest | CompletionRequest):
             if not (req.temperature == 0 and req.seed is not None):
                 return  # a sampled answer: another call should get another one
@@ -615,8 +633,12 @@ class Service:
                 whole = req.model_dump(mode="json", exclude={"model"}, exclude_none=True)
             else:
                 whole = {k: v for k, v in body.items() if k != "model"}
-            keys = [self.cache.key(call.caller.name, material | {"request": whole})]
+            keys = [self.cache.key(_scope(call.caller), material | {"request": whole})]
         else:
+            return
+        if use == "skip":
+            if call.outcome is not None:
+                call.outcome.cache = "bypass"
             return
         call.lookup = await self.cache.look_up(keys, use)
         call.cached = call.lookup.complete
@@ -1083,3 +1105,25 @@ def _vectors_in(content: bytes, keys: list[str]) -> dict[str, bytes]:
             f"The upstream returned {len(vectors)} vectors for {len(keys)} inputs."
         )
     return dict(zip(keys, vectors, strict=True))
+
+
+def _scope(caller: Principal) -> str:
+    """Whose cached answers a caller may have: a user's own (by id and name, not by name
+    alone, which the owner's sign-in may take too), or the owner key's, whatever name it
+    signed in with."""
+    if caller.user_id is None:
+        return "owner-key"
+    return f"user:{caller.user_id}:{caller.name}"
+
+
+def _asked(call: Call) -> Any:
+    """A test of (provider, request): whether it is the call's own route, not a fallback."""
+    route = call.route
+    assert route is not None
+    return lambda provider, r: provider is route.provider and r.model == route.model
+
+
+def _missed(call: Call) -> None:
+    """A partly cached call that a fallback answered whole: nothing came from the cache."""
+    if call.outcome is not None:
+        call.outcome.cache = "miss"

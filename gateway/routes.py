@@ -200,7 +200,8 @@ def build_router(core: Core) -> Router:
         passthrough, kind = await service.backend_for(function, fields.get("model"))
         # The response cache (CACHE): Cache-Control: no-cache asks afresh, no-store bypasses.
         outcome = Outcome()
-        cached = {"cache": use_from(request.headers.get("cache-control")), "outcome": outcome}
+        use = use_from(request.headers.get("cache-control"), request.headers.get("pragma"))
+        cached = {"cache": use, "outcome": outcome}
         if passthrough:
             if stream:
                 events = service.forward_stream(

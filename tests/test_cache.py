@@ -17,7 +17,7 @@ import openai
 import pytest
 from gradio_client import Client
 
-from core.cache import MemoryStore, use_from
+from core.cache import ENTRY_BYTES, MemoryStore, use_from
 from core.config import load_settings
 from core.errors import ConfigError
 from tests.conftest import ACCESS_KEY, Served, app_settings, serve
@@ -225,6 +225,9 @@ def test_cache_control_asks_afresh_or_bypasses(cached: App) -> None:
     assert bypass.json()["id"] not in (first.json()["id"], refreshed.json()["id"])
     assert cached.post("chat/completions", body).content == refreshed.content
     assert len(cached.upstream_calls("chat/completions")) == 3
+    # A call the cache never takes says nothing about it, whatever the header.
+    sampled = cached.post("chat/completions", body | {"seed": None}, cache_control="no-store")
+    assert sampled.status_code == 200 and "x-cache" not in sampled.headers
 
 
 def test_only_whole_answers_to_the_request_are_kept(cached: App) -> None:
@@ -273,6 +276,18 @@ def test_a_hit_never_crosses_users(cached: App) -> None:
     assert cached.post("embeddings", vector, key=ann).headers["x-cache"] == "miss"
     assert cached.post("embeddings", vector, key=bob).headers["x-cache"] == "miss"
     assert len(cached.upstream_calls("chat/completions")) == 2
+
+
+def test_a_user_named_owner_does_not_get_the_owner_keys_answers(cached: App) -> None:
+    """Scoped by who the caller is (the owner key, or a user's id), not by a name that a
+    user may also have."""
+    _, key = cached.core.users.add("owner")
+    body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "mine"}], **SEEDED}
+    assert cached.post("chat/completions", body).headers["x-cache"] in ("miss", "hit")
+    assert cached.post("chat/completions", body, key=key).headers["x-cache"] == "miss"
+    vector = {"model": "text-embedding-3-small", "input": "the owner's text"}
+    assert cached.post("embeddings", vector).headers["x-cache"] == "miss"
+    assert cached.post("embeddings", vector, key=key).headers["x-cache"] == "miss"
 
 
 def test_hits_are_cached_rows_that_spend_no_quota(cached: App) -> None:
@@ -381,6 +396,28 @@ def test_a_fallbacks_answer_is_not_kept(team: Team) -> None:
     assert len([r for r in team.ollama.requests if r["path"] == "/v1/chat/completions"]) == 2
 
 
+def test_a_fallback_embeds_the_whole_batch_never_a_mix_of_models(team: Team) -> None:
+    """Some inputs cached from openai/error-503, the rest sent: when that backend fails and
+    ollama answers, every vector is ollama's (one model's vectors), and none is kept."""
+    cache = team.core.service.cache
+    material = {"function": "embedding", "backend": "openai", "model": "error-503",
+                "form": "bytes", "dimensions": None, "body": {}}  # fmt: skip
+    key = cache.key("owner-key", material | {"input": "cached words"})
+    cache.store.put_many({key: b"[9.0,9.0,9.0,9.0,9.0,9.0,9.0,9.0]"}, ttl=60)
+    team.ollama.reset()
+    raw = team.client.embeddings.with_raw_response.create(
+        model="openai/error-503", input=["cached words", "new words"]
+    )
+    assert raw.headers["x-cache"] == "miss"
+    answer = raw.parse()
+    assert answer.model.endswith("llama3.2")
+    assert [9.0] * 8 not in [d.embedding for d in answer.data]
+    sent = [r["json"]["input"] for r in team.ollama.requests if r["path"] == "/v1/embeddings"]
+    assert sent == [["cached words", "new words"]]
+    # The seeded entry was a hit before the failure: the key is the one the service uses.
+    assert cache.store.get_many([key]) == {key: b"[9.0,9.0,9.0,9.0,9.0,9.0,9.0,9.0]"}
+
+
 def test_the_embedded_models_seeded_answer_is_cached(team: Team) -> None:
     """A backend that builds its own answers (the typed path): streamed and not."""
     ask = {"model": f"local/{LOCAL}", "messages": HI, "max_tokens": 8, **SEEDED}
@@ -414,15 +451,23 @@ def test_hugging_face_embeddings_are_cached_per_input(team: Team) -> None:
 
 
 def test_the_memory_store_is_bounded_and_expires() -> None:
-    store = MemoryStore(max_bytes=10)
+    # Room for two entries of a one-letter key and four bytes, each counted with its overhead.
+    store = MemoryStore(max_bytes=2 * (1 + 4 + ENTRY_BYTES) + 3)
     store.put_many({"a": b"1234", "b": b"5678"}, ttl=60)
     assert store.get_many(["a"]) == {"a": b"1234"}  # a is now the most recently used
-    store.put_many({"c": b"90ab"}, ttl=60)  # 12 bytes: the least recently used goes
+    store.put_many({"c": b"90ab"}, ttl=60)  # a third: the least recently used goes
     assert set(store.get_many(["a", "b", "c"])) == {"a", "c"}
-    store.put_many({"big": b"x" * 11}, ttl=60)  # larger than the whole store: not kept
+    store.put_many({"big": b"x" * store.max_bytes}, ttl=60)  # larger than the store: not kept
     assert store.get_many(["big"]) == {} and set(store.get_many(["a", "c"])) == {"a", "c"}
     store.put_many({"gone": b"1"}, ttl=-1)
     assert store.get_many(["gone"]) == {}
+
+
+def test_many_small_entries_cannot_hold_more_memory_than_the_cap() -> None:
+    """Embeddings of one dimension are tiny values: each entry's overhead counts too."""
+    store = MemoryStore(max_bytes=1_000_000)
+    store.put_many({f"{i:064x}": b"[0.5]" for i in range(20_000)}, ttl=60)
+    assert len(store.get_many([f"{i:064x}" for i in range(20_000)])) < 3_000
 
 
 @pytest.mark.parametrize(
@@ -440,6 +485,7 @@ def test_the_memory_store_is_bounded_and_expires() -> None:
 )
 def test_cache_control_is_read_as_http_means_it(header: str | None, use: str) -> None:
     assert use_from(header) == use
+    assert use_from(None, pragma=header) == use  # HTTP/1.0's Pragma: no-cache, alike
 
 
 def test_a_wrong_cache_setting_is_one_clear_line() -> None:
