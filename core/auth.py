@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -24,11 +25,12 @@ from core.config import Settings
 from core.errors import RateLimited, ServiceError
 from core.ledger import Limits
 from core.log import REDACTED, redact
-from core.users import User, UserStore, key_user_id
+from core.users import Credential, Unknown, User, UserStore, key_user_id, verify
 
 log = logging.getLogger("core.auth")
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._@+\-]")
 REVOKED_WITHIN = 2.0  # seconds: how soon every replica sees a disabled user or a new key
+RESOLVED_WITHIN = 1.0  # seconds: how old a copy of a session's user may be to name its caller
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,22 @@ class Principal:
         return self.role == "admin"
 
 
-# Set by the web edge around POST /login with the client's address; the hook fills in the
-# principal (so the edge learns which key the new session belongs to without parsing the form)
-# or the lockout that refused it.
+# Set by the web edge around POST /login with the client's address and what the sign-in needs
+# from the database ("found": a SignIn, read in a thread beforehand, since Gradio calls its
+# auth hook on the event loop); the hook fills in the principal (so the edge learns which key
+# the new session belongs to without parsing the form) or the lockout that refused it.
 LOGIN_CAPTURE: ContextVar[dict[str, Any] | None] = ContextVar("login_capture")
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """What a sign-in as `username` needs from the database, read before it is decided: so
+    the decision (lockout included) is one synchronous step with no database wait in it."""
+
+    username: str
+    credential: Credential | None  # the user of that name, with their key's hash
+    owner_as: User | None  # the user display_name(username) names: who the owner key signs in as
+
 
 SYSTEM = Principal(name="system", role="admin")  # core used from a script, without a login
 
@@ -74,58 +88,101 @@ class Authenticator:
         )
 
     def __call__(self, username: str, password: str) -> bool:
-        """Gradio's auth hook; the web edge passes the client's address in LOGIN_CAPTURE."""
-        holder = LOGIN_CAPTURE.get(None)
-        client = (holder or {}).get("client", "unknown")
+        """Gradio's auth hook, called on the event loop; the web edge passes the client's
+        address and the user looked up beforehand (off the loop) in LOGIN_CAPTURE."""
+        holder = LOGIN_CAPTURE.get(None) or {}
+        client = holder.get("client", "unknown")
         try:
-            principal = self.login(username, password, client=client)
+            principal = self.login(username, password, client=client, found=holder.get("found"))
         except LockedOut as exc:
-            if holder is not None:
-                holder["locked"] = exc
+            holder["locked"] = exc
             return False
-        if principal is not None and holder is not None:
+        if principal is not None:
             holder["principal"] = principal  # the web edge binds the new session to this key
         return principal is not None
 
-    def login(self, username: str, key: str, *, client: str) -> Principal | None:
+    def look_up(self, username: str) -> SignIn:
+        """What a sign-in as `username` needs from the database, read now (blocking: the web
+        edge calls it in a thread before Gradio's auth hook, which then decides from it)."""
+        if self.users is None:
+            return SignIn(username, None, None)
+        found = self.users.credential(username)
+        name = display_name(username)
+        if name == username:
+            owner_as = found.user if found is not None else None
+        else:
+            owner_as = self.users.get(name)
+        return SignIn(username, found, owner_as)
+
+    def login(
+        self, username: str, key: str, *, client: str, found: SignIn | None = None
+    ) -> Principal | None:
         """A sign-in with a name and key from `client`, counted against its lockout.
 
         Every wrong key counts, whatever the name: any login may be a guess at the owner key,
         so a success (one's own) clears nothing. While the address is locked out only users'
         own keys (256 random bits: guessing them is hopeless) are checked, never the owner
         key, so a team behind one address keeps working while a guesser waits.
+
+        `found`: look_up(username), read beforehand; without it, it is read here (blocking).
         """
+        if found is None or found.username != username:
+            found = self.look_up(username)
         # The name field may hold a key typed in the wrong box: redact before cleaning it up.
         hidden = redact(username or "", [self._key.decode()]) != (username or "")
         name = REDACTED if hidden else display_name(username)
         if wait := self.lockout.retry_after(client):
-            user = self.users.authenticate(username, key or "") if self.users else None
+            user = verify(found.credential, key or "") if self.users else None
             if user is None:
                 raise LockedOut(wait)
             principal: Principal | None = self._principal(user)
         else:
-            principal = self.authenticate(username, key)
+            principal = self._signed_in(found, key)
             if principal is None:
                 self.lockout.failure(client, name.lower())
         log.info("login %s for user %r", "accepted" if principal else "refused", name)
         return principal
 
     def authenticate(self, username: str, key: str) -> Principal | None:
-        """The caller for this name and key, or None."""
+        """The caller for this name and key, or None (blocking: reads the database)."""
+        return self._signed_in(self.look_up(username), key)
+
+    def _signed_in(self, found: SignIn, key: str) -> Principal | None:
         if hmac.compare_digest((key or "").encode(), self._key):
-            return self.resolve(username)
+            if found.owner_as is None:
+                return Principal(name=display_name(found.username), role="admin")
+            return self._principal(found.owner_as)
         if self.users is None:
             return None
-        user = self.users.authenticate(username, key or "")
+        user = verify(found.credential, key or "")
         return self._principal(user) if user else None
 
     def authenticate_bearer(self, key: str, *, client: str = "unknown") -> Principal | None:
         """The caller for an `Authorization: Bearer` key alone (/v1, /metrics), counted
-        against the client's lockout like a login; raises LockedOut while it is locked."""
+        against the client's lockout like a login; raises LockedOut while it is locked.
+        Blocking (it may read the key's user); async code calls authenticate_bearer_async."""
+        found = self.users.key_credential(key, max_age=REVOKED_WITHIN) if self.users else None
+        return self._bearer(key, client, found)
+
+    async def authenticate_bearer_async(
+        self, key: str, *, client: str = "unknown"
+    ) -> Principal | None:
+        """authenticate_bearer, never waiting on the database on the event loop: a user's key
+        whose user was read within REVOKED_WITHIN seconds is checked from memory, inline (no
+        thread hop on the hot path); otherwise the key's user is read in a thread first."""
+        found = self.users.recall_key(key, REVOKED_WITHIN) if self.users else None
+        if isinstance(found, Unknown):
+            assert self.users is not None
+            found = await asyncio.to_thread(self.users.key_credential, key)
+        return self._bearer(key, client, found)
+
+    def _bearer(self, key: str, client: str, found: Credential | None) -> Principal | None:
+        """The decision on a bearer key, with its user (if any) already read: the lockout is
+        checked and counted in this one synchronous step, with no wait in between."""
         locked = self.lockout.retry_after(client)
         if not locked and hmac.compare_digest((key or "").encode(), self._key):
             return Principal(name="owner", role="admin")
-        user = self.users.authenticate_key(key) if self.users else None
+        user = verify(found, key or "") if self.users else None
         if user is not None:
             return self._principal(user)  # users' own keys work even while locked out
         if locked:
@@ -135,7 +192,8 @@ class Authenticator:
         return None
 
     def resolve(self, username: str | None) -> Principal:
-        """The caller behind a logged-in session's user name.
+        """The caller behind a logged-in session's user name (blocking: it may read the user;
+        async code uses the caller the session guard resolved, or resolve_async).
 
         A name that is a database user is that user (so the owner key cannot hide a user's
         usage under their name); any other logged-in name was let in by the owner key.
@@ -143,26 +201,65 @@ class Authenticator:
         name = display_name(username)
         # Every call resolves its caller: a second-old answer will do here, because the
         # session guard already checked this session's key afresh on this request.
-        user = self.users.get(name, max_age=1.0) if self.users else None
-        if user is None:
-            return Principal(name=name, role="admin")
-        return self._principal(user)
+        user = self.users.get(name, max_age=RESOLVED_WITHIN) if self.users else None
+        return self._caller(name, user)
+
+    def resolve_cached(self, username: str | None) -> Principal | None:
+        """resolve() from memory alone: None when only the database could tell."""
+        name = display_name(username)
+        if self.users is None:
+            return self._caller(name, None)
+        user = self.users.recall(name, RESOLVED_WITHIN)
+        return None if isinstance(user, Unknown) else self._caller(name, user)
+
+    async def resolve_async(self, username: str | None) -> Principal:
+        """resolve() without a database wait on the event loop (a thread reads, if needed)."""
+        cached = self.resolve_cached(username)
+        return cached if cached is not None else await asyncio.to_thread(self.resolve, username)
+
+    def _caller(self, name: str, user: User | None) -> Principal:
+        return Principal(name=name, role="admin") if user is None else self._principal(user)
 
     def check_active(self, principal: Principal) -> None:
-        """Refuse a caller whose key was disabled or rotated since they signed in."""
+        """Refuse a caller whose key was disabled or rotated since they signed in (blocking:
+        it may read the user; async code calls check_active_async)."""
         if principal.user_id is None or self.users is None:
             return
-
         # Read again after at most REVOKED_WITHIN seconds (at once on the replica that made
         # the change: it forgets its own copy), not on every request of every session.
-        def revoked(user: User | None) -> bool:
-            return user is None or user.disabled or user.key_version != principal.key_version
-
         # A copy older than this session (a key rotated elsewhere, then signed in with here)
         # must not end it: only a fresh read may.
         cached = self.users.get(principal.name, max_age=REVOKED_WITHIN)
-        if revoked(cached) and revoked(self.users.get(principal.name)):
+        if _revoked(principal, cached) and _revoked(principal, self.users.get(principal.name)):
             raise Revoked()
+
+    async def check_active_async(self, principal: Principal) -> None:
+        """check_active without a database wait on the event loop: a copy of the user read
+        within REVOKED_WITHIN seconds that shows the key still valid answers inline; anything
+        else (no copy, too old, or one that says revoked, which only a fresh read may
+        confirm) is checked in a thread."""
+        if principal.user_id is None or self.users is None:
+            return
+        cached = self.users.recall(principal.name, REVOKED_WITHIN)
+        if isinstance(cached, Unknown) or _revoked(principal, cached):
+            await asyncio.to_thread(self.check_active, principal)
+
+    async def session_caller(self, username: str, principal: Principal) -> Principal:
+        """The caller behind a live session on this request, from the session's user name
+        (as resolve()) and its token's principal: raises Revoked if the key it signed in
+        with was disabled or rotated since (as check_active). From memory when it can
+        answer; else one thread hop reads the database (never the event loop)."""
+        if principal.user_id is not None and self.users is not None:
+            cached = self.users.recall(principal.name, REVOKED_WITHIN)
+            if isinstance(cached, Unknown) or _revoked(principal, cached):
+                return await asyncio.to_thread(self._session_caller, username, principal)
+            if cached is not None and display_name(username) == principal.name:
+                return self._principal(cached)  # the copy that was just checked names it
+        return await self.resolve_async(username)
+
+    def _session_caller(self, username: str, principal: Principal) -> Principal:
+        self.check_active(principal)
+        return self.resolve(username)
 
     def _principal(self, user: User) -> Principal:
         limits = Limits(
@@ -176,6 +273,11 @@ class Authenticator:
             user_id=user.id,
             key_version=user.key_version,
         )
+
+
+def _revoked(principal: Principal, user: User | None) -> bool:
+    """Whether `user` (as read) no longer honours the key `principal` signed in with."""
+    return user is None or user.disabled or user.key_version != principal.key_version
 
 
 class Revoked(ServiceError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -11,7 +12,7 @@ from core import db
 from core.auth import Authenticator
 from core.config import Settings
 from core.conversations import ConversationStore, PresetStore
-from core.ledger import Ledger
+from core.ledger import Ledger, journal_folder
 from core.pricing import PriceTable
 from core.providers import build_provider, configured_backends
 from core.providers.base import Provider
@@ -48,11 +49,14 @@ def open_core(settings: Settings, provider: Provider | None = None) -> Core:
         engine,
         prices=PriceTable(settings.prices_json, backends=own_prices),
         log_content=settings.log_content,
+        # Each outcome is on local disk before its answer ends; a dead process's is replayed.
+        journal_dir=journal_folder(settings.data_dir, engine),
     )
-    # Rows a crashed process left pending must not hold quota forever.
-    ledger.release_stale(timedelta(seconds=settings.request_timeout * 3 + 60))
+    # A heartbeat (core.db.processes): holds of a process that stops beating are released
+    # while the app runs; rows naming no process (an older release's) after this long.
+    ledger.start(stale_unnamed=timedelta(seconds=settings.request_timeout * 3 + 60))
     # Outcomes are written by a background thread: write what is queued before exiting.
-    atexit.register(ledger.flush)
+    atexit.register(_close, weakref.ref(ledger))
     users = UserStore(engine)
     service = Service(settings, provider, ledger=ledger, router=router)
     return Core(
@@ -64,3 +68,9 @@ def open_core(settings: Settings, provider: Provider | None = None) -> Core:
         conversations=ConversationStore(engine),
         presets=PresetStore(engine),
     )
+
+
+def _close(ref: weakref.ref[Ledger]) -> None:
+    ledger = ref()
+    if ledger is not None:
+        ledger.close()

@@ -150,7 +150,7 @@ class ConversationStore:
                 )
             )
         query = query.order_by(c.updated_at.desc(), c.id).limit(limit)
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(query).all()
         return [
             Summary(
@@ -165,7 +165,7 @@ class ConversationStore:
 
     def get(self, user: str, conversation_id: str) -> Conversation:
         c = db.conversations.c
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             row = conn.execute(
                 sa.select(db.conversations).where(c.user == user, c.id == conversation_id)
             ).first()
@@ -362,7 +362,7 @@ class PresetStore:
 
     def list(self, user: str) -> list[Preset]:
         p = db.presets.c
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(
                 sa.select(p.name, p.model, p.settings).where(p.user == user).order_by(p.name)
             ).all()

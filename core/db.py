@@ -206,10 +206,32 @@ def make_engine(url: str) -> Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        # IMMEDIATE takes the write lock up front: check-then-insert cannot interleave.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # IMMEDIATE takes the write lock up front: check-then-insert cannot interleave. A
+        # deferred transaction that reads and then writes would get SQLITE_BUSY at once
+        # instead of waiting, so every transaction is IMMEDIATE, but those of reading():
+        # they only read, and in WAL mode a reader never waits for (nor blocks) the writer.
+        if conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+READ_ONLY = "dashboard_read_only"  # an execution option: this connection's transactions only read
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads only (use it as `with reading(engine) as conn:`).
+
+    On SQLite its transactions begin DEFERRED, so they neither take nor wait for the write
+    lock: a writer holding it for seconds (another process, a long migration) does not hold
+    up key lookups, session checks or the usage page. Anything that writes, or reads in order
+    to write, must use engine.begin() (IMMEDIATE): a deferred transaction cannot wait for the
+    lock once it has read. On PostgreSQL it is an ordinary connection."""
+    conn = engine.connect()
+    conn.execution_options(**{READ_ONLY: True})
+    return conn
 
 
 def migrate(engine: Engine) -> int:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -22,8 +29,23 @@ from core.endpoints import ENDPOINTS
 from core.errors import QuotaExceeded
 from core.pricing import PriceTable
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: no journal there
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger("core.ledger")
 HELD_RETRY = 2  # seconds: tokens held by calls in progress come back when they settle
+# Every HEARTBEAT seconds a process says it is alive (core.db.processes); one unheard of for
+# STALE seconds is dead, and the processes still running release the tokens its calls held.
+HEARTBEAT = 5.0
+STALE = 30.0
+# Every SWEEP seconds, holds of a process with no heartbeat row at all are looked for too (a
+# scan of the last RECENT days of rows: older holds no longer count against any quota).
+SWEEP = 600.0
+RECENT = timedelta(days=2)
+# The journal starts a new file past this size; the old one goes once all it holds is written.
+JOURNAL_BYTES = 256 * 1024
 QUOTA_FUNCTIONS = tuple(ENDPOINTS)  # every function is counted against the quota
 COLUMNS = [
     "ts",
@@ -45,7 +67,8 @@ COLUMNS = [
 _INSERT = db.usage.insert()
 _SETTLE = (
     db.usage.update()
-    .where(db.usage.c.id == sa.bindparam("row_id"))
+    # The request id too: a journal replayed into another database changes no other row.
+    .where(db.usage.c.id == sa.bindparam("row_id"), db.usage.c.request_id == sa.bindparam("rid"))
     .values(
         status=sa.bindparam("new_status"),
         # A fallback's answer: the backend and model that answered, not the ones asked.
@@ -74,6 +97,7 @@ class Reservation:
 
     row_id: int
     token_budget: int | None  # what this call may still spend today (None: no limit)
+    request_id: str = ""
 
 
 # The columns' sizes (core.db.usage): PostgreSQL refuses a longer value, and the row with it.
@@ -89,8 +113,133 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _entry(kind: str, params: dict[str, Any]) -> bytes:
+    """One journal line. Text orjson refuses (a lone surrogate) goes through json's escapes."""
+    try:
+        return orjson.dumps([kind, params], option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return json.dumps([kind, params], default=str).encode() + b"\n"
+
+
+def _parse(line: bytes) -> tuple[str, dict[str, Any]] | None:
+    """A journal line back, or None for one cut short (a kill during a large write)."""
+    for loads in (orjson.loads, json.loads):
+        try:
+            kind, params = loads(line)
+        except (ValueError, TypeError):
+            continue
+        if kind in ("insert", "update") and isinstance(params, dict):
+            if kind == "insert":
+                params["ts"] = datetime.fromisoformat(params["ts"])
+            return kind, params
+    return None
+
+
+class Journal:
+    """Outcomes on local disk before they reach the database, one line each, appended with
+    one write (so threads never interleave), to files in `folder` named after the process.
+
+    The process holds an exclusive flock on its files while it lives: a file whose lock can
+    be taken is a dead process's, to be replayed into the database and removed. A kill -9
+    leaves the lines in the OS's page cache, which outlives the process; nothing is fsynced.
+    """
+
+    def __init__(self, folder: Path, name: str) -> None:
+        assert fcntl is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.name = name
+        self._count = 0
+        self._fd, self.path = self._open()
+        self.size = 0
+        # Files set aside (fd, path, outcomes submitted before it): removed once written.
+        self.retired: list[tuple[int, Path, int]] = []
+
+    def _open(self) -> tuple[int, Path]:
+        """A new locked file: made under a name the others ignore, locked, then renamed, so
+        that nobody can take it for a dead process's in between."""
+        self._count += 1
+        path = self.folder / f"{self.name}-{self._count}.jsonl"
+        making = path.with_suffix(".new")
+        fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(making, path)
+        return fd, path
+
+    def append(self, line: bytes) -> None:
+        os.write(self._fd, line)
+        self.size += len(line)
+
+    def rotate(self, submitted: int) -> None:
+        """Go on in a new file; the current one holds outcomes up to `submitted`."""
+        fd, path = self._open()
+        self.retired.append((self._fd, self.path, submitted))
+        self._fd, self.path, self.size = fd, path, 0
+
+    def drop_written(self, written: int) -> None:
+        """Remove the files set aside whose outcomes are all in the database."""
+        while self.retired and self.retired[0][2] <= written:
+            fd, path, _ = self.retired.pop(0)
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    def close(self, *, remove: bool) -> None:
+        """Unlock (and, if all is written, remove) every file: one left is replayed later."""
+        if self._fd < 0:
+            return  # closed already
+        for fd, path, _ in [*self.retired, (self._fd, self.path, 0)]:
+            if remove:
+                path.unlink(missing_ok=True)
+            os.close(fd)
+        self.retired, self._fd = [], -1
+
+    def dead(self) -> Iterator[tuple[Path, list[tuple[str, dict[str, Any]]]]]:
+        """Each dead process's file with its outcomes, locked while the caller replays it;
+        removed when the caller goes on to the next (an exception leaves it for later)."""
+        for path in sorted(self.folder.glob("*.jsonl")):
+            if path.name.startswith(self.name + "-"):
+                continue  # this process's own
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its process is alive
+                try:
+                    if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                        continue  # replayed and removed by another process meanwhile
+                except FileNotFoundError:
+                    continue
+                with open(fd, "rb", closefd=False) as file:
+                    lines = [line for line in file.read().splitlines() if line.strip()]
+                entries = [e for e in map(_parse, lines) if e is not None]
+                if (torn := len(lines) - len(entries)) > 0:
+                    log.warning("%s: skipped %d unreadable line(s)", path, torn)
+                yield path, entries
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)  # the lock goes with it
+
+
+def journal_folder(data_dir: Path, engine: Engine) -> Path:
+    """Where a process keeps its journal: per database, so that a DATA_DIR shared by apps on
+    different databases never replays one's rows into another."""
+    url = engine.url.render_as_string(hide_password=True)
+    return data_dir / "journal" / hashlib.sha256(url.encode()).hexdigest()[:12]
+
+
 class Ledger:
-    def __init__(self, engine: Engine, *, prices: PriceTable, log_content: bool = False) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        prices: PriceTable,
+        log_content: bool = False,
+        journal_dir: Path | None = None,
+    ) -> None:
         self.engine = engine
         self.prices = prices
         self.log_content = log_content
@@ -104,14 +253,46 @@ class Ledger:
         self._submitted = 0  # outcomes handed over, counted with their put
         self._written = 0  # of those, how many are written (set by the writer only)
         self._writer: threading.Thread | None = None
+        # This process, as it names itself in core.db.processes and on the rows it holds.
+        self.process_id = uuid.uuid4().hex[:16]
+        self._holder: str | None = None  # process_id once its heartbeat row is written
+        self._stop = threading.Event()
+        self._heart: threading.Thread | None = None
+        self._stale_unnamed = timedelta(hours=1)  # pending rows naming no process (start())
+        self._next_sweep = 0.0
+        self._failing = False  # the heartbeat could not reach the database last time
+        self._journal: Journal | None = None
+        self._journal_warned = False
+        if journal_dir is not None:
+            if fcntl is None:
+                log.warning("no fcntl here: the ledger keeps no journal")
+            else:
+                self._journal = Journal(journal_dir, self.process_id)
+                # A ledger nobody holds any more unlocks its files: another process replays them.
+                weakref.finalize(self, self._journal.close, remove=False).atexit = False
 
     def _submit(self, kind: str, params: dict[str, Any]) -> None:
+        line = _entry(kind, params) if self._journal is not None else b""
         with self._submitting:
             if self._writer is None:
-                self._writer = threading.Thread(target=self._drain, name="ledger", daemon=True)
+                self._writer = threading.Thread(
+                    target=_drain, args=(weakref.ref(self), self._queue), name="ledger", daemon=True
+                )
                 self._writer.start()
+            journal = self._journal
+            if journal is not None:
+                # On disk (the page cache) before the answer ends: a crash cannot lose it.
+                try:
+                    journal.append(line)
+                except OSError as exc:
+                    self._journal_failed(exc)
             self._submitted += 1
             self._queue.put((kind, params))
+
+    def _journal_failed(self, exc: OSError) -> None:
+        if not self._journal_warned:  # once: a full disk would say it at every call
+            self._journal_warned = True
+            log.error("the ledger's journal failed (%s); rows are still written", exc)
 
     def _write_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """One transaction, one executemany per kind, with statements built once."""
@@ -123,21 +304,32 @@ class Ledger:
             if updates:
                 conn.execute(_SETTLE, updates)
 
-    def _drain(self) -> None:
-        while True:
-            taken = [self._queue.get()]
-            while len(taken) < 500:
-                try:
-                    taken.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [item for item in taken if item[0] != "flush"]
-            if batch:
-                self._write_surely(batch)
-            self._written += len(batch)  # only this thread writes it
-            for kind, done in taken:
-                if kind == "flush":  # everything queued before the marker is written now
-                    done.set()
+    def _write_taken(self, taken: list[tuple[str, Any]]) -> None:
+        """The writer's step: write a batch taken from the queue, then answer flushes."""
+        batch = [item for item in taken if item[0] != "flush"]
+        if batch:
+            self._write_surely(batch)
+        self._written += len(batch)  # only this thread writes it
+        journal = self._journal
+        if journal is not None and (journal.size > JOURNAL_BYTES or journal.retired):
+            self._compact(journal)
+        for kind, done in taken:
+            if kind == "flush":  # everything queued before the marker is written now
+                done.set()
+
+    def _compact(self, journal: Journal) -> None:
+        """Keep the journal small: past JOURNAL_BYTES, go on in a new file; remove old files
+        once every outcome they hold is written. Under the submitters' lock: no outcome is
+        appended meanwhile, and the journal is not closed."""
+        with self._submitting:
+            if self._journal is not journal:
+                return  # closed
+            try:
+                if journal.size > JOURNAL_BYTES:
+                    journal.rotate(self._submitted)
+                journal.drop_written(self._written)
+            except OSError as exc:
+                self._journal_failed(exc)
 
     def _write_surely(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """Write the batch; while the database cannot be reached (an outage, a restart), keep
@@ -168,6 +360,174 @@ class Ledger:
         done = threading.Event()
         self._queue.put(("flush", done))
         done.wait(timeout)
+
+    # ---- a process's life: heartbeat, dead processes' holds, dead processes' journals -----
+
+    def start(self, stale_unnamed: timedelta) -> None:
+        """Say this process is alive, replay the journals of processes that died, release
+        what dead processes held, then keep doing so in the background every HEARTBEAT s.
+        `stale_unnamed`: when a pending row naming no process (an older release's) is dead."""
+        self._stale_unnamed = stale_unnamed
+        self._beat()
+        self._holder = self.process_id
+        self.replay_dead()  # first: a replayed settlement is not released as interrupted
+        self._release_dead()
+        released = self.release_stale(stale_unnamed)
+        if released:
+            log.info("released %d call(s) left pending by processes that stopped", released)
+        self._next_sweep = time.monotonic() + SWEEP
+        self._heart = threading.Thread(
+            target=_maintain, args=(weakref.ref(self), self._stop), name="heartbeat", daemon=True
+        )
+        self._heart.start()
+
+    def close(self) -> None:
+        """A clean stop: write what is queued, stop beating, leave nothing to replay."""
+        self._stop.set()
+        if self._heart is not None and self._heart is not threading.current_thread():
+            self._heart.join(timeout=10)
+        self.flush()
+        with self._submitting:
+            journal, self._journal = self._journal, None
+            if journal is not None:
+                journal.close(remove=self._written >= self._submitted)
+        if self._holder is not None:
+            try:
+                with self._begin() as conn:
+                    conn.execute(db.processes.delete().where(db.processes.c.id == self.process_id))
+            except Exception:
+                log.warning("could not remove this process's heartbeat row", exc_info=True)
+
+    def _maintenance(self) -> None:
+        """One heartbeat: alive, dead journals replayed, dead holds released; an outage is
+        logged once and tried again at the next beat."""
+        try:
+            self._beat()
+            self._holder = self.process_id
+            self.replay_dead()
+            self._release_dead()
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + SWEEP
+                self.release_stale(self._stale_unnamed, since=RECENT)
+        except Exception as exc:
+            if not self._failing:
+                self._failing = True
+                operational = isinstance(exc, sa.exc.OperationalError)
+                log.warning(
+                    "the ledger's heartbeat failed (%s); trying again every %g s",
+                    "the database is not answering" if operational else type(exc).__name__,
+                    HEARTBEAT,
+                    exc_info=not operational,
+                )
+            return
+        if self._failing:
+            self._failing = False
+            log.info("the ledger's heartbeat reaches the database again")
+
+    def _beat(self) -> None:
+        """Write this process's heartbeat (an update, or an insert the first time)."""
+        now = _now()
+        p = db.processes.c
+        with self._begin() as conn:
+            beat = db.processes.update().where(p.id == self.process_id).values(seen_at=now)
+            if not conn.execute(beat).rowcount:
+                conn.execute(db.processes.insert().values(id=self.process_id, seen_at=now))
+
+    def _release_dead(self) -> None:
+        """Release the holds of processes unheard of for STALE seconds, and forget those
+        processes (a settlement written or replayed before wins: only pending rows change).
+        Costs one read of the small processes table, unless a process died."""
+        now = _now()
+        p, u = db.processes.c, db.usage.c
+        silent = now - timedelta(seconds=STALE)
+        with self._begin() as conn:
+            dead = conn.execute(sa.select(p.id).where(p.seen_at < silent)).scalars().all()
+            if not dead:
+                return
+            released = conn.execute(
+                db.usage.update()
+                .where(u.status == "pending", u.holder.in_(dead), u.ts >= now - RECENT)
+                .values(status="interrupted", reserved_tokens=0)
+            ).rowcount
+            conn.execute(db.processes.delete().where(p.id.in_(dead), p.seen_at < silent))
+        log.warning(
+            "released %d call(s) held by %d process(es) unheard of for %g s: %s",
+            released,
+            len(dead),
+            STALE,
+            ", ".join(dead),
+        )
+
+    def replay_dead(self) -> int:
+        """Write the outcomes in dead processes' journals (those written already are not
+        written twice); remove each journal once done. Returns how many were replayed."""
+        if self._journal is None:
+            return 0
+        replayed = 0
+        for path, entries in self._journal.dead():
+            if entries:
+                self._replay(entries)
+                log.info("replayed %d ledger outcome(s) from %s", len(entries), path.name)
+            replayed += len(entries)
+        return replayed
+
+    def _replay(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        try:
+            self._replay_batch(entries)
+        except sa.exc.OperationalError:
+            raise  # the database is away: the journal stays for the next beat
+        except Exception:
+            log.exception("could not replay %d ledger outcomes; one by one", len(entries))
+            for entry in entries:
+                try:
+                    self._replay_batch([entry])
+                except sa.exc.OperationalError:
+                    raise
+                except Exception:
+                    log.exception("dropped a journaled ledger row the database refused")
+
+    def _replay_batch(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        """Idempotent: a settlement is by row id (writing it again changes nothing, and it
+        wins over `interrupted`); a whole row is skipped if its (request id, ts) is there."""
+        inserts = [params for kind, params in entries if kind == "insert"]
+        updates = [params for kind, params in entries if kind == "update"]
+        with self._begin() as conn:
+            if inserts:
+                inserts = self._unwritten(conn, inserts)
+            if inserts:
+                conn.execute(_INSERT, inserts)
+            if updates:
+                conn.execute(_SETTLE, updates)
+
+    def _unwritten(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows not in the database yet: a request id is one call's, and one call has one
+        row; with its timestamp, the key holds even for rows of made-up ids (tests, scripts)."""
+        u = db.usage.c
+        sqlite = self.engine.dialect.name == "sqlite"
+
+        def key(request_id: str, ts: datetime) -> tuple[str, datetime]:
+            # SQLite keeps the wall time without its zone; PostgreSQL an instant.
+            return request_id, (ts.replace(tzinfo=None) if sqlite else _aware(ts))
+
+        there: set[tuple[str, datetime]] = set()
+        for i in range(0, len(rows), 500):
+            chunk = rows[i : i + 500]
+            stamps = [r["ts"] for r in chunk]
+            found = conn.execute(
+                sa.select(u.request_id, u.ts).where(
+                    u.request_id.in_({r["request_id"] for r in chunk}),
+                    u.ts >= min(stamps),
+                    u.ts <= max(stamps),
+                )
+            )
+            there.update(key(request_id, ts) for request_id, ts in found)
+        fresh, seen = [], set()
+        for row in rows:
+            k = key(row["request_id"], row["ts"])
+            if k not in there and k not in seen:
+                seen.add(k)
+                fresh.append(row)
+        return fresh
 
     @contextmanager
     def _begin(self) -> Iterator[sa.Connection]:
@@ -212,13 +572,15 @@ class Ledger:
             else:
                 budget = self._budget(conn, user, limits, now)
                 held = estimate if budget is None else min(estimate, budget)
-                result = conn.execute(db.usage.insert().values(**row, reserved_tokens=held))
+                result = conn.execute(
+                    db.usage.insert().values(**row, reserved_tokens=held, holder=self._holder)
+                )
                 row_id = result.inserted_primary_key[0]
         if refusal:
             log.info("request_id=%s quota refused for %s: %s", request_id, user, refusal.message)
             refusal.request_id = request_id
             raise refusal
-        return Reservation(row_id=row_id, token_budget=budget)
+        return Reservation(row_id=row_id, token_budget=budget, request_id=request_id)
 
     def _check(
         self, conn: sa.Connection, user: str, limits: Limits, now: datetime, minimum: int
@@ -314,6 +676,7 @@ class Ledger:
             "update",
             {
                 "row_id": reservation.row_id,
+                "rid": reservation.request_id,
                 "new_status": status,
                 "new_model": _fit(model, MODEL_CHARS),
                 "new_provider": _fit(provider, PROVIDER_CHARS),
@@ -375,13 +738,27 @@ class Ledger:
         }
         self._submit("insert", values)
 
-    def release_stale(self, older_than: timedelta) -> int:
-        """Rows left pending by a process that died no longer hold tokens."""
+    def release_stale(self, older_than: timedelta, *, since: timedelta | None = None) -> int:
+        """Rows left pending by a process that died no longer hold tokens: those naming a
+        process with no recent heartbeat (after STALE s), and those naming none (an older
+        release's rows) after `older_than`. `since`: look only at rows that recent."""
+        now = _now()
+        u, p = db.usage.c, db.processes.c
+        alive = sa.select(p.id).where(p.seen_at >= now - timedelta(seconds=STALE))
+        dead = sa.or_(
+            sa.and_(u.holder.is_(None), u.ts < now - older_than),
+            sa.and_(
+                u.holder.is_not(None),
+                u.holder.not_in(alive.scalar_subquery()),
+                u.ts < now - timedelta(seconds=STALE),
+            ),
+        )
+        where = [u.status == "pending", dead]
+        if since is not None:
+            where.append(u.ts >= now - since)
         with self._begin() as conn:
             done = conn.execute(
-                db.usage.update()
-                .where(db.usage.c.status == "pending", db.usage.c.ts < _now() - older_than)
-                .values(status="interrupted", reserved_tokens=0)
+                db.usage.update().where(*where).values(status="interrupted", reserved_tokens=0)
             )
         return done.rowcount
 
@@ -411,6 +788,33 @@ class Ledger:
             frame = pd.DataFrame(conn.execute(query).all(), columns=COLUMNS)
         frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
         return frame
+
+
+def _drain(ref: weakref.ref[Ledger], outcomes: queue.SimpleQueue[tuple[str, Any]]) -> None:
+    """The writer thread: holds its ledger only while writing, so a ledger nobody uses can
+    go (and its journal with it, to be replayed by another process)."""
+    while True:
+        taken = [outcomes.get()]
+        while len(taken) < 500:
+            try:
+                taken.append(outcomes.get_nowait())
+            except queue.Empty:
+                break
+        ledger = ref()
+        if ledger is None:
+            return
+        ledger._write_taken(taken)
+        del ledger
+
+
+def _maintain(ref: weakref.ref[Ledger], stop: threading.Event) -> None:
+    """The heartbeat thread, every HEARTBEAT seconds until its ledger closes or goes."""
+    while not stop.wait(HEARTBEAT):
+        ledger = ref()
+        if ledger is None:
+            return
+        ledger._maintenance()
+        del ledger
 
 
 def _aware(value: datetime) -> datetime:

@@ -138,7 +138,7 @@ class EndedSessions:
             self._reading = True
         try:
             now = datetime.now(UTC)
-            with self.engine.connect() as conn:
+            with db.reading(self.engine) as conn:
                 rows = conn.execute(
                     sa.select(db.ended_sessions.c.jti).where(db.ended_sessions.c.expires_at >= now)
                 ).scalars()

@@ -13,9 +13,9 @@ import re
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Final, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -48,6 +48,26 @@ class User:
         return self.role == "admin"
 
 
+@dataclass(frozen=True)
+class Credential:
+    """A user with their key's salted hash: what checking one of their keys needs."""
+
+    user: User
+    key_hash: str = field(repr=False)
+
+
+class Unknown:
+    """What memory answers when only the database could tell (nothing kept, or too old)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Final = Unknown()
+
+
 def new_key(user_id: int) -> str:
     """dk_<user id>_<256 random bits>: the id finds the row, the salted hash checks the rest."""
     return f"{KEY_PREFIX}{user_id}_{secrets.token_urlsafe(32)}"
@@ -76,6 +96,20 @@ def key_matches(key: str, stored: str) -> bool:
     return hmac.compare_digest(hash_key(key, salt), stored)
 
 
+_DUMMY_HASH = hash_key("dummy")
+
+
+def verify(found: Credential | None, key: str) -> User | None:
+    """The user `found`, if enabled and `key` is theirs; else None. Constant time, and the
+    same work when nobody was found: no timing oracle."""
+    if found is None:
+        key_matches(key, _DUMMY_HASH)
+        return None
+    if not key_matches(key, found.key_hash) or found.user.disabled:
+        return None
+    return found.user
+
+
 def _check_limit(value: int | None, what: str) -> int | None:
     if value is not None and not 0 <= value <= 10**12:
         raise InvalidRequest(f"{what} must be between 0 and 10^12 (0 or empty: the default)")
@@ -83,11 +117,20 @@ def _check_limit(value: int | None, what: str) -> int | None:
 
 
 class UserStore:
-    """Users in the project's database; every change takes effect on the next request."""
+    """Users in the project's database; every change takes effect on the next request.
+
+    Lookups that may use a recent answer (max_age) keep what they read in memory: users by
+    name (a name that is no user is remembered too) and keys' hashes by user id. A change made
+    here replaces this process's copy at once; other processes see it once theirs is older
+    than the max_age their callers allow. `recall` and `recall_key` answer from memory alone,
+    so that async callers read the database (in a thread) only when memory cannot answer."""
+
+    MAX_KEPT = 10_000
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._cache: dict[str, tuple[float, User]] = {}
+        self._cache: dict[str, tuple[float, User | None]] = {}
+        self._keys: dict[int, tuple[float, Credential]] = {}
 
     def add(
         self,
@@ -129,49 +172,87 @@ class UserStore:
 
     def get(self, name: str, *, max_age: float = 0.0) -> User | None:
         """The user by name; with max_age, an answer read at most that many seconds ago will
-        do (for lookups on every call; revocation checks always read afresh)."""
+        do (for lookups on every call; revocation checks always read afresh). "No such user"
+        is such an answer too: on this process, adding the user replaces it at once."""
+        if max_age and not isinstance(hit := self.recall(name, max_age), Unknown):
+            return hit
         now = time.monotonic()
+        found = self.credential(name)
+        if found is None:
+            self._keep(self._cache, name, (now, None))
+        return found.user if found else None
+
+    def recall(self, name: str, max_age: float) -> User | Unknown | None:
+        """get(name, max_age=...) from memory alone: UNKNOWN when only the database can tell."""
         hit = self._cache.get(name)
-        if max_age and hit is not None and now - hit[0] < max_age:
+        if hit is not None and time.monotonic() - hit[0] < max_age:
             return hit[1]
-        with self.engine.connect() as conn:
+        return UNKNOWN
+
+    def credential(self, name: str) -> Credential | None:
+        """The user by name with their key's hash, read now (and remembered)."""
+        now = time.monotonic()
+        with db.reading(self.engine) as conn:
             row = conn.execute(_BY_NAME, {"name": name}).first()
-        if row is None:
-            # Never remembered: a name that is no user yet may become one at any moment.
-            self._cache.pop(name, None)
-            return None
-        user = _user(row)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[name] = (now, user)
-        return user
+        return self._remember(row, now)
 
     def list(self) -> list[User]:
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(sa.select(db.users).order_by(db.users.c.name)).all()
         return [_user(r) for r in rows]
 
     def authenticate(self, name: str, key: str) -> User | None:
         """The enabled user with this name and key, else None (constant-time comparison)."""
-        with self.engine.connect() as conn:
-            row = conn.execute(_BY_NAME, {"name": name}).first()
-        if row is None:
-            key_matches(key, hash_key("dummy"))  # same work either way: no timing oracle
-            return None
-        if not key_matches(key, row.key_hash) or row.disabled:
-            return None
-        return _user(row)
+        return verify(self.credential(name), key or "")
 
-    def authenticate_key(self, key: str) -> User | None:
-        """The enabled user a bearer key belongs to, else None (no user name needed)."""
+    def authenticate_key(self, key: str, *, max_age: float = 0.0) -> User | None:
+        """The enabled user a bearer key belongs to, else None (no user name needed); with
+        max_age, their hash read at most that many seconds ago will do."""
+        return verify(self.key_credential(key, max_age=max_age), key or "")
+
+    def recall_key(self, key: str, max_age: float) -> Credential | Unknown | None:
+        """key_credential(key, max_age=...) from memory alone: UNKNOWN when only the
+        database can tell (None at once for a key that is not one of ours)."""
         user_id = key_user_id(key or "")
         if user_id is None:
             return None
-        with self.engine.connect() as conn:
-            row = conn.execute(_BY_ID, {"id": user_id}).first()
-        if row is None or row.disabled or not key_matches(key, row.key_hash):
+        hit = self._keys.get(user_id)
+        if hit is not None and time.monotonic() - hit[0] < max_age:
+            return hit[1]
+        return UNKNOWN
+
+    def key_credential(self, key: str, *, max_age: float = 0.0) -> Credential | None:
+        """The user a key names (by its id, whether or not the key is right) with their key's
+        hash; verify() checks the key against it."""
+        if max_age and not isinstance(hit := self.recall_key(key, max_age), Unknown):
+            return hit
+        user_id = key_user_id(key or "")
+        if user_id is None:
             return None
-        return _user(row)
+        now = time.monotonic()
+        with db.reading(self.engine) as conn:
+            row = conn.execute(_BY_ID, {"id": user_id}).first()
+        return self._remember(row, now)
+
+    def _remember(self, row: sa.Row | None, at: float) -> Credential | None:
+        """A row just read as a Credential, kept for lookups by name and by key."""
+        if row is None:
+            return None
+        found = Credential(_user(row), row.key_hash)
+        self._keep(self._cache, found.user.name, (at, found.user))
+        self._keep(self._keys, found.user.id, (at, found))
+        return found
+
+    def _keep(self, memory: dict, key: object, value: object) -> None:
+        if len(memory) > self.MAX_KEPT:
+            memory.clear()
+        memory[key] = value
+
+    def _forget(self, name: str) -> None:
+        self._cache.pop(name, None)
+        for user_id, (_, found) in list(self._keys.items()):  # list(): copied at once
+            if found.user.name == name:
+                self._keys.pop(user_id, None)
 
     def set_disabled(self, name: str, disabled: bool) -> User:
         """Disable (or enable) a user. Disabling also moves the key version on: every session
@@ -202,7 +283,7 @@ class UserStore:
     def _update(self, name: str, **values: object) -> User:
         with self.engine.begin() as conn:
             done = conn.execute(db.users.update().where(db.users.c.name == name).values(**values))
-        self._cache.pop(name, None)
+        self._forget(name)
         if done.rowcount == 0:
             raise InvalidRequest(f"No user named {name!r}.")
         user = self.get(name)

@@ -21,7 +21,7 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request, cookie_parser
 
-from core.auth import LOGIN_CAPTURE, Authenticator, LockedOut, Principal, Revoked
+from core.auth import LOGIN_CAPTURE, Authenticator, LockedOut, Principal, Revoked, SignIn
 from core.session_store import EndedSessions, decode, encode
 from edge.http import (
     ASGIApp,
@@ -57,6 +57,7 @@ SESSION_STREAMS = ("/gradio_api/queue/data", "/gradio_api/heartbeat/")
 NOT_SIGNED_IN = "Not signed in: sign in first (POST /login, or the login page)."
 SESSION_ENDED = "Your session ended (signed out, idle too long, or too old). Sign in again."
 DATABASE_DOWN = "The database is not answering, so your session cannot be checked. Try again soon."
+SIGN_IN_DOWN = "The database is not answering, so sign-ins cannot be checked. Try again soon."
 LOGIN_PAGES = {"/", "/login"}  # not /login/: the form's relative URLs would miss
 MAX_LOGIN_BYTES = 16 * 1024  # a name and a key; read here, before the body limit's guard
 LOGIN_SECONDS = 10.0  # to send them
@@ -77,6 +78,9 @@ class Session:
     seen: float
     cookie: str = ""  # the signed token the browser holds
     cookie_name: str = SESSION_COOKIE  # Gradio's name for it (the app's cookie id in it)
+    # Who this request's events run as (Authenticator.resolve, with the user's limits), found
+    # by the guard off the event loop, for handlers that run on it (ui.common.caller_of).
+    caller: Principal | None = None
 
 
 class SessionTable:
@@ -273,15 +277,19 @@ class SessionGuard:
         return f"{name}={token}; Max-Age={left}; Path=/; HttpOnly; SameSite=Lax".encode()
 
     async def _session(self, scope: Scope) -> tuple[Session | None, str]:
-        """The request's live session (or why there is none). Every token it carries is
-        checked, so a decoy cookie in front cannot hide a revoked one. The database is read
-        off the event loop, and at most every few seconds (signed-out sessions, key versions)."""
+        """The request's live session (or why there is none), with its caller. Every token
+        it carries is checked, so a decoy cookie in front cannot hide a revoked one. The
+        database is read off the event loop, and at most every few seconds (signed-out
+        sessions, key versions): what was read recently enough is checked inline."""
         cookies = session_cookies(scope)
         if not cookies:
             return None, NOT_SIGNED_IN
         ended = self.sessions.ended
         if ended is not None and ended.stale():
             await asyncio.to_thread(ended.refresh)
+        # Events (the handlers that need the caller) are started by POSTs only; other
+        # requests of an owner's session need no database at all.
+        events = scope.get("method") == "POST"
         live, why = None, NOT_SIGNED_IN
         for name, token in cookies:
             session = self.sessions.get(token)
@@ -292,8 +300,10 @@ class SessionGuard:
                 why = SESSION_ENDED
                 continue
             try:
-                if session.principal.user_id is not None:  # the owner's needs no database
-                    await asyncio.to_thread(self.auth.check_active, session.principal)
+                if session.principal.user_id is not None:  # its key checked, its caller found
+                    session.caller = await self.auth.session_caller(session.user, session.principal)
+                elif events and live is None:
+                    session.caller = await self._owner_caller(session)
             except Revoked:
                 # Written down: enabling the user again must not bring this session back.
                 await asyncio.to_thread(
@@ -304,6 +314,16 @@ class SessionGuard:
             self.sessions.know(session)  # this replica's Gradio accepts it too
             live = live or session
         return live, why
+
+    async def _owner_caller(self, session: Session) -> Principal:
+        """The caller of a session the owner key signed in (resolve(): the user of that name,
+        if there is one now). While the database does not answer, the owner its token names:
+        the owner needs no database."""
+        try:
+            return await self.auth.resolve_async(session.user)
+        except sa.exc.SQLAlchemyError:
+            log.warning("could not look up %r (database down): the owner it is", session.user)
+            return session.principal
 
     async def _page(self, send: Send, body: bytes) -> None:
         headers = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store")]
@@ -341,6 +361,14 @@ class SessionGuard:
             if not value:
                 await refuse(scope, send, 400, missing)
                 return
+        # Gradio calls the auth hook on the event loop: what it needs from the database is
+        # read here, in a thread, and handed to it (the lockout is still decided in the hook).
+        try:
+            found = await asyncio.to_thread(self.auth.look_up, name)
+        except sa.exc.SQLAlchemyError:
+            log.warning("a sign-in could not be checked: the database is not answering")
+            await refuse(scope, send, 503, SIGN_IN_DOWN)
+            return
         tidy = urlencode({"username": name, "password": key}).encode()
         headers = [
             (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
@@ -349,9 +377,11 @@ class SessionGuard:
             (b"content-type", b"application/x-www-form-urlencoded"),
             (b"content-length", str(len(tidy)).encode()),
         ]
-        await self._login({**scope, "headers": headers}, replay(tidy, receive), send)
+        await self._login({**scope, "headers": headers}, replay(tidy, receive), send, found)
 
-    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _login(
+        self, scope: Scope, receive: Receive, send: Send, found: SignIn | None = None
+    ) -> None:
         # The lockout is checked and counted inside the auth hook, in one synchronous step:
         # a locked-out address may still sign in with a user's own key (see Authenticator).
         client = client_address(scope)
@@ -364,7 +394,7 @@ class SessionGuard:
                 client,
             )
         previous = [s for t in session_tokens(scope) if (s := self.sessions.get(t))]
-        holder: dict = {"client": client}
+        holder: dict = {"client": client, "found": found}
         replaced = False
         signed_in = False
 

@@ -134,7 +134,9 @@ def build_router(core: Core) -> Router:
 
         return register
 
-    def caller_of(request: Request) -> Principal:
+    async def caller_of(request: Request) -> Principal:
+        """The caller a bearer key names. A key whose user was read recently is checked
+        inline; only a lookup the database must answer runs, in a thread, off the loop."""
         key = _bearer(request)
         if not key:
             body = shapes.error_body(
@@ -144,7 +146,7 @@ def build_router(core: Core) -> Router:
             )
             raise Refusal(json_error(body, 401))
         try:
-            principal = core.auth.authenticate_bearer(key, client=_client(request))
+            principal = await core.auth.authenticate_bearer_async(key, client=_client(request))
         except LockedOut as exc:
             raise Refusal(error_response(exc)) from None
         if principal is None:
@@ -184,7 +186,7 @@ def build_router(core: Core) -> Router:
 
     async def answer(function: str, request: Request, request_id: str) -> Response:
         try:
-            caller = caller_of(request)
+            caller = await caller_of(request)
             body = await json_body(request)
         except Refusal as refusal:
             return refusal.response
@@ -293,7 +295,8 @@ def build_router(core: Core) -> Router:
             async for event in events:
                 if time.monotonic() - checked >= RECHECK_SECONDS:
                     checked = time.monotonic()
-                    core.auth.check_active(caller)  # Revoked is a ServiceError: _rest reports it
+                    # Revoked is a ServiceError: _rest reports it.
+                    await core.auth.check_active_async(caller)
                 yield event
 
     def route(function: str) -> Callable[[Request], Awaitable[Response]]:
@@ -308,7 +311,7 @@ def build_router(core: Core) -> Router:
     async def listed(request: Request) -> list[ModelInfo] | Response:
         """The backend's models for an authenticated caller, or the answer that refuses."""
         try:
-            return await service.list_models(caller=caller_of(request), source="v1")
+            return await service.list_models(caller=await caller_of(request), source="v1")
         except Refusal as refusal:
             return refusal.response
         except errors.ServiceError as exc:
@@ -357,7 +360,9 @@ def build_router(core: Core) -> Router:
             key = _bearer(request)
             try:
                 principal = (
-                    core.auth.authenticate_bearer(key, client=_client(request)) if key else None
+                    await core.auth.authenticate_bearer_async(key, client=_client(request))
+                    if key
+                    else None
                 )
             except LockedOut as exc:
                 return error_response(exc)

@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: Gradio reads these hints at runtim
 the API schema.
 """
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -17,7 +18,7 @@ from core.context import Core
 from core.errors import Forbidden, ServiceError
 from core.schemas import StreamChunk
 from edge.files import FileRegistry
-from ui.common import LLM_GROUP, save_images, to_gr_error
+from ui.common import LLM_GROUP, save_images, signed_in, to_gr_error
 
 # Each value sent to a client is a message Gradio processes and the client polls for: send
 # the text so far at most this often (and always the first piece and the last).
@@ -55,7 +56,7 @@ def register(core: Core, files: FileRegistry) -> None:
     service = core.service
 
     def who(request: gr.Request) -> dict[str, Any]:
-        return {"caller": core.auth.resolve(request.username), "source": "api"}
+        return {"caller": signed_in(core, request), "source": "api"}
 
     async def chat(
         messages: list[dict[str, Any]],
@@ -176,10 +177,11 @@ def register(core: Core, files: FileRegistry) -> None:
         start/end: YYYY-MM-DD (UTC, inclusive; empty for no bound). Admins see everyone and may
         filter by user; other users see only their own usage.
         """
-        try:
-            rows = reports.usage_rows(
-                core.ledger, who(request)["caller"], start=start, end=end, user=user, model=model
-            )
+        try:  # off the event loop: the ledger is read
+            rows = await asyncio.to_thread(
+                reports.usage_rows,
+                core.ledger, who(request)["caller"], start=start, end=end, user=user, model=model,
+            )  # fmt: skip
         except ServiceError as exc:
             raise to_gr_error(exc) from None
         return reports.usage_report(rows)
@@ -197,7 +199,7 @@ def register(core: Core, files: FileRegistry) -> None:
                 "rpm": u.rpm,
                 "created": u.created_at.isoformat(),
             }
-            for u in core.users.list()
+            for u in await asyncio.to_thread(core.users.list)
         ]
 
     store = core.conversations

@@ -8,10 +8,12 @@ from typing import Any
 
 import gradio as gr
 
+from core.auth import Principal
 from core.context import Core
 from core.errors import InvalidRequest, ServiceError
 from core.service import Service
 from edge.files import FileRegistry
+from edge.sessions import SCOPE_KEY
 
 log = logging.getLogger("ui")
 
@@ -66,8 +68,23 @@ def code(text: str) -> str:
 
 def caller_of(core: Core, request: gr.Request | None) -> dict[str, Any]:
     """The service keyword arguments for the signed-in user behind a dashboard event."""
+    return {"caller": signed_in(core, request), "source": "ui"}
+
+
+def signed_in(core: Core, request: gr.Request | None) -> Principal:
+    """The signed-in caller behind an event (a handler runs on the event loop if it is
+    async): the one the session guard found, off the loop, for the request that started
+    the event; without it (no guard in front), core.auth.resolve, which may read the
+    database."""
     username = request.username if request is not None else None
-    return {"caller": core.auth.resolve(username), "source": "ui"}
+    try:
+        session = request.request.scope.get(SCOPE_KEY)  # type: ignore[union-attr]
+    except AttributeError:  # no request, or not an HTTP one
+        session = None
+    caller = getattr(session, "caller", None)
+    if caller is not None and session.user == username:
+        return caller
+    return core.auth.resolve(username)
 
 
 def model_choices(

@@ -84,7 +84,8 @@ class Server:
             if message["type"] == "lifespan.shutdown.complete":
                 core = getattr(self.state, "core", None)
                 if core is not None:
-                    await asyncio.to_thread(core.ledger.flush)
+                    # Written, the journal removed, the heartbeat row gone (core.ledger).
+                    await asyncio.to_thread(core.ledger.close)
                     log.info("ledger written before shutdown")
             await send(message)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,8 +14,9 @@ from core import reports
 from core.auth import Principal
 from core.context import Core
 from core.errors import Forbidden, InvalidRequest, ServiceError
+from core.users import User
 from edge.files import FileRegistry
-from ui.common import count_of, notice, report, save_text
+from ui.common import count_of, notice, report, save_text, signed_in
 
 EVERYONE = ("Everyone", "")
 ALL_MODELS = ("All models", "")
@@ -94,14 +96,16 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
         admin_status = gr.Markdown(elem_classes="usage-line", elem_id="admin-status")
 
     def caller(request: gr.Request) -> Principal:
-        return core.auth.resolve(request.username if request else None)
+        return signed_in(core, request)
 
+    # The async handlers below run on the event loop: the database is read in a thread.
     async def show(first: str, last: str, who: str, which: str, request: gr.Request):
         me = caller(request)
         try:
-            rows = reports.usage_rows(
-                core.ledger, me, start=first, end=last, user=who or None, model=which or None
-            )
+            rows = await asyncio.to_thread(
+                reports.usage_rows,
+                core.ledger, me, start=first, end=last, user=who or None, model=which or None,
+            )  # fmt: skip
         except ServiceError as exc:
             return report(exc), *(gr.skip() for _ in range(5))
         daily = reports.daily_by_model(rows)
@@ -119,7 +123,9 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
     outputs = [summary, tokens_plot, cost_plot, by_user, by_function, export]
     refresh.click(show, [start, end, user, model], outputs, api_visibility="private")
 
-    def users_frame() -> pd.DataFrame:
+    def users_frame(users: list[User] | None = None) -> pd.DataFrame:
+        """The users table: of `users`, else read now (blocking: async code reads them in
+        a thread and passes them in)."""
         rows = [
             [
                 u.name,
@@ -129,18 +135,19 @@ def build(core: Core, demo: gr.Blocks, files: FileRegistry) -> None:
                 u.rpm or "default",
                 f"{u.created_at:%Y-%m-%d}",
             ]
-            for u in core.users.list()
+            for u in (core.users.list() if users is None else users)
         ]
         return pd.DataFrame(rows, columns=USER_COLUMNS)
 
     async def on_load(first: str, last: str, request: gr.Request):
         me = caller(request)
-        names = [EVERYONE, *[u.name for u in core.users.list()]] if me.is_admin else [me.name]
+        everyone = await asyncio.to_thread(core.users.list) if me.is_admin else []
+        names = [EVERYONE, *[u.name for u in everyone]] if me.is_admin else [me.name]
         models = sorted({m.id for m in await _models(core, me)})
         shown = await show(first, last, "" if me.is_admin else me.name, "", request)
         return (
             gr.Accordion(visible=me.is_admin),
-            users_frame() if me.is_admin else gr.skip(),
+            users_frame(everyone) if me.is_admin else gr.skip(),
             gr.Dropdown(
                 choices=names, value="" if me.is_admin else me.name, interactive=me.is_admin
             ),
