@@ -860,3 +860,205 @@ def test_listing_models_writes_no_ledger_row(upstream, database) -> None:
     with opened(upstream, database) as core:
         run(core, core.service.list_models(caller=who, source="ui", refresh=True))
     assert database.usage(user="row-models-only") == []
+
+
+# ---- the journal and the heartbeat (issue 15) -----------------------------------------------
+
+
+def _journal_of(ledger: Ledger) -> bytes:
+    """What a ledger's journal holds now (its live file)."""
+    assert ledger._journal is not None
+    return ledger._journal.path.read_bytes()
+
+
+def _dead_journal(folder: Path, content: bytes) -> Path:
+    """A journal no process holds (its process died): the next replay takes it."""
+    import secrets
+
+    path = folder / f"{secrets.token_hex(8)}-1.jsonl"
+    path.write_bytes(content)
+    return path
+
+
+def _settled_and_recorded(ledger: Ledger, user: str) -> tuple[int, list[str]]:
+    """A quota call (reserved, then settled) and three whole rows, handed to `ledger`."""
+    held = ledger.reserve(
+        user=user, limits=Limits(daily_tokens=1000), function="chat", model="gpt-4.1-mini",
+        provider="openai", source="test", request_id=f"req_{user}_held", estimate=100,
+    )  # fmt: skip
+    ledger.finish(
+        held, status="ok", model="gpt-4.1-mini", provider="openai", prompt_tokens=5,
+        completion_tokens=6, latency_ms=12.0,
+    )  # fmt: skip
+    ids = [f"req_{user}_{i}" for i in range(3)]
+    for request_id in ids:
+        ledger.record(
+            user=user, function="chat", model="gpt-4.1-mini", provider="openai", source="v1",
+            request_id=request_id, status="ok", prompt_tokens=5, completion_tokens=6,
+        )  # fmt: skip
+    return held.row_id, ids
+
+
+def test_a_replayed_journal_writes_each_row_once(database, tmp_path) -> None:
+    """Replaying a dead process's journal after its writer had committed everything, and
+    again (twice the same file), leaves one row per call and the settlement as it was."""
+    db.migrate(database.engine)
+    folder = tmp_path / "journal"
+    ledger = Ledger(database.engine, prices=PriceTable(), journal_dir=folder)
+    row_id, ids = _settled_and_recorded(ledger, "journal-twice")
+    ledger.flush()  # the writer committed all four outcomes
+    content = _journal_of(ledger)
+    assert content.count(b"\n") == 4
+    before = database.usage(user="journal-twice")
+    other = Ledger(database.engine, prices=PriceTable(), journal_dir=folder)
+    for _ in range(2):
+        dead = _dead_journal(folder, content)
+        assert other.replay_dead() == 4
+        assert not dead.exists()  # replayed, then removed
+    after = database.usage(user="journal-twice")
+    assert after == before
+    assert sorted(r["request_id"] for r in after) == sorted(["req_journal-twice_held", *ids])
+    [settled] = [r for r in after if r["id"] == row_id]
+    assert (settled["status"], settled["completion_tokens"], settled["reserved_tokens"]) == (
+        "ok",
+        6,
+        0,
+    )
+    ledger.close()
+    other.close()
+    assert not list(folder.glob("*.jsonl"))  # a clean close leaves nothing to replay
+
+
+def test_a_replayed_settlement_wins_over_interrupted(database, tmp_path, monkeypatch) -> None:
+    """The writer never wrote (the process died first): the journal alone has the outcomes.
+    Another process had marked the pending row interrupted meanwhile; the replay records what
+    the call really used. A line cut short by the kill is skipped, the rest replayed."""
+    db.migrate(database.engine)
+    folder = tmp_path / "journal"
+    ledger = Ledger(database.engine, prices=PriceTable(), journal_dir=folder)
+    monkeypatch.setattr(ledger, "_write_surely", lambda batch: None)  # dies before writing
+    row_id, ids = _settled_and_recorded(ledger, "journal-only")
+    ledger.flush()
+    content = _journal_of(ledger)
+    assert [r["status"] for r in database.usage(user="journal-only")] == ["pending"]
+    with database.engine.begin() as conn:
+        conn.execute(
+            db.usage.update()
+            .where(db.usage.c.id == row_id)
+            .values(status="interrupted", reserved_tokens=0)
+        )
+    other = Ledger(database.engine, prices=PriceTable(), journal_dir=folder)
+    _dead_journal(folder, content + b'["insert", {"user": "journal-on')  # torn last line
+    assert other.replay_dead() == 4
+    _dead_journal(folder, content)  # and once more: nothing doubles
+    assert other.replay_dead() == 4
+    rows = database.usage(user="journal-only")
+    assert sorted(r["request_id"] for r in rows) == sorted(["req_journal-only_held", *ids])
+    assert all(
+        (r["status"], r["prompt_tokens"], r["completion_tokens"]) == ("ok", 5, 6) for r in rows
+    )
+    assert all(r["reserved_tokens"] == 0 for r in rows)
+    assert "skipped 1 unreadable line(s)" in logged()
+
+
+def test_a_live_process_journal_is_not_replayed(database, tmp_path) -> None:
+    db.migrate(database.engine)
+    folder = tmp_path / "journal"
+    alive = Ledger(database.engine, prices=PriceTable(), journal_dir=folder)
+    alive.record(
+        user="journal-alive", function="chat", model="gpt-4.1-mini", provider="openai",
+        source="v1", request_id="req_journal_alive", status="ok", prompt_tokens=1,
+    )  # fmt: skip
+    other = Ledger(database.engine, prices=PriceTable(), journal_dir=folder)
+    assert other.replay_dead() == 0  # its process holds the lock
+    assert alive._journal is not None and alive._journal.path.exists()
+    alive.flush()
+    assert len(database.usage(user="journal-alive")) == 1
+
+
+def test_the_journal_starts_a_new_file_and_drops_the_written_ones(
+    database, tmp_path, monkeypatch
+) -> None:
+    from core import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "JOURNAL_BYTES", 2000)
+    db.migrate(database.engine)
+    folder = tmp_path / "journal"
+    ledger = Ledger(database.engine, prices=PriceTable(), journal_dir=folder)
+    for i in range(60):
+        ledger.record(
+            user="journal-rotate", function="chat", model="gpt-4.1-mini", provider="openai",
+            source="v1", request_id=f"req_rotate_{i}", status="ok", prompt_tokens=1,
+        )  # fmt: skip
+        ledger.flush()
+    files = list(folder.glob("*.jsonl"))
+    assert len(files) <= 2 and sum(f.stat().st_size for f in files) < 4000
+    assert len(database.usage(user="journal-rotate")) == 60
+
+
+def test_a_dead_process_holds_are_released_by_a_live_one(database, monkeypatch) -> None:
+    """A pending row names its process; once that process has not beaten for STALE seconds,
+    another process's heartbeat releases the row (interrupted, nothing held) and forgets the
+    dead process. A row naming a live process is left alone."""
+    from core import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "HEARTBEAT", 3600.0)  # beats only when called here
+    db.migrate(database.engine)
+    dead = Ledger(database.engine, prices=PriceTable())
+    live = Ledger(database.engine, prices=PriceTable())
+    dead.start(stale_unnamed=timedelta(hours=1))
+    live.start(stale_unnamed=timedelta(hours=1))
+
+    def reserve(ledger: Ledger, user: str) -> int:
+        return ledger.reserve(
+            user=user, limits=Limits(daily_tokens=1000), function="chat", model="gpt-4.1-mini",
+            provider="openai", source="test", request_id=f"req_{user}", estimate=900,
+        ).row_id  # fmt: skip
+
+    gone, kept = reserve(dead, "holder-dead"), reserve(live, "holder-live")
+    by_id = {r["id"]: r for r in database.usage() if r["id"] in (gone, kept)}
+    assert (by_id[gone]["holder"], by_id[kept]["holder"]) == (dead.process_id, live.process_id)
+    with database.engine.begin() as conn:  # `dead` stopped beating a minute ago
+        conn.execute(
+            db.processes.update()
+            .where(db.processes.c.id == dead.process_id)
+            .values(seen_at=datetime.now(UTC) - timedelta(minutes=1))
+        )
+    live._maintenance()
+    by_id = {r["id"]: r for r in database.usage() if r["id"] in (gone, kept)}
+    assert (by_id[gone]["status"], by_id[gone]["reserved_tokens"]) == ("interrupted", 0)
+    assert (by_id[kept]["status"], by_id[kept]["reserved_tokens"]) == ("pending", 900)
+    with database.engine.connect() as conn:
+        ids = set(conn.execute(sa.select(db.processes.c.id)).scalars())
+    assert dead.process_id not in ids and live.process_id in ids
+    live.close()  # a clean stop removes its heartbeat row
+    dead.close()
+    with database.engine.connect() as conn:
+        ids = set(conn.execute(sa.select(db.processes.c.id)).scalars())
+    assert live.process_id not in ids
+
+
+def test_the_heartbeat_outlives_a_database_outage(tmp_path, monkeypatch) -> None:
+    """The database goes away: one warning, no exception out of the heartbeat; back, one
+    line says so and the heartbeat row is written again."""
+    from core import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "HEARTBEAT", 3600.0)
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'outage.db'}")
+    db.migrate(engine)
+    ledger = Ledger(engine, prices=PriceTable())
+    ledger.start(stale_unnamed=timedelta(hours=1))
+    real = ledger._beat
+
+    def unreachable() -> None:
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(ledger, "_beat", unreachable)
+    before = len(logged())
+    for _ in range(3):
+        ledger._maintenance()
+    assert logged()[before:].count("heartbeat failed (the database is not answering)") == 1
+    monkeypatch.setattr(ledger, "_beat", real)
+    ledger._maintenance()
+    assert "heartbeat reaches the database again" in logged()[before:]
+    ledger.close()
