@@ -12,6 +12,7 @@ import hmac
 import re
 import secrets
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -131,6 +132,7 @@ class UserStore:
         self.engine = engine
         self._cache: dict[str, tuple[float, User | None]] = {}
         self._keys: dict[int, tuple[float, Credential]] = {}
+        self._lock = threading.Lock()  # for changes to the copies (lookups need none)
 
     def add(
         self,
@@ -243,16 +245,23 @@ class UserStore:
         self._keep(self._keys, found.user.id, (at, found))
         return found
 
-    def _keep(self, memory: dict, key: object, value: object) -> None:
-        if len(memory) > self.MAX_KEPT:
-            memory.clear()
-        memory[key] = value
+    def _keep(self, memory: dict, key: object, value: tuple[float, object]) -> None:
+        """Keep a copy read at value[0], unless one read later is kept already: a read that
+        began before a change (in another thread) must not undo the copy read after it."""
+        with self._lock:
+            kept = memory.get(key)
+            if kept is not None and kept[0] > value[0]:
+                return
+            if len(memory) > self.MAX_KEPT:
+                memory.clear()
+            memory[key] = value
 
     def _forget(self, name: str) -> None:
-        self._cache.pop(name, None)
-        for user_id, (_, found) in list(self._keys.items()):  # list(): copied at once
-            if found.user.name == name:
-                self._keys.pop(user_id, None)
+        with self._lock:
+            self._cache.pop(name, None)
+            for user_id, (_, found) in list(self._keys.items()):
+                if found.user.name == name:
+                    del self._keys[user_id]
 
     def set_disabled(self, name: str, disabled: bool) -> User:
         """Disable (or enable) a user. Disabling also moves the key version on: every session
