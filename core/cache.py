@@ -126,7 +126,7 @@ class DatabaseStore:
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         table = db.response_cache
         now = datetime.now(UTC)
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(
                 sa.select(table.c.key, table.c.value).where(
                     table.c.key.in_(keys), table.c.expires_at > now

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import orjson
 import sqlalchemy as sa
 
-from core import errors, metrics, tokens
+from core import db, errors, metrics, tokens
 from core.auth import SYSTEM, Principal
 from core.backends import BackendSpec
 from core.cache import Lookup, Outcome, ResponseCache, Use, build_cache
@@ -519,7 +519,7 @@ class Service:
         if self.ledger is None:
             return True
         try:
-            with self.ledger.engine.connect() as conn:
+            with db.reading(self.ledger.engine) as conn:  # no wait for a writer's lock
                 conn.execute(sa.text("SELECT 1"))
         except sa.exc.SQLAlchemyError:
             return False

@@ -316,6 +316,12 @@ def build_router(core: Core) -> Router:
             return refusal.response
         except errors.ServiceError as exc:
             return error_response(exc)
+        except sa.exc.OperationalError:  # the key's owner could not be looked up
+            request_id = new_request_id()
+            log.warning("request_id=%s: the database is not answering", request_id)
+            response = error_response(errors.DatabaseUnavailable(request_id=request_id))
+            response.headers["x-request-id"] = request_id
+            return response
 
     @add("/v1/models", ["GET"])
     async def models(request: Request) -> Response:

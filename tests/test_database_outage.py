@@ -104,6 +104,10 @@ def test_an_outage_is_a_503_with_a_request_id_and_no_answered_call_is_lost(outag
         # too old to trust); signing out still ends the session here and clears the cookie.
         time.sleep(REVOKED_WITHIN + 0.5)
         assert browser.get("/config").status_code == 503
+        # A key whose copy is too old to trust cannot be checked: a 503 on /v1/models too.
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert models.status_code == 503 and models.headers["x-request-id"]
+        assert models.headers["x-request-id"] in models.json()["error"]["message"]
         out = browser.post("/logout", headers={"origin": url})
         assert out.status_code == 303 and "Max-Age=0" in out.headers["set-cookie"]
     finally:
