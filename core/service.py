@@ -397,58 +397,77 @@ class Service:
         """Stream SSE events from upstream as they arrive; usage is always asked for (the
         ledger needs it) and its chunk is passed on only when the client asked for it too.
         An upstream that sends none (llama.cpp's server ignores stream_options) gets one made
-        from our estimate, so a client that asked for usage always has it."""
-        endpoint = ENDPOINTS[function]
+        from our estimate, so a client that asked for usage always has it.
+
+        The last piece (the one ending in [DONE]) goes out once the call is recorded: a client
+        that stops reading at [DONE] has its row in the ledger's journal, whatever happens to
+        this process next."""
+        last = b""
         async with self._pipeline(
             function, request, caller, source, request_id, body, cache, outcome, form="sse"
         ) as (call, req):
             if call.cached:
-                for piece in orjson.loads(call.stored):
+                *pieces, end = orjson.loads(call.stored)
+                for piece in pieces:
                     yield piece.encode()
-                return
-            if isinstance(req, ChatRequest | CompletionRequest):
-                call.reply_cap = req.max_tokens
-            sent: list[bytes] = []
+                last = end.encode()
+            else:
+                async with aclosing(self._forward_stream(call, req, body, include_usage)) as out:
+                    async for piece in out:
+                        if piece.rstrip().endswith(DONE):
+                            last = piece  # sent once the call is recorded (this block's end)
+                        else:
+                            yield piece
+        if last:
+            yield last
 
-            def send(provider: Provider, r: FunctionRequest) -> AsyncIterator[bytes]:
-                payload = _payload(body, r, stream=True, cap_param=provider.cap_param)
-                return provider.forward_stream(endpoint.path, payload, r.model)
+    async def _forward_stream(
+        self, call: Call, req: FunctionRequest, body: dict[str, Any], include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        """The upstream's SSE events, as forward_stream sends them (kept in the cache once
+        they all went through)."""
+        endpoint = ENDPOINTS[call.function]
+        if isinstance(req, ChatRequest | CompletionRequest):
+            call.reply_cap = req.max_tokens
+        sent: list[bytes] = []
 
-            upstream = self._attempts(call, req, send, body, passthrough=True)
-            finished, first = False, b""
-            async with aclosing(sse_batches(upstream)) as batches:
-                async for events in batches:
-                    kept = []
-                    for event in events:
-                        if event.startswith(DONE):
-                            finished = True
-                            if include_usage and call.usage is None:
-                                call.usage = _estimate(call)
-                                kept.append(_usage_event(first, call.usage))
-                        elif b'"usage"' in event:
-                            call.usage = usage_in(event) or call.usage
-                            if not include_usage and is_usage_only(event):
-                                continue
-                        elif b'"error"' in event and (message := error_in(event)):
-                            if kept:
-                                yield b"".join(kept)
-                            raise errors.StreamInterrupted(
-                                f"The upstream reported an error: {message}"
-                            )
-                        kept.append(event)
-                        first = first or event
-                        # About one token per chunk: an estimate for a stream cut short.
-                        call.reply_chars += 4
-                    if kept:
-                        piece = b"".join(kept)
-                        if call.lookup is not None:
-                            sent.append(piece)
-                        yield piece
-            if not finished:
-                raise errors.StreamInterrupted()
-            if call.lookup is not None:
-                value = orjson.dumps([p.decode() for p in sent])
-                await self._keep_items(call, {call.lookup.keys[0]: value})
+        def send(provider: Provider, r: FunctionRequest) -> AsyncIterator[bytes]:
+            payload = _payload(body, r, stream=True, cap_param=provider.cap_param)
+            return provider.forward_stream(endpoint.path, payload, r.model)
+
+        upstream = self._attempts(call, req, send, body, passthrough=True)
+        finished, first = False, b""
+        async with aclosing(sse_batches(upstream)) as batches:
+            async for events in batches:
+                kept = []
+                for event in events:
+                    if event.startswith(DONE):
+                        finished = True
+                        if include_usage and call.usage is None:
+                            call.usage = _estimate(call)
+                            kept.append(_usage_event(first, call.usage))
+                    elif b'"usage"' in event:
+                        call.usage = usage_in(event) or call.usage
+                        if not include_usage and is_usage_only(event):
+                            continue
+                    elif b'"error"' in event and (message := error_in(event)):
+                        if kept:
+                            yield b"".join(kept)
+                        raise errors.StreamInterrupted(f"The upstream reported an error: {message}")
+                    kept.append(event)
+                    first = first or event
+                    # About one token per chunk: an estimate for a stream cut short.
+                    call.reply_chars += 4
+                if kept:
+                    piece = b"".join(kept)
+                    if call.lookup is not None:
+                        sent.append(piece)
+                    yield piece
+        if not finished:
+            raise errors.StreamInterrupted()
+        if call.lookup is not None:
+            value = orjson.dumps([p.decode() for p in sent])
+            await self._keep_items(call, {call.lookup.keys[0]: value})
 
     async def list_models(
         self, *, refresh: bool = False, caller: Principal = SYSTEM, source: str = "core"

@@ -424,3 +424,45 @@ def test_a_journal_is_per_database(tmp_path: Path) -> None:
     two = db.make_engine(f"sqlite:///{tmp_path / 'two.db'}")
     assert journal_folder(tmp_path, one) != journal_folder(tmp_path, two)
     assert journal_folder(tmp_path, one) == journal_folder(tmp_path, one)
+
+
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_a_stream_sends_done_only_once_its_call_is_in_the_journal(
+    upstream: FakeUpstream, tmp_path: Path, cache: str
+) -> None:
+    """A client may stop reading at [DONE] and the process die next: by then the call's row
+    must be on disk. The ledger is slowed down here, so that a [DONE] sent before the call
+    is recorded would reach the client first. A stream replayed from the cache too."""
+    from tests.conftest import app_settings, serve
+    from ui.server import create_app
+
+    app = create_app(app_settings(upstream, DATA_DIR=str(tmp_path), CACHE=cache))
+    ledger = app.state.core.ledger
+    submit = ledger._submit
+
+    def slowly(kind: str, params: dict[str, Any]) -> None:
+        time.sleep(0.5)
+        submit(kind, params)
+
+    ledger._submit = slowly
+    served = serve(app)
+    try:
+        body = {"model": "gpt-4.1-mini", "stream": True, "temperature": 0, "seed": 1,
+                "messages": [{"role": "user", "content": WORDS}]}  # fmt: skip
+        headers = {"Authorization": f"Bearer {ACCESS_KEY}"}
+        for _ in range(2):  # with CACHE=memory, the second is a hit
+            with httpx.stream(
+                "POST", served.url + "/v1/chat/completions", json=body, headers=headers
+            ) as answer:
+                request_id = answer.headers["x-request-id"]
+                for line in answer.iter_lines():
+                    if line == "data: [DONE]":
+                        journaled = b"".join(
+                            p.read_bytes() for p in (tmp_path / "journal").rglob("*.jsonl")
+                        )
+                        assert request_id.encode() in journaled
+                        break
+                else:
+                    raise AssertionError("no [DONE]")
+    finally:
+        served.stop()
