@@ -440,6 +440,9 @@ class Ledger:
         now = _now()
         p, u = db.processes.c, db.usage.c
         silent = now - timedelta(seconds=STALE)
+        with db.reading(self.engine) as conn:  # most beats find none: no write lock for that
+            if not conn.execute(sa.select(p.id).where(p.seen_at < silent).limit(1)).first():
+                return
         with self._begin() as conn:
             dead = conn.execute(sa.select(p.id).where(p.seen_at < silent)).scalars().all()
             if not dead:
@@ -784,7 +787,7 @@ class Ledger:
             query = query.where(u.user.in_(users))
         if models:
             query = query.where(u.model.in_(models))
-        with self.engine.connect() as conn:
+        with db.reading(self.engine) as conn:
             frame = pd.DataFrame(conn.execute(query).all(), columns=COLUMNS)
         frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
         return frame
