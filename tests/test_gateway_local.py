@@ -259,6 +259,26 @@ def test_n_choices_are_made_one_after_another(local: LocalGateway) -> None:
     assert info.value.param == "best_of"
 
 
+def test_top_log_probabilities_of_byte_pieces_are_k_distinct_tokens(local: LocalGateway) -> None:
+    """Tokens that hold part of a character (Japanese, emoji) all read "" as text: the top
+    list still has k tokens, told apart by their bytes, likeliest first."""
+    reply = local.client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Say hello in Japanese with an emoji"}],
+        max_tokens=12,
+        logprobs=True,
+        top_logprobs=3,
+        seed=3,
+    )
+    tokens = reply.choices[0].logprobs.content
+    assert any(not bytes(t.bytes).decode("utf-8", errors="ignore") for t in tokens)
+    for token in tokens:
+        tops = token.top_logprobs
+        assert len(tops) == 3 and len({bytes(t.bytes) for t in tops}) == 3
+        assert [t.logprob for t in tops] == sorted((t.logprob for t in tops), reverse=True)
+        assert tops[0].logprob >= token.logprob
+
+
 def test_log_probabilities_on_chat_and_completions(local: LocalGateway) -> None:
     reply = local.client.chat.completions.create(
         model=MODEL_ID, messages=SAY_HELLO, max_tokens=6, logprobs=True, top_logprobs=2

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF
 
@@ -332,17 +333,20 @@ class LocalProvider:
         answer = llm.create_completion(prompt=prompt, **options)
         step = answer["choices"][0]
         raw = completion_logprobs(step.get("logprobs"), k)
+        exact = raw and _top_tokens(llm, len(prompt), len(raw["tokens"]), k)
         tokens = raw and [
             {
                 "token": token,
                 "logprob": logprob,
                 "bytes": list(token.encode()) if token else None,
-                "top_logprobs": [
+                "top_logprobs": exact[i]
+                if exact
+                else [
                     {"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in top.items()
                 ],
             }
-            for token, logprob, top in zip(
-                raw["tokens"], raw["token_logprobs"], raw["top_logprobs"], strict=True
+            for i, (token, logprob, top) in enumerate(
+                zip(raw["tokens"], raw["token_logprobs"], raw["top_logprobs"], strict=True)
             )
         ]
         text = step["text"] or ""
@@ -852,6 +856,33 @@ def _notice(model_id: str, *, bundled: bool) -> str:
             f"often wrong answers. {how}"
         )
     return f"**Embedded model.** You are using `{model_id}` from `LOCAL_MODEL_PATH`, in-process."
+
+
+def _top_tokens(
+    llm: llama_cpp.Llama, prompt: int, count: int, k: int
+) -> list[list[dict[str, Any]]] | None:
+    """The k likeliest tokens at each of the `count` positions after a `prompt` of that many
+    tokens, by token (with its bytes), from the logits llama.cpp kept (logits_all).
+    llama-cpp-python's own list is keyed by text: the byte-pieces of characters (an emoji,
+    most non-Latin scripts) all read "" there, and k of them leave one. None if a position's
+    logits are not there."""
+    if prompt + count - 1 > llm.n_tokens:
+        return None
+    tops = []
+    for row in range(prompt - 1, prompt - 1 + count):
+        # As llama-cpp-python computes them (float32), so the chosen token's match its own.
+        logprobs = llama_cpp.Llama.logits_to_logprobs(llm.scores[row])
+        ids = np.argpartition(-logprobs, k)[:k] if k else np.array([], dtype=int)
+        ranked = sorted(ids, key=lambda i: -logprobs[i])
+        tops.append(
+            [
+                {"token": raw.decode("utf-8", errors="backslashreplace"),
+                 "logprob": float(logprobs[i]), "bytes": list(raw)}
+                for i in ranked
+                for raw in [llm.detokenize([int(i)], special=True)]
+            ]
+        )  # fmt: skip
+    return tops
 
 
 def _token_bytes(llm: llama_cpp.Llama, text: str, tokens: list[dict[str, Any]]) -> None:
