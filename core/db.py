@@ -121,6 +121,20 @@ response_cache = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
+# Each user's running totals for today, so that a quota check reads one row whatever the day's
+# history: tokens spent (settled rows), tokens held by calls in progress, and how many calls.
+# Updated in the transactions that change the rows; rebuilt from the rows (the record) when
+# missing or of another day.
+quota_counters = sa.Table(
+    "quota_counters",
+    metadata,
+    sa.Column("user", sa.String(64), primary_key=True),
+    sa.Column("day", sa.Date, nullable=False),
+    sa.Column("spent", sa.BigInteger, nullable=False),
+    sa.Column("held", sa.BigInteger, nullable=False),
+    sa.Column("running", sa.Integer, nullable=False),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -161,6 +175,10 @@ def _v7(conn: Connection) -> None:
     response_cache.create(conn)
 
 
+def _v8(conn: Connection) -> None:
+    quota_counters.create(conn)
+
+
 # Append only: never edit or reorder a released migration; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "users and usage ledger", _v1),
@@ -170,6 +188,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "failed sign-ins shared by replicas", _v5),
     (6, "ledger holds name their process; process heartbeats", _v6),
     (7, "response cache", _v7),
+    (8, "running quota counters per user", _v8),
 ]
 
 
@@ -248,7 +267,9 @@ def migrate(engine: Engine) -> int:
         return max(version for version, _, _ in MIGRATIONS)
 
 
-def lock_user(conn: Connection, name: str) -> None:
-    """Serialize quota checks for one user (SQLite's BEGIN IMMEDIATE already serializes all)."""
+def lock_user(conn: Connection, *names: str) -> None:
+    """Serialize quota checks and counter updates for these users, in one order (SQLite's
+    BEGIN IMMEDIATE already serializes all)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": name})
+        for name in sorted(set(names)):
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": name})

@@ -98,6 +98,42 @@ class Reservation:
     row_id: int
     token_budget: int | None  # what this call may still spend today (None: no limit)
     request_id: str = ""
+    user: str = ""
+    day: date | None = None  # the UTC day whose counters hold its tokens
+    held: int = 0
+
+
+_C = db.quota_counters.c
+# A settlement moves its tokens from held to spent, if its row is still pending (a settlement
+# written twice, or one of a row released as interrupted, counts once); run before the row's.
+_SETTLE_COUNTER = (
+    db.quota_counters.update()
+    .where(
+        _C.user == sa.bindparam("c_user"),
+        _C.day == sa.bindparam("c_day"),
+        sa.exists().where(
+            db.usage.c.id == sa.bindparam("row_id"),
+            db.usage.c.request_id == sa.bindparam("rid"),
+            db.usage.c.status == "pending",
+        ),
+    )
+    .values(
+        held=_C.held - sa.bindparam("c_held"),
+        running=_C.running - 1,
+        spent=_C.spent + sa.bindparam("c_tokens"),
+    )
+)
+# A whole row (a caller without quotas) adds its tokens; a reservation, what it holds.
+_SPEND_COUNTER = (
+    db.quota_counters.update()
+    .where(_C.user == sa.bindparam("c_user"), _C.day == sa.bindparam("c_day"))
+    .values(spent=_C.spent + sa.bindparam("c_tokens"))
+)
+_HOLD_COUNTER = (
+    db.quota_counters.update()
+    .where(_C.user == sa.bindparam("c_user"), _C.day == sa.bindparam("c_day"))
+    .values(held=_C.held + sa.bindparam("c_held"), running=_C.running + 1)
+)
 
 
 # The columns' sizes (core.db.usage): PostgreSQL refuses a longer value, and the row with it.
@@ -295,12 +331,26 @@ class Ledger:
             log.error("the ledger's journal failed (%s); rows are still written", exc)
 
     def _write_batch(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        """One transaction, one executemany per kind, with statements built once."""
+        """One transaction, one executemany per kind, with statements built once; the users'
+        counters change in the same transaction as their rows."""
         inserts = [params for kind, params in batch if kind == "insert"]
         updates = [params for kind, params in batch if kind == "update"]
+        settled = [params for params in updates if "c_user" in params]
+        spent = [
+            {"c_user": p["user"], "c_day": p["ts"].astimezone(UTC).date(),
+             "c_tokens": p["prompt_tokens"] + p["completion_tokens"]}
+            for p in inserts
+            if p["prompt_tokens"] or p["completion_tokens"]
+        ]  # fmt: skip
         with self._begin() as conn:
+            # Against a quota check rebuilding a counter meanwhile (PostgreSQL).
+            db.lock_user(conn, *(p["c_user"] for p in [*settled, *spent]))
             if inserts:
                 conn.execute(_INSERT, inserts)
+            if spent:
+                conn.execute(_SPEND_COUNTER, spent)
+            if settled:
+                conn.execute(_SETTLE_COUNTER, settled)  # before the rows: pending ones count
             if updates:
                 conn.execute(_SETTLE, updates)
 
@@ -452,6 +502,8 @@ class Ledger:
                 .where(u.status == "pending", u.holder.in_(dead), u.ts >= now - RECENT)
                 .values(status="interrupted", reserved_tokens=0)
             ).rowcount
+            if released:
+                _forget_counters(conn)
             conn.execute(db.processes.delete().where(p.id.in_(dead), p.seen_at < silent))
         log.warning(
             "released %d call(s) held by %d process(es) unheard of for %g s: %s",
@@ -501,6 +553,8 @@ class Ledger:
                 conn.execute(_INSERT, inserts)
             if updates:
                 conn.execute(_SETTLE, updates)
+            # Rare (a process died): the counters are rebuilt from the rows at the next check.
+            _forget_counters(conn)
 
     def _unwritten(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The rows not in the database yet: a request id is one call's, and one call has one
@@ -555,39 +609,103 @@ class Ledger:
         `estimate` is what the call may use at most; `minimum` what it needs at least (its
         prompt), so a call that cannot fit in today's budget is refused up front.
         """
-        self.flush()  # settled calls free the tokens they held
         now = _now()
-        with self._begin() as conn:
-            db.lock_user(conn, user)  # SQLite's BEGIN IMMEDIATE already serializes writers
-            refusal = self._check(conn, user, limits, now, minimum)
-            row = {
-                "ts": now,
-                "user": user,
-                "source": source,
-                "function": function,
-                "model": _fit(model, MODEL_CHARS),
-                "provider": _fit(provider, PROVIDER_CHARS),
-                "status": "refused" if refusal else "pending",
-                "request_id": request_id,
-            }
-            if refusal:
-                conn.execute(db.usage.insert().values(**row, latency_ms=0.0))
-            else:
-                budget = self._budget(conn, user, limits, now)
-                held = estimate if budget is None else min(estimate, budget)
-                result = conn.execute(
-                    db.usage.insert().values(**row, reserved_tokens=held, holder=self._holder)
-                )
-                row_id = result.inserted_primary_key[0]
+        waited = False
+        while True:
+            with self._begin() as conn:
+                db.lock_user(conn, user)  # SQLite's BEGIN IMMEDIATE already serializes writers
+                today = self._counter(conn, user, now) if limits.daily_tokens else None
+                refusal, held_up = self._check(conn, user, limits, now, minimum, today)
+                # Refused for tokens held by calls that may have settled here already, their
+                # settlements still queued: only then wait for this process's writer.
+                if not (held_up and not waited and self._written < self._submitted):
+                    outcome = self._reserve_row(
+                        conn, user, limits, function, model, provider, source, request_id,
+                        estimate, now, refusal, today,
+                    )  # fmt: skip
+                    break
+            waited = True
+            self.flush()
+        if isinstance(outcome, QuotaExceeded):  # raised once its row is committed
+            log.info("request_id=%s quota refused for %s: %s", request_id, user, outcome.message)
+            outcome.request_id = request_id
+            raise outcome
+        return outcome
+
+    def _reserve_row(
+        self,
+        conn: sa.Connection,
+        user: str,
+        limits: Limits,
+        function: str,
+        model: str | None,
+        provider: str,
+        source: str,
+        request_id: str,
+        estimate: int,
+        now: datetime,
+        refusal: QuotaExceeded | None,
+        today: tuple[int, int, int] | None,
+    ) -> Reservation | QuotaExceeded:
+        """Insert the call's row: refused, or pending and holding its tokens (counted)."""
+        row = {
+            "ts": now,
+            "user": user,
+            "source": source,
+            "function": function,
+            "model": _fit(model, MODEL_CHARS),
+            "provider": _fit(provider, PROVIDER_CHARS),
+            "status": "refused" if refusal else "pending",
+            "request_id": request_id,
+        }
         if refusal:
-            log.info("request_id=%s quota refused for %s: %s", request_id, user, refusal.message)
-            refusal.request_id = request_id
-            raise refusal
-        return Reservation(row_id=row_id, token_budget=budget, request_id=request_id)
+            conn.execute(db.usage.insert().values(**row, latency_ms=0.0))
+            return refusal
+        budget = None
+        if limits.daily_tokens and today is not None:
+            budget = limits.daily_tokens - today[0] - today[1]
+        held = estimate if budget is None else min(estimate, budget)
+        result = conn.execute(
+            db.usage.insert().values(**row, reserved_tokens=held, holder=self._holder)
+        )
+        day = now.date()
+        conn.execute(_HOLD_COUNTER, {"c_user": user, "c_day": day, "c_held": held})
+        return Reservation(
+            row_id=result.inserted_primary_key[0],
+            token_budget=budget,
+            request_id=request_id,
+            user=user,
+            day=day,
+            held=held,
+        )
+
+    def _counter(self, conn: sa.Connection, user: str, now: datetime) -> tuple[int, int, int]:
+        """The user's (tokens spent today, tokens held, calls holding): one row read. Rebuilt
+        from the day's rows (the record) when there is none yet, or it is of another day."""
+        today = now.date()
+        found = conn.execute(
+            sa.select(_C.day, _C.spent, _C.held, _C.running).where(_C.user == user)
+        ).first()
+        if found is not None and found.day == today:
+            return int(found.spent), int(found.held), int(found.running)
+        spent, held, running = self._today(conn, user, now)
+        values = {"day": today, "spent": spent, "held": held, "running": running}
+        if found is None:
+            conn.execute(db.quota_counters.insert().values(user=user, **values))
+        else:
+            conn.execute(db.quota_counters.update().where(_C.user == user).values(**values))
+        return spent, held, running
 
     def _check(
-        self, conn: sa.Connection, user: str, limits: Limits, now: datetime, minimum: int
-    ) -> QuotaExceeded | None:
+        self,
+        conn: sa.Connection,
+        user: str,
+        limits: Limits,
+        now: datetime,
+        minimum: int,
+        today: tuple[int, int, int] | None,
+    ) -> tuple[QuotaExceeded | None, bool]:
+        """The refusal, if any, and whether it is for tokens held by calls in progress."""
         u = db.usage.c
         if limits.rpm:
             since = now - timedelta(minutes=1)
@@ -607,9 +725,9 @@ class Ledger:
                     f"You reached your limit of {limits.rpm} requests per minute. "
                     f"Try again in {wait} s.",
                     retry_after=wait,
-                )
-        if limits.daily_tokens:
-            spent, held, running = self._today(conn, user, now)
+                ), False
+        if limits.daily_tokens and today is not None:
+            spent, held, running = today
             daily = limits.daily_tokens
             if daily - spent - held < minimum:
                 if daily - spent >= minimum:
@@ -619,7 +737,7 @@ class Ledger:
                         f"call(s) in progress; this request needs about {minimum:,}. Try "
                         f"again in {HELD_RETRY} s.",
                         retry_after=HELD_RETRY,
-                    )
+                    ), True
                 midnight = datetime.combine(
                     now.date() + timedelta(days=1), datetime.min.time(), UTC
                 )
@@ -629,15 +747,8 @@ class Ledger:
                     f"and this request needs about {minimum:,}. It resets at 00:00 UTC, in "
                     f"{wait // 3600} h {wait % 3600 // 60} min.",
                     retry_after=wait,
-                )
-        return None
-
-    def _budget(self, conn: sa.Connection, user: str, limits: Limits, now: datetime) -> int | None:
-        """Tokens the user may still spend today, counting what running calls hold."""
-        if not limits.daily_tokens:
-            return None
-        spent, held, _ = self._today(conn, user, now)
-        return limits.daily_tokens - spent - held
+                ), False
+        return None, False
 
     def _today(self, conn: sa.Connection, user: str, now: datetime) -> tuple[int, int, int]:
         """(tokens spent today, tokens held by calls in progress, how many such calls)."""
@@ -680,6 +791,11 @@ class Ledger:
             {
                 "row_id": reservation.row_id,
                 "rid": reservation.request_id,
+                # The user's counters for the reservation's day: held -> spent.
+                "c_user": reservation.user,
+                "c_day": reservation.day,
+                "c_held": reservation.held,
+                "c_tokens": prompt_tokens + completion_tokens,
                 "new_status": status,
                 "new_model": _fit(model, MODEL_CHARS),
                 "new_provider": _fit(provider, PROVIDER_CHARS),
@@ -763,6 +879,8 @@ class Ledger:
             done = conn.execute(
                 db.usage.update().where(*where).values(status="interrupted", reserved_tokens=0)
             )
+            if done.rowcount:
+                _forget_counters(conn)
         return done.rowcount
 
     def rows(
@@ -823,3 +941,9 @@ def _maintain(ref: weakref.ref[Ledger], stop: threading.Event) -> None:
 def _aware(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; they were stored as UTC.
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _forget_counters(conn: sa.Connection) -> None:
+    """Drop every user's running counters: after held tokens were released or journaled rows
+    replayed (a process died), each is rebuilt from the rows at its next quota check."""
+    conn.execute(db.quota_counters.delete())

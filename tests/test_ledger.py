@@ -1062,3 +1062,127 @@ def test_the_heartbeat_outlives_a_database_outage(tmp_path, monkeypatch) -> None
     ledger._maintenance()
     assert "heartbeat reaches the database again" in logged()[before:]
     ledger.close()
+
+
+# ---- running counters (issue 16): a quota check reads one row, whatever the day's history --
+
+
+def _counter_and_rows(database: Database, ledger: Ledger, user: str) -> tuple[Any, Any]:
+    """The user's counter row, and the same totals summed from today's rows (the record)."""
+    ledger.flush()
+    with database.engine.connect() as conn:
+        counter = conn.execute(
+            sa.select(db.quota_counters.c.spent, db.quota_counters.c.held,
+                      db.quota_counters.c.running).where(db.quota_counters.c.user == user)
+        ).first()  # fmt: skip
+        summed = ledger._today(conn, user, datetime.now(UTC))
+    return (tuple(counter) if counter else None), summed
+
+
+def test_the_counters_match_the_rows_after_a_concurrent_mix(database) -> None:
+    """Reservations, settlements, refusals and whole rows from 16 threads at once: the user's
+    running counter ends equal to what today's rows add up to."""
+    db.migrate(database.engine)
+    ledger = Ledger(database.engine, prices=PriceTable())
+    user, limits = "counted-user", Limits(daily_tokens=40_000)
+
+    def one(i: int) -> None:
+        if i % 5 == 0:  # a call that held no reservation (the user had no quota then)
+            ledger.record(user=user, function="embedding", model="m", provider="openai",
+                          source="test", request_id=f"req_rec{i}", status="ok",
+                          prompt_tokens=7)  # fmt: skip
+            return
+        try:
+            held = ledger.reserve(user=user, limits=limits, function="chat", model="m",
+                                  provider="openai", source="test", request_id=f"req_c{i}",
+                                  estimate=900, minimum=50)  # fmt: skip
+        except errors.QuotaExceeded:
+            return
+        ledger.finish(held, status="ok", model="m", provider="openai", prompt_tokens=50,
+                      completion_tokens=i % 300, latency_ms=1.0)  # fmt: skip
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(200)))
+    counter, summed = _counter_and_rows(database, ledger, user)
+    assert counter == summed and summed[1] == summed[2] == 0  # nothing held once all settled
+    assert summed[0] > 0
+
+
+def test_a_quota_check_reads_the_counter_not_the_days_rows(database) -> None:
+    """With 20,000 of today's rows for the user, a check is one counter read: the rows are
+    summed once (the first check of the day), then never again."""
+    db.migrate(database.engine)
+    ledger = Ledger(database.engine, prices=PriceTable())
+    user, now = "busy-user", datetime.now(UTC)
+    rows = [
+        {"ts": now, "user": user, "source": "test", "function": "chat", "model": "m",
+         "provider": "openai", "status": "ok", "request_id": f"req_h{i}",
+         "prompt_tokens": 3, "completion_tokens": 2}
+        for i in range(20_000)
+    ]  # fmt: skip
+    with database.engine.begin() as conn:
+        conn.execute(db.usage.insert(), rows)
+    summed: list[int] = []
+    today = ledger._today
+    ledger._today = lambda *args: summed.append(1) or today(*args)  # type: ignore[method-assign]
+    for i in range(5):
+        held = ledger.reserve(user=user, limits=Limits(daily_tokens=1_000_000), function="chat",
+                              model="m", provider="openai", source="test",
+                              request_id=f"req_b{i}", estimate=100)  # fmt: skip
+        ledger.finish(held, status="ok", model="m", provider="openai", prompt_tokens=4,
+                      completion_tokens=6, latency_ms=1.0)  # fmt: skip
+    assert summed == [1]
+    ledger._today = today  # type: ignore[method-assign]
+    counter, summed_now = _counter_and_rows(database, ledger, user)
+    assert counter == summed_now == (100_000 + 50, 0, 0)
+
+
+def test_a_quota_check_does_not_wait_for_unrelated_ledger_writes(database) -> None:
+    """The writer is stuck (the database slow to take a batch): a quota check of a user whose
+    quota is far from spent goes ahead instead of waiting for the queue to drain."""
+    db.migrate(database.engine)
+    ledger = Ledger(database.engine, prices=PriceTable())
+    stuck, release = threading.Event(), threading.Event()
+    write = ledger._write_batch
+
+    def slow(batch: Any) -> None:
+        stuck.set()
+        release.wait(30)
+        write(batch)
+
+    ledger._write_batch = slow  # type: ignore[method-assign]
+    try:
+        ledger.record(user="other-user", function="chat", model="m", provider="openai",
+                      source="test", request_id="req_other", status="ok",
+                      prompt_tokens=5)  # fmt: skip
+        assert stuck.wait(10)
+        done = threading.Event()
+
+        def check() -> None:
+            ledger.reserve(user="free-user", limits=Limits(daily_tokens=10_000, rpm=100),
+                           function="chat", model="m", provider="openai", source="test",
+                           request_id="req_free", estimate=100)  # fmt: skip
+            done.set()
+
+        threading.Thread(target=check, daemon=True).start()
+        assert done.wait(20) and not release.is_set()  # answered while the writer is stuck
+    finally:
+        release.set()
+
+
+def test_counters_are_rebuilt_after_a_dead_processs_holds_are_released(database) -> None:
+    db.migrate(database.engine)
+    ledger = Ledger(database.engine, prices=PriceTable())
+    user = "rebuilt-user"
+    held = ledger.reserve(user=user, limits=Limits(daily_tokens=1_000), function="chat",
+                          model="m", provider="openai", source="test", request_id="req_dead",
+                          estimate=900)  # fmt: skip
+    with database.engine.begin() as conn:
+        when = datetime.now(UTC) - timedelta(minutes=10)
+        conn.execute(db.usage.update().where(db.usage.c.id == held.row_id).values(ts=when))
+    assert ledger.release_stale(timedelta(minutes=5)) == 1
+    ledger.reserve(user=user, limits=Limits(daily_tokens=1_000), function="chat", model="m",
+                   provider="openai", source="test", request_id="req_alive",
+                   estimate=900)  # fmt: skip
+    counter, summed = _counter_and_rows(database, ledger, user)
+    assert counter == summed == (0, 900, 1)
