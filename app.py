@@ -33,7 +33,7 @@ def announce_generated_key(settings: Settings) -> None:
 def main() -> None:
     try:
         settings = load_settings()
-        configure_logging(settings.log_level, _secrets(settings))
+        configure_logging(settings.log_level, _secrets(settings), access=settings.access_log)
         # After logging, so start-up messages are formatted.
         from ui.server import create_app, server_options
 

@@ -60,6 +60,7 @@ _ALLOWED = {
     "BACKENDS_FILE": "the path of a YAML (.yaml, .yml) or TOML (.toml) file of backends",
     "SESSION_SECRET": "at least 32 characters (make one: openssl rand -base64 48)",
     "CACHE": "off, memory or database",
+    "ACCESS_LOG": "true or false",
     "CACHE_TTL_SECONDS": "a whole number of seconds from 1 to 31536000",
     "CACHE_MAX_MB": "a whole number of megabytes from 1 to 102400",
     "CACHE_SHARED": "true or false",
@@ -95,6 +96,8 @@ class Settings(BaseModel):
     data_dir: Path = Field(default=Path("data"), alias="DATA_DIR")
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     log_content: bool = Field(default=False, alias="LOG_CONTENT")
+    # One line per call at INFO (logger "access"); false: none.
+    access_log: bool = Field(default=True, alias="ACCESS_LOG")
     default_daily_tokens: int = Field(default=0, ge=0, le=10**12, alias="DEFAULT_DAILY_TOKENS")
     default_rpm: int = Field(default=0, ge=0, le=100_000, alias="DEFAULT_RPM")
     metrics_public: bool = Field(default=False, alias="METRICS_PUBLIC")

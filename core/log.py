@@ -62,7 +62,9 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def configure_logging(level: str, secrets: Iterable[str], stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str, secrets: Iterable[str], stream: TextIO | None = None, *, access: bool = True
+) -> None:
     """Log to stderr at LOG_LEVEL, scrubbing secrets from this app's and libraries' records."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -71,5 +73,7 @@ def configure_logging(level: str, secrets: Iterable[str], stream: TextIO | None 
     root.handlers = [handler]
     root.setLevel(level)
     # The SDK and httpx log request lines at INFO; keep them at WARNING unless debugging.
+    # One line per call (core.service), unless the operator wants none.
+    logging.getLogger("access").setLevel(logging.NOTSET if access else logging.WARNING)
     for noisy in ("httpx", "httpx2", "openai", "httpcore", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

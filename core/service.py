@@ -44,6 +44,10 @@ from core.schemas import (
 )
 
 log = logging.getLogger("core.service")
+# One line per call, the only one a call logs when it goes well (uvicorn's own access line is
+# off): who, what, which backend, the outcome, the time and the tokens. ACCESS_LOG=false, or a
+# LOG_LEVEL above INFO, turns it off.
+access = logging.getLogger("access")
 RequestT = TypeVar("RequestT", bound=FunctionRequest)
 MODELS_TTL = 60.0
 # Output tokens of one gpt-image picture at most, by quality (the largest size; OpenAI's table).
@@ -505,6 +509,9 @@ class Service:
         status = {
             "status": "ok" if all(reachable.values()) and self._database_ok else "degraded",
             "database": "ok" if self._database_ok else "not answering",
+            # Which process answered (behind a load balancer: which replica, and whether it
+            # restarted): the id it names itself by in the ledger's heartbeats.
+            "process": self.ledger.process_id if self.ledger is not None else None,
             **self.settings.status(),
             "upstream": self.describe(),
             # With several backends: whether any answers (the status says if one does not).
@@ -960,20 +967,21 @@ class Service:
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
             )
-            log.info(
-                "request_id=%s user=%s source=%s function=%s provider=%s model=%s status=%s "
-                "latency_ms=%.0f prompt_tokens=%s completion_tokens=%s",
-                call.request_id,
-                call.caller.name,
-                call.source,
-                call.function,
-                call.route.name if call.route else "-",
-                call.model,
-                status,
-                seconds * 1000,
-                usage.prompt_tokens if usage else "-",
-                usage.completion_tokens if usage else "-",
-            )
+            if access.isEnabledFor(logging.INFO):
+                access.info(
+                    "request_id=%s user=%s source=%s function=%s backend=%s model=%s status=%s "
+                    "latency_ms=%.0f prompt_tokens=%s completion_tokens=%s",
+                    call.request_id,
+                    call.caller.name,
+                    call.source,
+                    call.function,
+                    call.route.name if call.route else "-",
+                    call.model,
+                    "cached" if call.cached and status == "ok" else status,
+                    seconds * 1000,
+                    usage.prompt_tokens if usage else "-",
+                    usage.completion_tokens if usage else "-",
+                )
             # Listing models costs nothing and a page load does it: no ledger row for it.
             if self.ledger is not None and not call.refused and call.function in ENDPOINTS:
                 # No await: the ledger writes in its own thread, so a cancelled call is
