@@ -104,6 +104,22 @@ class Reservation:
 
 
 _C = db.quota_counters.c
+_U = db.usage.c
+_COUNTER = sa.select(_C.day, _C.spent, _C.held, _C.running).where(_C.user == sa.bindparam("user"))
+# The requests of a user's last minute, latest first (refused calls and answers from the
+# response cache cost no request): the one `skip` rows down.
+_NTH_RECENT = (
+    sa.select(_U.ts)
+    .where(
+        _U.user == sa.bindparam("user"),
+        _U.ts >= sa.bindparam("since"),
+        _U.status.not_in(("refused", "cached")),
+        _U.function.in_(QUOTA_FUNCTIONS),
+    )
+    .order_by(_U.ts.desc())
+    .limit(1)
+    .offset(sa.bindparam("skip"))
+)
 # A settlement moves its tokens from held to spent, if its row is still pending (a settlement
 # written twice, or one of a row released as interrupted, counts once); run before the row's.
 _SETTLE_COUNTER = (
@@ -659,15 +675,13 @@ class Ledger:
             "request_id": request_id,
         }
         if refusal:
-            conn.execute(db.usage.insert().values(**row, latency_ms=0.0))
+            conn.execute(_INSERT, {**row, "latency_ms": 0.0})
             return refusal
         budget = None
         if limits.daily_tokens and today is not None:
             budget = limits.daily_tokens - today[0] - today[1]
         held = estimate if budget is None else min(estimate, budget)
-        result = conn.execute(
-            db.usage.insert().values(**row, reserved_tokens=held, holder=self._holder)
-        )
+        result = conn.execute(_INSERT, {**row, "reserved_tokens": held, "holder": self._holder})
         day = now.date()
         conn.execute(_HOLD_COUNTER, {"c_user": user, "c_day": day, "c_held": held})
         return Reservation(
@@ -683,9 +697,7 @@ class Ledger:
         """The user's (tokens spent today, tokens held, calls holding): one row read. Rebuilt
         from the day's rows (the record) when there is none yet, or it is of another day."""
         today = now.date()
-        found = conn.execute(
-            sa.select(_C.day, _C.spent, _C.held, _C.running).where(_C.user == user)
-        ).first()
+        found = conn.execute(_COUNTER, {"user": user}).first()
         if found is not None and found.day == today:
             return int(found.spent), int(found.held), int(found.running)
         spent, held, running = self._today(conn, user, now)
@@ -706,21 +718,16 @@ class Ledger:
         today: tuple[int, int, int] | None,
     ) -> tuple[QuotaExceeded | None, bool]:
         """The refusal, if any, and whether it is for tokens held by calls in progress."""
-        u = db.usage.c
         if limits.rpm:
+            # The rpm-th latest request of the last minute, if there is one: the limit is
+            # reached, until it leaves the window. At most rpm rows are read, however many
+            # calls the minute or the day had.
             since = now - timedelta(minutes=1)
-            recent = conn.execute(
-                sa.select(sa.func.count(), sa.func.min(u.ts)).where(
-                    u.user == user,
-                    u.ts >= since,
-                    # Refused calls and answers from the response cache cost no request.
-                    u.status.not_in(("refused", "cached")),
-                    u.function.in_(QUOTA_FUNCTIONS),
-                )
-            ).one()
-            if recent[0] >= limits.rpm:
-                oldest = _aware(recent[1])
-                wait = max(1, math.ceil((oldest + timedelta(minutes=1) - now).total_seconds()))
+            nth = conn.execute(
+                _NTH_RECENT, {"user": user, "since": since, "skip": limits.rpm - 1}
+            ).scalar()
+            if nth is not None:
+                wait = max(1, math.ceil((_aware(nth) + timedelta(minutes=1) - now).total_seconds()))
                 return QuotaExceeded(
                     f"You reached your limit of {limits.rpm} requests per minute. "
                     f"Try again in {wait} s.",

@@ -54,6 +54,9 @@ MODELS_TTL = 60.0
 # An image cannot be cut short like a reply, so its whole bound must fit in the day's quota.
 IMAGE_TOKENS = {"low": 408, "medium": 1584, "high": 6240, "auto": 6240}
 PING_TTL = 15.0
+# Prompts up to about this many characters are counted on the event loop (some tens of µs);
+# longer ones in a thread, so that a long prompt never holds up other calls.
+INLINE_TOKENIZE = 4_000
 
 
 def new_request_id() -> str:
@@ -872,8 +875,12 @@ class Service:
         limits = call.caller.limits
         if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
             return req  # nothing to check: the outcome is written as one row afterwards
-        # Off the event loop: a long prompt takes a while to tokenize.
-        needed = await asyncio.to_thread(tokens.prompt, req, body) + 1
+        # Off the event loop when long: a long prompt takes a while to tokenize (a short one
+        # less than the hop to a thread would).
+        if _rough_size(req, body) > INLINE_TOKENIZE:
+            needed = await asyncio.to_thread(tokens.prompt, req, body) + 1
+        else:
+            needed = tokens.prompt(req, body) + 1
         generates = endpoint.generates
         n = tokens.choices(req)  # 1 but for n, best_of and lists of prompts
         asked = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
@@ -1154,3 +1161,19 @@ def _missed(call: Call) -> None:
     """A partly cached call that a fallback answered whole: nothing came from the cache."""
     if call.outcome is not None:
         call.outcome.cache = "miss"
+
+
+def _rough_size(req: FunctionRequest, body: Mapping[str, Any]) -> int:
+    """About how many characters a request's prompt has, cheaply (no serialising): a part
+    that is not text, or a field passed through, counts as long."""
+    if len(body) > 12:
+        return INLINE_TOKENIZE + 1
+    if isinstance(req, ChatRequest):
+        return sum(
+            len(m.content) if isinstance(m.content, str) else INLINE_TOKENIZE for m in req.messages
+        ) + (INLINE_TOKENIZE if req.tools else 0)
+    if isinstance(req, CompletionRequest):
+        return len(req.prompt) if isinstance(req.prompt, str) else INLINE_TOKENIZE + 1
+    if isinstance(req, EmbeddingRequest):
+        return sum(len(t) for t in req.texts)
+    return INLINE_TOKENIZE + 1

@@ -1186,3 +1186,26 @@ def test_counters_are_rebuilt_after_a_dead_processs_holds_are_released(database)
                    estimate=900)  # fmt: skip
     counter, summed = _counter_and_rows(database, ledger, user)
     assert counter == summed == (0, 900, 1)
+
+
+def test_the_per_minute_wait_is_until_enough_requests_leave_the_window(database) -> None:
+    """Four requests in the last minute, a limit of three: the next one fits once the third
+    latest is a minute old (not the oldest: after it leaves, three remain)."""
+    db.migrate(database.engine)
+    ledger = Ledger(database.engine, prices=PriceTable())
+    now = datetime.now(UTC)
+    with database.engine.begin() as conn:
+        conn.execute(
+            db.usage.insert(),
+            [
+                {"ts": now - timedelta(seconds=ago), "user": "rpm-window", "source": "test",
+                 "function": "chat", "model": "m", "provider": "openai", "status": "ok",
+                 "request_id": f"req_w{ago}"}
+                for ago in (55, 50, 40, 10)
+            ],
+        )  # fmt: skip
+    with pytest.raises(errors.QuotaExceeded, match="3 requests per minute") as refused:
+        ledger.reserve(user="rpm-window", limits=Limits(rpm=3), function="chat", model="m",
+                       provider="openai", source="test", request_id="req_w_new",
+                       estimate=10)  # fmt: skip
+    assert refused.value.retry_after in (10, 11)  # the 50-second-old one leaves in 10 s
