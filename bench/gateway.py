@@ -1,17 +1,26 @@
 """Overhead of the /v1 gateway and of the Gradio /chat endpoint, side by side with direct calls.
 
     .venv/bin/python bench/gateway.py [--latency-ms 20] [--requests 300] [--concurrency 32]
+                                      [--total 2000] [--repeat 3] [--history 100000] [--v1-only]
 
-Starts bench/upstream.py (fixed latency), the app (python app.py) and two Gradio apps to compare
-with (bench/gradio_peers.py: Gradio's own gr.load_chat, and a bare gr.api relay) as separate
-processes, then measures with the openai SDK: the upstream directly vs through /v1, sequentially
-and with N concurrent callers, streaming and not; and gradio_client calling each Gradio app's chat
-endpoint the same way, with its default settings and with one TLS context handed to it. Prints
-p50/p95/p99 latency and what each adds, requests per second and the ratio to direct, and the CPU
-time (user+system) each server process spends per request: the upstream's for direct calls, the
-app's or Gradio peer's for calls through it, i.e. what the gateway itself costs. That time includes
-what a process burns while idle (Gradio's queue loop wakes every millisecond), which weighs most
-in the sequential cases; the idle rates are printed first.
+Starts bench/upstream.py (fixed latency), the app (python app.py), two Gradio apps to compare
+with (bench/gradio_peers.py: Gradio's own gr.load_chat, and a bare gr.api relay), and LiteLLM's
+proxy and Portkey's gateway when they are installed (never by `make install`), each as its own
+process. Before the app starts, two users with quotas are put in its database: one fresh, one
+with --history rows of today (a busy user's afternoon).
+
+/v1: a light aiohttp client (the openai SDK caps direct throughput near 430 req/s here and
+flatters every gateway) calls the upstream directly, /v1 with the owner key, /v1 with each
+quota'd user, and each peer gateway, in turn, --repeat times (interleaved: a noisy moment falls
+on all), streaming and not; one call at a time, then --concurrency callers. Prints the medians:
+p50/p99 latency, what each adds to direct, requests per second and the ratio to direct, and the
+CPU time (user+system, from /proc) each server process spends per call: the upstream's for
+direct calls, the gateway's for calls through it, i.e. what the gateway itself costs. That time
+includes what a process burns while idle; the idle rates are printed first.
+
+Gradio (unless --v1-only): gradio_client calling each Gradio app's chat endpoint, with its
+default settings and with one TLS context handed to it; then Gradio's queue protocol spoken
+directly (what the servers cost without gradio_client's polling).
 """
 
 from __future__ import annotations
@@ -19,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,8 +44,8 @@ from pathlib import Path
 
 import certifi
 import httpx
-import httpx2
 import openai
+import orjson
 
 try:
     import psutil
@@ -121,23 +132,14 @@ async def concurrent(
 
 
 def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Callable[[], Awaitable[float]]]:
+    """The openai SDK's call (what the Gradio comparisons set beside their own)."""
+
     async def plain() -> float:
         t = time.perf_counter()
         await client.chat.completions.create(model="bench-model", messages=MESSAGES)
         return (time.perf_counter() - t) * 1000
 
-    async def first_chunk() -> float:
-        t = time.perf_counter()
-        first = None
-        stream = await client.chat.completions.create(
-            model="bench-model", messages=MESSAGES, stream=True
-        )
-        async for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = (time.perf_counter() - t) * 1000
-        return first or 0.0
-
-    return {"non-streaming": plain, "streaming (first chunk)": first_chunk}
+    return {"non-streaming": plain}
 
 
 def row(name: str, direct: list[float], via: list[float], width: int = 28) -> str:
@@ -153,36 +155,169 @@ def cpu_cells(direct: float, via: float) -> str:
     return f" | {direct:8.2f} {via:6.2f}"
 
 
-async def measure_sdk(
-    direct_url: str, app_url: str, pids: dict[str, int], args: argparse.Namespace
-) -> None:
-    def client(url: str, key: str) -> openai.AsyncOpenAI:
-        pool = httpx2.Limits(max_connections=256, max_keepalive_connections=256)
-        http = openai.DefaultAsyncHttpxClient(limits=pool)
-        return openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, http_client=http)
+@dataclass
+class Target:
+    """Something that answers OpenAI's chat completions: the upstream itself, or a gateway in
+    front of it (with the key it takes); `pid`: the process whose CPU time is its cost."""
 
-    direct, via = client(direct_url, "sk-bench"), client(app_url + "/v1", KEY)
-    print(f"\nopenai SDK, direct vs through /v1 (ms; {args.requests} sequential calls)")
-    print(
-        f"{'':<28}{'p50 direct  /v1   added':<25} | {'p95':<22} | {'p99':<22}"
-        " | cpu ms/req upstream, app"
-    )
-    direct_calls, via_calls = sdk_calls(direct), sdk_calls(via)
-    up, app = pids["upstream"], pids["app"]
-    for name in direct_calls:
-        d, d_cpu = await sequential(direct_calls[name], args.requests, up)
-        v, v_cpu = await sequential(via_calls[name], args.requests, app)
-        print(row(name, d, v) + cpu_cells(d_cpu, v_cpu))
-    print(f"\nthroughput with {args.concurrency} concurrent callers ({args.total} requests)")
-    for name in direct_calls:
-        d, d_cpu = await concurrent(direct_calls[name], args.total, args.concurrency, up)
-        v, v_cpu = await concurrent(via_calls[name], args.total, args.concurrency, app)
+    name: str
+    url: str  # .../v1
+    pid: int
+    headers: dict[str, str] = field(default_factory=dict)
+    model: str = "bench-model"
+
+
+@dataclass
+class Figures:
+    latencies: list[float] = field(default_factory=list)  # ms, one call at a time
+    seq_cpu: list[float] = field(default_factory=list)  # cpu ms per call, one at a time
+    rates: list[float] = field(default_factory=list)  # req/s with N callers
+    rate_cpu: list[float] = field(default_factory=list)  # cpu ms per call, N callers
+
+
+async def light_call(http, target: Target, stream: bool) -> float:
+    """One chat call with aiohttp (a client that costs little, so the gateway's cost shows):
+    the ms to the whole answer, or to the end of the stream."""
+    body = orjson.dumps({"model": target.model, "messages": MESSAGES, "stream": stream})
+    headers = {"content-type": "application/json", **target.headers}
+    started = time.perf_counter()
+    async with http.post(target.url + "/chat/completions", data=body, headers=headers) as answer:
+        if answer.status != 200:
+            raise SystemExit(f"{target.name}: HTTP {answer.status}: {await answer.text()}")
+        if stream:
+            async for line in answer.content:
+                if line.startswith(b"data: [DONE]"):
+                    break
+        else:
+            await answer.read()
+    return (time.perf_counter() - started) * 1000
+
+
+async def light_round(
+    target: Target, stream: bool, args: argparse.Namespace, figures: Figures
+) -> None:
+    """One repetition for one target: sequential calls, then N concurrent callers."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for _ in range(10):  # warm-up: connections, caches
+            await light_call(http, target, stream)
+        cpu = cpu_ms(target.pid)
+        latencies = [await light_call(http, target, stream) for _ in range(args.requests)]
+        figures.seq_cpu.append((cpu_ms(target.pid) - cpu) / args.requests)
+        figures.latencies += latencies
+        remaining = args.total
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await light_call(http, target, stream)
+
+        cpu, started = cpu_ms(target.pid), time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        figures.rates.append(args.total / (time.perf_counter() - started))
+        figures.rate_cpu.append((cpu_ms(target.pid) - cpu) / args.total)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+async def measure_light(targets: list[Target], args: argparse.Namespace) -> None:
+    """Every target in turn, `--repeat` times (interleaved, so that a noisy moment of the
+    machine falls on all of them), streaming and not; medians of the repetitions."""
+    for stream in (False, True):
+        figures = {t.name: Figures() for t in targets}
+        for _ in range(args.repeat):
+            for target in targets:
+                await light_round(target, stream, args, figures[target.name])
+        direct = figures[targets[0].name]
+        d50, rate = pct(direct.latencies, 0.5), median(direct.rates)
+        kind = "streaming (to the end)" if stream else "non-streaming"
         print(
-            f"{name:<28}direct {d:7.1f} req/s   /v1 {v:7.1f} req/s   ratio {v / d:5.2f}"
-            f"   cpu ms/req upstream {d_cpu:5.2f}, app {v_cpu:5.2f}"
+            f"\n{kind}: aiohttp client, {args.requests} sequential calls then {args.total} from "
+            f"{args.concurrency} callers, x{args.repeat} interleaved (medians)"
         )
-    await direct.close()
-    await via.close()
+        print(
+            f"{'':<34}{'p50 ms':>7} {'added':>7} {'p99 ms':>7} | {'req/s':>7} {'ratio':>6}"
+            f" | cpu ms/call: 1 at a time, {args.concurrency} callers"
+        )
+        for target in targets:
+            f = figures[target.name]
+            p50 = pct(f.latencies, 0.5)
+            added = "" if target is targets[0] else f"{p50 - d50:+7.2f}"
+            r = median(f.rates)
+            print(
+                f"{target.name:<34}{p50:7.2f} {added:>7} {pct(f.latencies, 0.99):7.2f} |"
+                f" {r:7.1f} {r / rate:6.2f} | {median(f.seq_cpu):6.2f} {median(f.rate_cpu):6.2f}"
+            )
+
+
+def seed_users(data_dir: str, history: int) -> dict[str, str]:
+    """Two users with quotas in the app's database, before it starts: one fresh, and one with
+    `history` rows of today already (what a busy user has by the afternoon). Their keys."""
+    sys.path.insert(0, str(ROOT))
+    from datetime import UTC, datetime, timedelta
+
+    from core import db
+    from core.users import UserStore
+
+    engine = db.make_engine(db.database_url(Path(data_dir), None))
+    db.migrate(engine)
+    users = UserStore(engine)
+    keys = {}
+    for name in ("quota-fresh", "quota-busy"):
+        _, keys[name] = users.add(name, daily_tokens=10**11)
+    # Spread over the day so far, up to a minute ago (not in the per-minute window).
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    step = max(now - midnight - timedelta(seconds=70), timedelta(0)) / max(history, 1)
+    rows = [
+        {"ts": midnight + i * step, "user": "quota-busy", "source": "v1", "function": "chat",
+         "model": "bench-model", "provider": "openai", "status": "ok",
+         "request_id": f"req_seed{i:08d}", "prompt_tokens": 12, "completion_tokens": 12}
+        for i in range(history)
+    ]  # fmt: skip
+    with engine.begin() as conn:
+        for i in range(0, len(rows), 10_000):
+            conn.execute(db.usage.insert(), rows[i : i + 10_000])
+    engine.dispose()
+    return keys
+
+
+def peer_gateways(up_port: int, env: dict[str, str]) -> tuple[list[Target], list]:
+    """LiteLLM's proxy and Portkey's gateway, when installed (never by make install): the
+    same upstream behind each. Returns the targets and their processes."""
+    targets, procs = [], []
+    upstream = f"http://127.0.0.1:{up_port}/v1"
+    litellm = shutil.which("litellm") or (ROOT / ".venv/bin/litellm")
+    if Path(str(litellm)).exists():
+        port = free_port()
+        proc = start(
+            [str(litellm), "--model", "openai/bench-model", "--api_base", upstream,
+             "--port", str(port), "--host", "127.0.0.1"],
+            {**env, "OPENAI_API_KEY": "sk-bench"},
+            f"http://127.0.0.1:{port}/health/liveliness",
+        )  # fmt: skip
+        procs.append(proc)
+        targets.append(Target("LiteLLM proxy", f"http://127.0.0.1:{port}/v1", proc.pid))
+    else:
+        print("LiteLLM's proxy is not installed (pip install 'litellm[proxy]'): left out")
+    portkey = shutil.which("portkey-gateway") or shutil.which("gateway")
+    if portkey:
+        port = free_port()
+        proc = start([portkey, f"--port={port}"], env, f"http://127.0.0.1:{port}/")
+        procs.append(proc)
+        targets.append(
+            Target("Portkey gateway", f"http://127.0.0.1:{port}/v1", proc.pid,
+                   headers={"x-portkey-provider": "openai", "x-portkey-custom-host": upstream,
+                            "authorization": "Bearer sk-bench"})
+        )  # fmt: skip
+    else:
+        print("Portkey's gateway is not installed (npm i -g @portkey-ai/gateway): left out")
+    return targets, procs
 
 
 @dataclass
@@ -383,8 +518,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="sequential calls per case")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--total", type=int, default=2000, help="requests per throughput case")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions")
     parser.add_argument(
-        "--sdk-only", action="store_true", help="only the openai SDK cases (/v1), not Gradio's"
+        "--history", type=int, default=100_000, help="today's rows of the busy quota'd user"
+    )
+    parser.add_argument(
+        "--v1-only", "--sdk-only", action="store_true", help="only /v1 and peers, not Gradio's"
     )
     args = parser.parse_args()
 
@@ -396,6 +535,8 @@ def main() -> None:
         env,
         f"http://127.0.0.1:{up_port}/v1/models",
     )  # fmt: skip
+    data_dir = tempfile.mkdtemp(prefix="bench-data-")
+    keys = seed_users(data_dir, args.history)
     app_env = {
         **env,
         "PORT": str(app_port),
@@ -404,7 +545,7 @@ def main() -> None:
         "OPENAI_API_KEY": "sk-bench",
         "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
         "CHAT_MODEL": "bench-model",
-        "DATA_DIR": tempfile.mkdtemp(prefix="bench-data-"),
+        "DATA_DIR": data_dir,
         "LOG_LEVEL": "WARNING",
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
@@ -437,9 +578,21 @@ def main() -> None:
         )
         pids = {"upstream": upstream.pid, "app": app.pid}
         idle = pids | {peer.name: peer.pid for peer in apps[1:]}
-        print(f"idle cpu ms/s (counted in the cpu ms/req figures): {idle_cpu(idle)}")
-        asyncio.run(measure_sdk(direct_url, app_url, pids, args))
-        if args.sdk_only:
+        print(f"idle cpu ms/s (counted in the cpu ms/call figures): {idle_cpu(idle)}")
+        others, other_procs = peer_gateways(up_port, env)
+        peers += other_procs
+        v1 = app_url + "/v1"
+        targets = [
+            Target("direct (the upstream)", direct_url, upstream.pid),
+            Target("/v1, owner key", v1, app.pid, {"authorization": f"Bearer {KEY}"}),
+            Target("/v1, user with quotas", v1, app.pid,
+                   {"authorization": f"Bearer {keys['quota-fresh']}"}),
+            Target(f"/v1, quotas, {args.history:,} rows today", v1, app.pid,
+                   {"authorization": f"Bearer {keys['quota-busy']}"}),
+            *others,
+        ]  # fmt: skip
+        asyncio.run(measure_light(targets, args))
+        if args.v1_only:
             return
         measure_gradio(direct_url, upstream.pid, apps, args)
         for target in (apps[0], apps[2]):  # what the server costs, without gradio_client
