@@ -120,23 +120,34 @@ _NTH_RECENT = (
     .limit(1)
     .offset(sa.bindparam("skip"))
 )
-# A settlement moves its tokens from held to spent, if its row is still pending (a settlement
-# written twice, or one of a row released as interrupted, counts once); run before the row's.
+
+
+def _row(column: Any) -> Any:
+    """`column` of the row a settlement names, as it is before the settlement."""
+    return (
+        sa.select(column)
+        .where(_U.id == sa.bindparam("row_id"), _U.request_id == sa.bindparam("rid"))
+        .scalar_subquery()
+    )
+
+
+# A settlement changes the counter by what it changes on its row (whatever the row's status:
+# pending, already settled, or released as interrupted): run before the row's.
 _SETTLE_COUNTER = (
     db.quota_counters.update()
     .where(
         _C.user == sa.bindparam("c_user"),
         _C.day == sa.bindparam("c_day"),
         sa.exists().where(
-            db.usage.c.id == sa.bindparam("row_id"),
-            db.usage.c.request_id == sa.bindparam("rid"),
-            db.usage.c.status == "pending",
+            db.usage.c.id == sa.bindparam("row_id"), db.usage.c.request_id == sa.bindparam("rid")
         ),
     )
     .values(
-        held=_C.held - sa.bindparam("c_held"),
-        running=_C.running - 1,
-        spent=_C.spent + sa.bindparam("c_tokens"),
+        held=_C.held - _row(db.usage.c.reserved_tokens),
+        running=_C.running - _row(sa.case((db.usage.c.reserved_tokens > 0, 1), else_=0)),
+        spent=_C.spent
+        + sa.bindparam("c_tokens")
+        - _row(db.usage.c.prompt_tokens + db.usage.c.completion_tokens),
     )
 )
 # A whole row (a caller without quotas) adds its tokens; a reservation, what it holds.
@@ -351,6 +362,8 @@ class Ledger:
         counters change in the same transaction as their rows."""
         inserts = [params for kind, params in batch if kind == "insert"]
         updates = [params for kind, params in batch if kind == "update"]
+        # One settlement per row (the last): the counter statements all run before the rows'.
+        updates = list({(p["row_id"], p["rid"]): p for p in updates}.values())
         settled = [params for params in updates if "c_user" in params]
         spent = [
             {"c_user": p["user"], "c_day": p["ts"].astimezone(UTC).date(),
@@ -513,13 +526,20 @@ class Ledger:
             dead = conn.execute(sa.select(p.id).where(p.seen_at < silent)).scalars().all()
             if not dead:
                 return
-            released = conn.execute(
-                db.usage.update()
-                .where(u.status == "pending", u.holder.in_(dead), u.ts >= now - RECENT)
-                .values(status="interrupted", reserved_tokens=0)
-            ).rowcount
+            where = [u.status == "pending", u.holder.in_(dead), u.ts >= now - RECENT]
+            users = conn.execute(sa.select(u.user).where(*where).distinct()).scalars().all()
+            db.lock_user(conn, *users)
+            released = (
+                conn.execute(
+                    db.usage.update()
+                    .where(*where, u.user.in_(users))
+                    .values(status="interrupted", reserved_tokens=0)
+                ).rowcount
+                if users
+                else 0
+            )
             if released:
-                _forget_counters(conn)
+                _forget_counters(conn, users)
             conn.execute(db.processes.delete().where(p.id.in_(dead), p.seen_at < silent))
         log.warning(
             "released %d call(s) held by %d process(es) unheard of for %g s: %s",
@@ -563,14 +583,18 @@ class Ledger:
         inserts = [params for kind, params in entries if kind == "insert"]
         updates = [params for kind, params in entries if kind == "update"]
         with self._begin() as conn:
+            users = {p["user"] for p in inserts} | {p["c_user"] for p in updates if "c_user" in p}
+            db.lock_user(conn, *users)
             if inserts:
                 inserts = self._unwritten(conn, inserts)
             if inserts:
                 conn.execute(_INSERT, inserts)
             if updates:
                 conn.execute(_SETTLE, updates)
-            # Rare (a process died): the counters are rebuilt from the rows at the next check.
-            _forget_counters(conn)
+            # Rare (a process died): the counters are rebuilt from the rows at the next check;
+            # a journal of an older release names no user for its settlements: all of them.
+            legacy = any("c_user" not in p for p in updates)
+            _forget_counters(conn, None if legacy else users)
 
     def _unwritten(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The rows not in the database yet: a request id is one call's, and one call has one
@@ -883,11 +907,17 @@ class Ledger:
         if since is not None:
             where.append(u.ts >= now - since)
         with self._begin() as conn:
+            users = conn.execute(sa.select(u.user).where(*where).distinct()).scalars().all()
+            if not users:
+                return 0
+            db.lock_user(conn, *users)  # against a check rebuilding a counter meanwhile
             done = conn.execute(
-                db.usage.update().where(*where).values(status="interrupted", reserved_tokens=0)
+                db.usage.update()
+                .where(*where, u.user.in_(users))
+                .values(status="interrupted", reserved_tokens=0)
             )
             if done.rowcount:
-                _forget_counters(conn)
+                _forget_counters(conn, users)
         return done.rowcount
 
     def rows(
@@ -950,7 +980,11 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _forget_counters(conn: sa.Connection) -> None:
-    """Drop every user's running counters: after held tokens were released or journaled rows
-    replayed (a process died), each is rebuilt from the rows at its next quota check."""
-    conn.execute(db.quota_counters.delete())
+def _forget_counters(conn: sa.Connection, users: Any = None) -> None:
+    """Drop these users' (or every user's) running counters: after held tokens were released
+    or journaled rows replayed (a process died), each is rebuilt from the rows at its next
+    quota check. The caller holds these users' locks."""
+    stmt = db.quota_counters.delete()
+    if users is not None:
+        stmt = stmt.where(_C.user.in_(list(users)))
+    conn.execute(stmt)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -1209,3 +1210,127 @@ def test_the_per_minute_wait_is_until_enough_requests_leave_the_window(database)
                        provider="openai", source="test", request_id="req_w_new",
                        estimate=10)  # fmt: skip
     assert refused.value.retry_after in (10, 11)  # the 50-second-old one leaves in 10 s
+
+
+# From a review of the counters: every way a settlement, a release or a replay meets a counter
+# being rebuilt leaves the counter equal to the rows.
+
+
+def _reserve(ledger: Ledger, user: str, rid: str, estimate: int = 100) -> Any:
+    return ledger.reserve(user=user, limits=Limits(daily_tokens=1000), function="chat",
+                          model="m", provider="openai", source="test", request_id=rid,
+                          estimate=estimate)  # fmt: skip
+
+
+def _settle(ledger: Ledger, held: Any, prompt: int = 40, completion: int = 60) -> None:
+    ledger.finish(held, status="ok", model="m", provider="openai", prompt_tokens=prompt,
+                  completion_tokens=completion, latency_ms=1.0)  # fmt: skip
+
+
+def _aged(database: Database, row_id: int) -> None:
+    with database.engine.begin() as conn:
+        when = datetime.now(UTC) - timedelta(minutes=10)
+        conn.execute(db.usage.update().where(db.usage.c.id == row_id).values(ts=when))
+
+
+def test_a_settlement_after_its_hold_was_released_still_counts(database) -> None:
+    """A process thought dead (its heartbeat late through an outage) has its hold released, a
+    check rebuilds the counter, then its writer settles the call: the tokens count."""
+    db.migrate(database.engine)
+    ledger = Ledger(database.engine, prices=PriceTable())
+    held = _reserve(ledger, "late-settler", "req_late1", estimate=500)
+    _aged(database, held.row_id)
+    assert ledger.release_stale(timedelta(minutes=5)) == 1
+    _reserve(ledger, "late-settler", "req_late2")  # rebuilds the counter
+    _settle(ledger, held, 300, 200)
+    counter, summed = _counter_and_rows(database, ledger, "late-settler")
+    assert counter == summed == (500, 100, 1)
+
+
+def test_a_settlement_written_twice_in_one_batch_counts_once(database) -> None:
+    db.migrate(database.engine)
+    ledger = Ledger(database.engine, prices=PriceTable())
+    _reserve(ledger, "twice-settled", "req_tw0")
+    held = _reserve(ledger, "twice-settled", "req_tw1")
+    gate = threading.Event()
+    write = ledger._write_batch
+    ledger._write_batch = lambda batch: (gate.wait(10), write(batch))  # type: ignore[method-assign]
+    for _ in range(3):  # the first batch waits; the next two settlements land in one batch
+        _settle(ledger, held)
+    gate.set()
+    counter, summed = _counter_and_rows(database, ledger, "twice-settled")
+    assert counter == summed == (100, 100, 1)
+
+
+@pytest.mark.parametrize("other_step", ["release", "replay"])
+def test_a_counter_rebuilt_while_another_process_releases_or_replays_is_right(
+    database, other_step: str
+) -> None:
+    """A check rebuilds a user's counter from the rows (slowly) while another process
+    releases that user's dead hold or replays its settlement: the counter ends right."""
+    db.migrate(database.engine)
+    ledger, other = (
+        Ledger(database.engine, prices=PriceTable()),
+        Ledger(database.engine, prices=PriceTable()),
+    )
+    user = f"raced-{other_step}"
+    held = _reserve(ledger, user, f"req_{other_step}1", estimate=700)
+    _aged(database, held.row_id)
+    with database.engine.begin() as conn:
+        conn.execute(db.quota_counters.delete())  # the next check rebuilds it
+    read, today = threading.Event(), ledger._today
+
+    def slowly(*args: Any) -> Any:
+        out = today(*args)
+        read.set()
+        time.sleep(1.0)  # the other process commits meanwhile (PostgreSQL lets it)
+        return out
+
+    ledger._today = slowly  # type: ignore[method-assign]
+    checking = threading.Thread(target=lambda: _reserve(ledger, user, f"req_{other_step}2"))
+    checking.start()
+    assert read.wait(10)
+    if other_step == "release":
+        assert other.release_stale(timedelta(minutes=5)) == 1
+    else:
+        entry = {"row_id": held.row_id, "rid": held.request_id, "c_user": user,
+                 "c_day": str(held.day), "c_held": held.held, "c_tokens": 50,
+                 "new_status": "ok", "new_model": "m", "new_provider": "openai",
+                 "new_prompt_tokens": 20, "new_completion_tokens": 30, "new_latency_ms": 1.0,
+                 "new_cost_usd": 0.0, "new_prompt_text": None,
+                 "new_completion_text": None}  # fmt: skip
+        other._replay_batch([("update", entry)])
+    checking.join()
+    ledger._today = today  # type: ignore[method-assign]
+    counter, summed = _counter_and_rows(database, ledger, user)
+    assert counter in (None, summed), (counter, summed)
+
+
+def test_a_release_does_not_deadlock_with_a_writer_settling_the_same_user(database) -> None:
+    """The writer has changed a user's counter and is about to settle the row; another
+    process releases that row's hold meanwhile: both finish (no deadlock), counter right."""
+    db.migrate(database.engine)
+    url = database.engine.url.render_as_string(hide_password=False)
+    mine, theirs = db.make_engine(url), db.make_engine(url)
+    live, other = Ledger(mine, prices=PriceTable()), Ledger(theirs, prices=PriceTable())
+    try:
+        held = _reserve(live, "no-deadlock", "req_dl1", estimate=500)
+        _aged(database, held.row_id)
+        counted, paused = threading.Event(), []
+
+        @sa.event.listens_for(mine, "before_cursor_execute")
+        def pause(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            in_writer = threading.current_thread().name == "ledger"
+            if in_writer and statement.lstrip().startswith("UPDATE usage") and not paused:
+                paused.append(1)
+                counted.set()
+                time.sleep(1.0)  # counters changed, the row not yet: the release runs now
+
+        _settle(live, held, 200, 100)
+        assert counted.wait(10)
+        other.release_stale(timedelta(minutes=5))  # raised DeadlockDetected on PostgreSQL
+        counter, summed = _counter_and_rows(database, live, "no-deadlock")
+        assert counter in (None, summed), (counter, summed)
+    finally:
+        mine.dispose()
+        theirs.dispose()
