@@ -229,10 +229,10 @@ def make_engine(url: str) -> Engine:
         # deferred transaction that reads and then writes would get SQLITE_BUSY at once
         # instead of waiting, so every transaction is IMMEDIATE, but those of reading():
         # they only read, and in WAL mode a reader never waits for (nor blocks) the writer.
-        if conn.get_execution_options().get(READ_ONLY):
-            conn.exec_driver_sql("BEGIN")
-        else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Straight to the driver: this runs for every transaction, and SQLAlchemy's execution
+        # machinery around a statement with no result costs more than the statement.
+        begin = "BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE"
+        conn.connection.driver_connection.execute(begin)
 
     return engine
 
