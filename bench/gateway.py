@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import shutil
 import socket
@@ -64,8 +65,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+def start(cmd: list[str], env: dict[str, str], url: str, quiet: bool = False) -> subprocess.Popen:
+    stderr = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
     for _ in range(300):
         try:
             if httpx.get(url, timeout=1).status_code < 500:
@@ -109,26 +111,6 @@ async def sequential(
     cpu = cpu_ms(pid)
     latencies = [await call() for _ in range(n)]
     return latencies, (cpu_ms(pid) - cpu) / n
-
-
-async def concurrent(
-    call: Callable[[], Awaitable[float]], n: int, workers: int, pid: int
-) -> tuple[float, float]:
-    """Requests per second with `workers` callers sharing `n` requests, and the CPU ms per
-    request of process `pid`."""
-    remaining = n
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await call()
-
-    await asyncio.gather(*(worker() for _ in range(workers)))  # warm-up round
-    remaining = n
-    cpu, started = cpu_ms(pid), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    return n / (time.perf_counter() - started), (cpu_ms(pid) - cpu) / n
 
 
 def sdk_calls(client: openai.AsyncOpenAI) -> dict[str, Callable[[], Awaitable[float]]]:
@@ -203,6 +185,8 @@ async def light_round(
     async with aiohttp.ClientSession(connector=connector) as http:
         for _ in range(10):  # warm-up: connections, caches
             await light_call(http, target, stream)
+        # ...and one connection per caller, before anything is measured.
+        await asyncio.gather(*(light_call(http, target, stream) for _ in range(args.concurrency)))
         cpu = cpu_ms(target.pid)
         latencies = [await light_call(http, target, stream) for _ in range(args.requests)]
         figures.seq_cpu.append((cpu_ms(target.pid) - cpu) / args.requests)
@@ -218,6 +202,7 @@ async def light_round(
         cpu, started = cpu_ms(target.pid), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         figures.rates.append(args.total / (time.perf_counter() - started))
+        await asyncio.sleep(0.3)  # the ledger's writer finishes these calls' rows: theirs
         figures.rate_cpu.append((cpu_ms(target.pid) - cpu) / args.total)
 
 
@@ -305,7 +290,7 @@ def peer_gateways(up_port: int, env: dict[str, str]) -> tuple[list[Target], list
         targets.append(Target("LiteLLM proxy", f"http://127.0.0.1:{port}/v1", proc.pid))
     else:
         print("LiteLLM's proxy is not installed (pip install 'litellm[proxy]'): left out")
-    portkey = shutil.which("portkey-gateway") or shutil.which("gateway")
+    portkey = shutil.which("portkey-gateway")
     if portkey:
         port = free_port()
         proc = start([portkey, f"--port={port}"], env, f"http://127.0.0.1:{port}/")
@@ -536,6 +521,7 @@ def main() -> None:
         f"http://127.0.0.1:{up_port}/v1/models",
     )  # fmt: skip
     data_dir = tempfile.mkdtemp(prefix="bench-data-")
+    atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
     keys = seed_users(data_dir, args.history)
     app_env = {
         **env,
@@ -546,12 +532,29 @@ def main() -> None:
         "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
         "CHAT_MODEL": "bench-model",
         "DATA_DIR": data_dir,
-        "LOG_LEVEL": "WARNING",
+        # As served: one access line per call (to /dev/null here), so its cost is counted.
+        "LOG_LEVEL": "INFO",
+        # Blank is unset: a developer's .env (read from the app's folder) must not change
+        # what is measured (another database, quotas, a cache, backends).
+        **dict.fromkeys(
+            (
+                "DATABASE_URL",
+                "BACKENDS_FILE",
+                "DEFAULT_RPM",
+                "DEFAULT_DAILY_TOKENS",
+                "CACHE",
+                "LOG_CONTENT",
+                "ACCESS_LOG",
+            ),
+            "",
+        ),
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
-    app = start([sys.executable, "app.py"], app_env, f"http://127.0.0.1:{app_port}/health")
+    app = start(
+        [sys.executable, "app.py"], app_env, f"http://127.0.0.1:{app_port}/health", quiet=True
+    )
     peers, peer_urls = [], {}
-    for kind in ("load_chat", "relay"):
+    for kind in () if args.v1_only else ("load_chat", "relay"):
         port = free_port()
         peer_urls[kind] = f"http://127.0.0.1:{port}"
         peers.append(
@@ -566,11 +569,14 @@ def main() -> None:
     apps = [
         GradioApp("app /chat", app_url, "/chat", app.pid, auth=("bench", KEY),
                   kwargs={"messages": MESSAGES, "model": "bench-model"}),
-        GradioApp("gr.load_chat", peer_urls["load_chat"], "/open_api_stream", peers[0].pid,
-                  args=(MESSAGES[0]["content"],), new_session=True),
-        GradioApp("bare gr.api relay", peer_urls["relay"], "/chat", peers[1].pid,
-                  kwargs={"messages": MESSAGES, "model": "bench-model"}),
     ]  # fmt: skip
+    if peers:  # not with --v1-only: they would idle beside the /v1 figures
+        apps += [
+            GradioApp("gr.load_chat", peer_urls["load_chat"], "/open_api_stream", peers[0].pid,
+                      args=(MESSAGES[0]["content"],), new_session=True),
+            GradioApp("bare gr.api relay", peer_urls["relay"], "/chat", peers[1].pid,
+                      kwargs={"messages": MESSAGES, "model": "bench-model"}),
+        ]  # fmt: skip
     try:
         print(
             f"upstream latency {args.latency_ms:.0f} ms; {os.cpu_count()} cores; "

@@ -45,8 +45,8 @@ from core.schemas import (
 
 log = logging.getLogger("core.service")
 # One line per call, the only one a call logs when it goes well (uvicorn's own access line is
-# off): who, what, which backend, the outcome, the time and the tokens. ACCESS_LOG=false, or a
-# LOG_LEVEL above INFO, turns it off.
+# off): who, what, which backend, the outcome, the time and the tokens. At INFO, or WARNING for
+# a failure on our side or the backend's (ACCESS_LOG=false, or LOG_LEVEL=WARNING, keeps those).
 access = logging.getLogger("access")
 RequestT = TypeVar("RequestT", bound=FunctionRequest)
 MODELS_TTL = 60.0
@@ -937,11 +937,14 @@ class Service:
     async def _track(self, call: Call) -> AsyncIterator[Call]:
         """Log, meter and record a call; stamp errors with its request id; hide internal ones."""
         status = "ok"
+        level = logging.INFO  # WARNING for a failure on our side or the backend's
         metrics.IN_FLIGHT.labels(call.function).inc()
         try:
             yield call
         except errors.ServiceError as exc:
             status = type(exc).__name__
+            if exc.status >= 500 or isinstance(exc, errors.UpstreamAuthError):
+                level = logging.WARNING
             call.refused = isinstance(exc, errors.QuotaExceeded)
             exc.request_id = call.request_id
             exc.message = self._scrub(self._named(call, exc))
@@ -950,11 +953,11 @@ class Service:
             status = "cancelled"
             raise
         except sa.exc.OperationalError:
-            status = "DatabaseUnavailable"
+            status, level = "DatabaseUnavailable", logging.WARNING
             log.warning("request_id=%s: the database is not answering", call.request_id)
             raise errors.DatabaseUnavailable(request_id=call.request_id) from None
         except Exception:
-            status = "internal_error"
+            status, level = "internal_error", logging.WARNING
             log.exception("request_id=%s function=%s failed", call.request_id, call.function)
             raise errors.UpstreamError(
                 "Something went wrong on our side.", request_id=call.request_id
@@ -974,8 +977,10 @@ class Service:
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
             )
-            if access.isEnabledFor(logging.INFO):
-                access.info(
+            # A failure is a warning: still logged with ACCESS_LOG=false (or LOG_LEVEL=WARNING).
+            if access.isEnabledFor(level):
+                access.log(
+                    level,
                     "request_id=%s user=%s source=%s function=%s backend=%s model=%s status=%s "
                     "latency_ms=%.0f prompt_tokens=%s completion_tokens=%s",
                     call.request_id,

@@ -29,6 +29,7 @@ from core.service import new_request_id
 from gateway import shapes
 
 log = logging.getLogger("gateway")
+access = logging.getLogger("access")  # the service logs a call's line; this, refusals before it
 T = TypeVar("T")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -120,6 +121,19 @@ def answering(
     return guarded
 
 
+def refused(request: Request, request_id: str, status: int) -> None:
+    """The access line of a /v1 request refused before it reached the service (no key, a
+    wrong key, a body that is not JSON): otherwise key guessing would leave no trace."""
+    if access.isEnabledFor(logging.INFO):
+        access.info(
+            "request_id=%s user=- source=v1 path=%s client=%s status=%d",
+            request_id,
+            request.url.path,
+            _client(request),
+            status,
+        )
+
+
 def build_router(core: Core) -> Router:
     """Routes for /v1/*, /metrics and /health, served by the same process as the dashboard."""
     routes: list[BaseRoute] = []
@@ -189,6 +203,7 @@ def build_router(core: Core) -> Router:
             caller = await caller_of(request)
             body = await json_body(request)
         except Refusal as refusal:
+            refused(request, request_id, refusal.response.status_code)
             return refusal.response
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
@@ -313,6 +328,7 @@ def build_router(core: Core) -> Router:
         try:
             return await service.list_models(caller=await caller_of(request), source="v1")
         except Refusal as refusal:
+            refused(request, "-", refusal.response.status_code)
             return refusal.response
         except errors.ServiceError as exc:
             return error_response(exc)

@@ -84,3 +84,37 @@ def test_access_log_false_logs_no_line_per_call(upstream: FakeUpstream, tmp_path
     text = (tmp_path / "app.log").read_text()
     assert "serving on" in text  # INFO lines are there
     assert "access:" not in text and answer.headers["x-request-id"] not in text
+
+
+def test_a_request_refused_before_the_service_is_logged_too(running_app: Served) -> None:
+    """A wrong or missing key, a body that is not JSON: one line each, so key guessing
+    leaves a trace (uvicorn's own line is off)."""
+    before = len(logged())
+    url = running_app.url + "/v1/chat/completions"
+    answers = [
+        httpx.post(url, json=BODY, headers={"Authorization": "Bearer dk_9_wrong-key-wrong-key"}),
+        httpx.post(url, json=BODY),
+        httpx.post(url, content=b"{", headers={"Authorization": f"Bearer {ACCESS_KEY}"}),
+    ]
+    assert [a.status_code for a in answers] == [401, 401, 400]
+    for answer in answers:
+        request_id = answer.headers["x-request-id"]
+        mine = [x for x in logged()[before:].splitlines() if request_id in x and " access: " in x]
+        assert len(mine) == 1 and f"status={answer.status_code}" in mine[0], mine
+    assert "wrong-key" not in logged()[before:]  # the key itself never
+
+
+def test_a_failure_on_the_backends_side_is_a_warning(running_app: Served) -> None:
+    """Still logged when the operator keeps only warnings (ACCESS_LOG=false)."""
+    before = len(logged())
+    answer = httpx.post(
+        running_app.url + "/v1/chat/completions",
+        json=BODY | {"model": "error-500"},
+        headers={"Authorization": f"Bearer {ACCESS_KEY}"},
+        timeout=30,
+    )
+    assert answer.status_code >= 500  # the upstream's 500, passed on as a bad gateway
+    time.sleep(0.2)
+    request_id = answer.headers["x-request-id"]
+    mine = [x for x in logged()[before:].splitlines() if request_id in x and " access: " in x]
+    assert len(mine) == 1 and " WARNING access: " in mine[0], mine

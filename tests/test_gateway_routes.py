@@ -61,6 +61,7 @@ def test_max_concurrency_bounds_the_v1_path_too(tight, upstream) -> None:
 
     served, _ = tight
     sdk = openai.OpenAI(base_url=served.url + "/v1", api_key=ACCESS_KEY, max_retries=0)
+    upstream.wait_idle()  # the high-water mark counts this test's calls only
     upstream.reset()
 
     def call(_: int) -> str:

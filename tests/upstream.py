@@ -438,6 +438,12 @@ class FakeUpstream:
             self._thread.join(timeout=5)
         self._server = self._thread = None
 
+    def wait_idle(self, timeout: float = 15.0) -> None:
+        """Waits until no request is in flight (a slow call another test left behind)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def reset(self) -> None:
         """Forgets recorded requests and the in-flight high-water mark."""
         self.requests.clear()

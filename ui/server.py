@@ -187,11 +187,12 @@ def create_app(settings: Settings, core: Core | None = None) -> Server:
     return server
 
 
-# Gradio's queue looks for work every millisecond when it has none, and for progress to send
-# every 10 ms: 50-70 ms of CPU per second of a server nobody uses. Every 20 ms and 100 ms (on
-# Windows Gradio's own are 50 and 100 ms): an event waits at most 20 ms more to start, which
-# nobody sees next to a model's answer, and an idle server stays idle. /v1 never goes through
-# the queue.
+# Gradio's queue looks for work every millisecond when it has none to start (idle, or every
+# slot busy), and for progress to send every 10 ms: 50-70 ms of CPU per second of a server
+# nobody uses. Every 20 ms and 100 ms (on Windows Gradio's own are 50 and 100 ms): an event
+# waits at most 20 ms more to start, which nobody sees next to a model's answer, gr.Progress
+# updates (the app shows none) go out at most every 100 ms, and an idle server stays idle.
+# /v1 never goes through the queue.
 IDLE_POLL = 0.02
 IDLE_PROGRESS_POLL = 0.1
 
