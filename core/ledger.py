@@ -650,6 +650,15 @@ class Ledger:
         prompt), so a call that cannot fit in today's budget is refused up front.
         """
         now = _now()
+        row = {
+            "ts": now,
+            "user": user,
+            "source": source,
+            "function": function,
+            "model": _fit(model, MODEL_CHARS),
+            "provider": _fit(provider, PROVIDER_CHARS),
+            "request_id": request_id,
+        }
         waited = False
         while True:
             with self._begin() as conn:
@@ -659,10 +668,7 @@ class Ledger:
                 # Refused for tokens held by calls that may have settled here already, their
                 # settlements still queued: only then wait for this process's writer.
                 if not (held_up and not waited and self._written < self._submitted):
-                    outcome = self._reserve_row(
-                        conn, user, limits, function, model, provider, source, request_id,
-                        estimate, now, refusal, today,
-                    )  # fmt: skip
+                    outcome = self._reserve_row(conn, row, limits, estimate, refusal, today)
                     break
             waited = True
             self.flush()
@@ -675,43 +681,29 @@ class Ledger:
     def _reserve_row(
         self,
         conn: sa.Connection,
-        user: str,
+        row: dict[str, Any],
         limits: Limits,
-        function: str,
-        model: str | None,
-        provider: str,
-        source: str,
-        request_id: str,
         estimate: int,
-        now: datetime,
         refusal: QuotaExceeded | None,
         today: tuple[int, int, int] | None,
     ) -> Reservation | QuotaExceeded:
-        """Insert the call's row: refused, or pending and holding its tokens (counted)."""
-        row = {
-            "ts": now,
-            "user": user,
-            "source": source,
-            "function": function,
-            "model": _fit(model, MODEL_CHARS),
-            "provider": _fit(provider, PROVIDER_CHARS),
-            "status": "refused" if refusal else "pending",
-            "request_id": request_id,
-        }
+        """Insert the call's `row`: refused, or pending and holding its tokens (counted)."""
         if refusal:
-            conn.execute(_INSERT, {**row, "latency_ms": 0.0})
+            conn.execute(_INSERT, {**row, "status": "refused", "latency_ms": 0.0})
             return refusal
+        user = row["user"]
         budget = None
         if limits.daily_tokens and today is not None:
             budget = limits.daily_tokens - today[0] - today[1]
         held = estimate if budget is None else min(estimate, budget)
-        result = conn.execute(_INSERT, {**row, "reserved_tokens": held, "holder": self._holder})
-        day = now.date()
+        pending = {"status": "pending", "reserved_tokens": held, "holder": self._holder}
+        result = conn.execute(_INSERT, row | pending)
+        day = row["ts"].date()
         conn.execute(_HOLD_COUNTER, {"c_user": user, "c_day": day, "c_held": held})
         return Reservation(
             row_id=result.inserted_primary_key[0],
             token_budget=budget,
-            request_id=request_id,
+            request_id=row["request_id"],
             user=user,
             day=day,
             held=held,

@@ -168,16 +168,10 @@ class Service:
     ) -> AsyncIterator[StreamChunk]:
         """Stream a chat reply; the last chunk carries the usage when the backend reports it.
         `body`: the OpenAI request it came from (/v1), checked against what the backend honours."""
-        async with self._pipeline(
-            "chat", request, caller, source, request_id, body, cache, outcome, form="typed"
-        ) as (call, req):
-            if call.cached:
-                for chunk in _stored_chunks(call):
-                    yield chunk
-                return
-            attempts = self._attempts(call, req, lambda p, r: p.chat_stream(r), body)
-            async for chunk in self._kept(call, self._relay(attempts, call), _chunks_value):
-                yield chunk
+        stream = lambda p, r: p.chat_stream(r)  # noqa: E731
+        args = ("chat", stream, request, caller, source, request_id, body, cache, outcome)
+        async for chunk in self._typed_stream(*args):
+            yield chunk
 
     async def completion_stream(
         self,
@@ -191,14 +185,33 @@ class Service:
         outcome: Outcome | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream a text completion of a prompt."""
+        stream = lambda p, r: p.completion_stream(r)  # noqa: E731
+        args = ("completion", stream, request, caller, source, request_id, body, cache, outcome)
+        async for chunk in self._typed_stream(*args):
+            yield chunk
+
+    async def _typed_stream(
+        self,
+        function: str,
+        start: Any,
+        request: FunctionRequest | Mapping[str, Any],
+        caller: Principal,
+        source: str,
+        request_id: str | None,
+        body: dict[str, Any] | None,
+        cache: Use,
+        outcome: Outcome | None,
+    ) -> AsyncIterator[StreamChunk]:
+        """A typed stream (`start(provider, request)`) through the pipeline: from the cache
+        when it has the answer, else from the backend (kept in the cache if it takes it)."""
         async with self._pipeline(
-            "completion", request, caller, source, request_id, body, cache, outcome, form="typed"
+            function, request, caller, source, request_id, body, cache, outcome, form="typed"
         ) as (call, req):
             if call.cached:
                 for chunk in _stored_chunks(call):
                     yield chunk
                 return
-            attempts = self._attempts(call, req, lambda p, r: p.completion_stream(r), body)
+            attempts = self._attempts(call, req, start, body)
             async for chunk in self._kept(call, self._relay(attempts, call), _chunks_value):
                 yield chunk
 

@@ -4,18 +4,15 @@ for the setting, and in-process (with the test session's log buffer) for the lin
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import ACCESS_KEY, Served, free_port, logged
+from tests.conftest import ACCESS_KEY, Served, logged
+from tests.processes import launched
 from tests.upstream import FakeUpstream
 
-ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "one line please"}]}
 
 
@@ -45,42 +42,16 @@ def test_a_call_logs_one_structured_line(running_app: Served) -> None:
 
 
 def test_access_log_false_logs_no_line_per_call(upstream: FakeUpstream, tmp_path: Path) -> None:
-    port = free_port()
-    env = {
-        **os.environ,
-        "ACCESS_KEY": ACCESS_KEY,
-        "OPENAI_BASE_URL": upstream.url,
-        "OPENAI_API_KEY": upstream.api_key,
-        "DATA_DIR": str(tmp_path),
-        "PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "LOG_LEVEL": "INFO",
-        "ACCESS_LOG": "false",
-    }
-    out = (tmp_path / "app.log").open("w")
-    app = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and app.poll() is None, "the app did not start"
-            time.sleep(0.2)
+    overrides = {"DATA_DIR": str(tmp_path), "ACCESS_LOG": "false"}
+    with launched(upstream, overrides, tmp_path / "app.log") as app:
         answer = httpx.post(
-            url + "/v1/chat/completions",
+            app.url + "/v1/chat/completions",
             json=BODY,
             headers={"Authorization": f"Bearer {ACCESS_KEY}"},
             timeout=30,
         )
         assert answer.status_code == 200
-    finally:
-        app.terminate()
-        app.wait(timeout=30)
-        out.close()
+        app.stop()
     text = (tmp_path / "app.log").read_text()
     assert "serving on" in text  # INFO lines are there
     assert "access:" not in text and answer.headers["x-request-id"] not in text

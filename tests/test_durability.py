@@ -9,13 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,68 +23,34 @@ import sqlalchemy as sa
 
 from core import db
 from core.users import UserStore
-from tests.conftest import ACCESS_KEY, free_port
+from tests.conftest import ACCESS_KEY
 from tests.db_fixtures import PG_URL, Database, fresh_database
+from tests.processes import launched
 from tests.upstream import FakeUpstream
 
-ROOT = Path(__file__).resolve().parents[1]
 # Five words: the upstream reports 5 prompt tokens, and its reply "Echo: ..." is 6 tokens.
 WORDS = "alpha bravo charlie delta echo"
-# The app, with the ledger's heartbeat sped up (seconds between beats, and of silence before
-# a process counts as dead), so that a test need not wait the default 30 s.
-FAST_HEARTBEAT = (
-    "import runpy, sys; import core.ledger as ledger; "
-    "ledger.HEARTBEAT, ledger.STALE = float(sys.argv[1]), float(sys.argv[2]); "
-    "sys.argv = ['app.py']; runpy.run_path('app.py', run_name='__main__')"
-)
 
 
 def test_sigterm_while_the_ledger_waits_on_the_database_loses_no_row(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    port = free_port()
-    env = {
-        **os.environ,
-        "ACCESS_KEY": ACCESS_KEY,
-        "OPENAI_BASE_URL": upstream.url,
-        "OPENAI_API_KEY": upstream.api_key,
-        "DATA_DIR": str(tmp_path),
-        "PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "UPSTREAM_MAX_RETRIES": "0",
-    }
-    log = (tmp_path / "app.log").open("w")
-    app = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and app.poll() is None, "the app did not start"
-            time.sleep(0.2)
+    with launched(upstream, {"DATA_DIR": str(tmp_path)}, tmp_path / "app.log") as app:
         # Another process holds the database's write lock: the ledger writer has to wait.
         holder = sqlite3.connect(tmp_path / "dashboard.db", timeout=5, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "hi"}]}
         auth = {"Authorization": f"Bearer {ACCESS_KEY}"}
         answered = [
-            httpx.post(url + "/v1/chat/completions", headers=auth, json=body, timeout=30)
+            httpx.post(app.url + "/v1/chat/completions", headers=auth, json=body, timeout=30)
             for _ in range(20)
         ]
         assert all(a.status_code == 200 for a in answered)
-        app.send_signal(signal.SIGTERM)
+        app.process.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         holder.execute("ROLLBACK")  # the database is free again while the app shuts down
         holder.close()
-        app.wait(timeout=60)
-    finally:
-        if app.poll() is None:
-            app.kill()
-        log.close()
+        app.process.wait(timeout=60)
     with sqlite3.connect(tmp_path / "dashboard.db") as conn:
         ids = {row[0] for row in conn.execute("SELECT request_id FROM usage WHERE status = 'ok'")}
     assert ids >= {a.headers["x-request-id"] for a in answered}  # every answered call, recorded
@@ -107,65 +70,6 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         pytest.skip("set TEST_DATABASE_URL to run on PostgreSQL")
     with fresh_database(request.param, tmp_path / "data") as database:
         yield database
-
-
-@dataclass
-class App:
-    """`python app.py` in its own process."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
-
-
-@contextmanager
-def launched(
-    upstream: FakeUpstream, overrides: dict[str, str], log: Path, *, heartbeat: str = ""
-) -> Iterator[App]:
-    """The app on a free port of 127.0.0.1, once /health answers; killed if still running
-    at the end. `heartbeat`: "BEAT STALE" in seconds, for a faster heartbeat."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "ACCESS_KEY": ACCESS_KEY,
-        "OPENAI_BASE_URL": upstream.url,
-        "OPENAI_API_KEY": upstream.api_key,
-        "PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "UPSTREAM_MAX_RETRIES": "0",
-        "LOG_LEVEL": "INFO",
-        **overrides,
-    }
-    command = [sys.executable, "app.py"]
-    if heartbeat:
-        command = [sys.executable, "-c", FAST_HEARTBEAT, *heartbeat.split()]
-    with log.open("a") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
-    app = App(process, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(app.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, "the app exited:\n" + log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the app did not start"
-            time.sleep(0.2)
-        yield app
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
 
 
 @dataclass
