@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -12,7 +15,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -46,6 +49,10 @@ SWEEP = 600.0
 RECENT = timedelta(days=2)
 # The journal starts a new file past this size; the old one goes once all it holds is written.
 JOURNAL_BYTES = 256 * 1024
+# Once an outcome arrives, the writer gathers what comes in the next LINGER seconds into the
+# same transaction: under load, one transaction per few dozen calls instead of per call or two
+# (the journal keeps them meanwhile; a flush still waits at most this much longer).
+LINGER = 0.005
 QUOTA_FUNCTIONS = tuple(ENDPOINTS)  # every function is counted against the quota
 COLUMNS = [
     "ts",
@@ -101,6 +108,18 @@ class Reservation:
     user: str = ""
     day: date | None = None  # the UTC day whose counters hold its tokens
     held: int = 0
+
+
+@dataclass
+class _Ask:
+    """A reservation asked of the writer thread, answered through `answer` (a Reservation,
+    or the exception: QuotaExceeded, or the database's)."""
+
+    row: dict[str, Any]  # the call's ledger row, but its status and holding
+    limits: Limits
+    estimate: int
+    minimum: int
+    answer: Callable[[Reservation | BaseException], None]
 
 
 _C = db.quota_counters.c
@@ -316,6 +335,12 @@ class Ledger:
         self._submitted = 0  # outcomes handed over, counted with their put
         self._written = 0  # of those, how many are written (set by the writer only)
         self._writer: threading.Thread | None = None
+        self._urgent = threading.Event()  # a flush waits: no lingering
+        # Reservations are written by a thread of their own, those asked meanwhile in one
+        # transaction: no thread per call, one BEGIN and COMMIT for the calls that arrived
+        # together, and none waits for the outcomes' writer (but for SQLite's one lock).
+        self._asks: queue.SimpleQueue[_Ask] = queue.SimpleQueue()
+        self._reserver: threading.Thread | None = None
         # This process, as it names itself in core.db.processes and on the rows it holds.
         self.process_id = uuid.uuid4().hex[:16]
         self._holder: str | None = None  # process_id once its heartbeat row is written
@@ -334,14 +359,18 @@ class Ledger:
                 # A ledger nobody holds any more unlocks its files: another process replays them.
                 weakref.finalize(self, self._journal.close, remove=False).atexit = False
 
+    def _start_writer(self) -> None:
+        """The writer thread, at the first thing handed to it (under the submitters' lock)."""
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=_drain, args=(weakref.ref(self), self._queue), name="ledger", daemon=True
+            )
+            self._writer.start()
+
     def _submit(self, kind: str, params: dict[str, Any]) -> None:
         line = _entry(kind, params) if self._journal is not None else b""
         with self._submitting:
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=_drain, args=(weakref.ref(self), self._queue), name="ledger", daemon=True
-                )
-                self._writer.start()
+            self._start_writer()
             journal = self._journal
             if journal is not None:
                 # On disk (the page cache) before the answer ends: a crash cannot lose it.
@@ -438,6 +467,7 @@ class Ledger:
             return  # nothing pending: no round trip to the writer
         done = threading.Event()
         self._queue.put(("flush", done))
+        self._urgent.set()
         done.wait(timeout)
 
     # ---- a process's life: heartbeat, dead processes' holds, dead processes' journals -----
@@ -631,8 +661,33 @@ class Ledger:
         with self._write, self.engine.begin() as conn:
             yield conn
 
-    def reserve(
+    def reserve(self, **call: Any) -> Reservation:
+        """Check the user's quotas and insert a pending row, atomically; refuse with a row too
+        (QuotaExceeded is raised once that row is committed). Waits for the writer thread;
+        the arguments are reserve_async's."""
+        answered: concurrent.futures.Future[Reservation] = concurrent.futures.Future()
+        self._ask(lambda outcome: _settle_future(answered, outcome), **call)
+        return answered.result()
+
+    def reserve_async(self, **call: Any) -> Awaitable[Reservation]:
+        """reserve() for the event loop, with no thread of its own: the writer answers.
+
+        user, limits, function, model, provider, source, request_id: the call's; `estimate`
+        is what the call may use at most; `minimum` what it needs at least (its prompt), so
+        a call that cannot fit in today's budget is refused up front."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[Reservation] = loop.create_future()
+
+        def answer(outcome: Reservation | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(_settle_future, answered, outcome)
+
+        self._ask(answer, **call)
+        return answered
+
+    def _ask(
         self,
+        answer: Callable[[Reservation | BaseException], None],
         *,
         user: str,
         limits: Limits,
@@ -643,15 +698,9 @@ class Ledger:
         request_id: str,
         estimate: int,
         minimum: int = 1,
-    ) -> Reservation:
-        """Check the user's quotas and insert a pending row, atomically; refuse with a row too.
-
-        `estimate` is what the call may use at most; `minimum` what it needs at least (its
-        prompt), so a call that cannot fit in today's budget is refused up front.
-        """
-        now = _now()
+    ) -> None:
         row = {
-            "ts": now,
+            "ts": _now(),
             "user": user,
             "source": source,
             "function": function,
@@ -659,24 +708,67 @@ class Ledger:
             "provider": _fit(provider, PROVIDER_CHARS),
             "request_id": request_id,
         }
+        if self._reserver is None:
+            with self._submitting:
+                if self._reserver is None:
+                    self._reserver = threading.Thread(
+                        target=_reserving,
+                        args=(weakref.ref(self), self._asks),
+                        name="reserver",
+                        daemon=True,
+                    )
+                    self._reserver.start()
+        self._asks.put(_Ask(row, limits, estimate, minimum, answer))
+
+    def _reserve_batch(self, asks: list[_Ask]) -> None:
+        """Reservations in one transaction, answered once it is committed. One refused for
+        tokens held by calls that may have settled here already, their settlements still
+        queued: only then this process's writer is waited for, and that one asked again."""
         waited = False
-        while True:
-            with self._begin() as conn:
-                db.lock_user(conn, user)  # SQLite's BEGIN IMMEDIATE already serializes writers
-                today = self._counter(conn, user, now) if limits.daily_tokens else None
-                refusal, held_up = self._check(conn, user, limits, now, minimum, today)
-                # Refused for tokens held by calls that may have settled here already, their
-                # settlements still queued: only then wait for this process's writer.
-                if not (held_up and not waited and self._written < self._submitted):
-                    outcome = self._reserve_row(conn, row, limits, estimate, refusal, today)
-                    break
-            waited = True
-            self.flush()
-        if isinstance(outcome, QuotaExceeded):  # raised once its row is committed
-            log.info("request_id=%s quota refused for %s: %s", request_id, user, outcome.message)
-            outcome.request_id = request_id
-            raise outcome
-        return outcome
+        while asks:
+            later: list[_Ask] = []
+            answers: list[Reservation | QuotaExceeded | BaseException | None]
+            try:
+                with self._begin() as conn:
+                    db.lock_user(conn, *(ask.row["user"] for ask in asks))
+                    answers = [self._reserve_in(conn, ask, waited, later) for ask in asks]
+            except sa.exc.OperationalError as exc:  # the database is away: 503 for all
+                answers, later = [exc] * len(asks), []
+            except Exception as exc:
+                if len(asks) == 1:
+                    answers, later = [exc], []
+                else:  # one of them: each alone, so that the others go ahead
+                    for ask in asks:
+                        self._reserve_batch([ask])
+                    return
+            for ask, answer in zip(asks, answers, strict=True):
+                if answer is None:
+                    continue  # asked again below
+                if isinstance(answer, QuotaExceeded):  # raised once its row is committed
+                    answer.request_id = ask.row["request_id"]
+                    log.info(
+                        "request_id=%s quota refused for %s: %s",
+                        answer.request_id,
+                        ask.row["user"],
+                        answer.message,
+                    )
+                ask.answer(answer)
+            if later:
+                self.flush()
+                waited = True
+            asks = later
+
+    def _reserve_in(
+        self, conn: sa.Connection, ask: _Ask, waited: bool, later: list[_Ask]
+    ) -> Reservation | QuotaExceeded | None:
+        """One reservation, in the batch's transaction; None: to be asked again (`later`)."""
+        user, limits, now = ask.row["user"], ask.limits, ask.row["ts"]
+        today = self._counter(conn, user, now) if limits.daily_tokens else None
+        refusal, held_up = self._check(conn, user, limits, now, ask.minimum, today)
+        if held_up and not waited and self._written < self._submitted:
+            later.append(ask)
+            return None
+        return self._reserve_row(conn, ask.row, limits, ask.estimate, refusal, today)
 
     def _reserve_row(
         self,
@@ -945,6 +1037,14 @@ def _drain(ref: weakref.ref[Ledger], outcomes: queue.SimpleQueue[tuple[str, Any]
     go (and its journal with it, to be replayed by another process)."""
     while True:
         taken = [outcomes.get()]
+        ledger = ref()
+        if ledger is None:
+            return
+        urgent = ledger._urgent
+        del ledger
+        if taken[0][0] != "flush":
+            urgent.wait(LINGER)  # more arrive meanwhile, for the same transaction
+        urgent.clear()
         while len(taken) < 500:
             try:
                 taken.append(outcomes.get_nowait())
@@ -955,6 +1055,34 @@ def _drain(ref: weakref.ref[Ledger], outcomes: queue.SimpleQueue[tuple[str, Any]
             return
         ledger._write_taken(taken)
         del ledger
+
+
+def _reserving(ref: weakref.ref[Ledger], asks: queue.SimpleQueue[_Ask]) -> None:
+    """The reserving thread: every reservation asked while it wrote the last ones, at once."""
+    while True:
+        taken = [asks.get()]
+        while len(taken) < 100:
+            try:
+                taken.append(asks.get_nowait())
+            except queue.Empty:
+                break
+        ledger = ref()
+        if ledger is None:
+            return
+        ledger._reserve_batch(taken)
+        del ledger
+
+
+def _settle_future(
+    future: asyncio.Future[Reservation] | concurrent.futures.Future[Reservation],
+    outcome: Reservation | BaseException,
+) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _maintain(ref: weakref.ref[Ledger], stop: threading.Event) -> None:

@@ -901,19 +901,16 @@ class Service:
         wanted = n * worst if generates else 0
         if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):
             needed += req.n * IMAGE_TOKENS.get(req.quality, IMAGE_TOKENS["auto"])
-        hold = asyncio.ensure_future(
-            asyncio.to_thread(
-                self.ledger.reserve,
-                user=call.caller.name,
-                limits=call.caller.limits,
-                function=call.function,
-                model=call.model,
-                provider=route.name,
-                source=call.source,
-                request_id=call.request_id,
-                estimate=needed + wanted,
-                minimum=needed + n if generates else needed,  # a reply token for each choice
-            )
+        hold = self.ledger.reserve_async(
+            user=call.caller.name,
+            limits=call.caller.limits,
+            function=call.function,
+            model=call.model,
+            provider=route.name,
+            source=call.source,
+            request_id=call.request_id,
+            estimate=needed + wanted,
+            minimum=needed + n if generates else needed,  # a reply token for each choice
         )
         try:
             call.reservation = await asyncio.shield(hold)

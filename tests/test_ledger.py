@@ -398,21 +398,22 @@ def test_a_read_sees_every_outcome_handed_over_from_many_threads(upstream, datab
 def test_a_call_cancelled_while_its_reservation_is_written_releases_it(
     upstream, database, monkeypatch
 ) -> None:
-    """The client leaves while the reservation's row is being written (in a thread): the call
-    waits for the row and settles it as cancelled, so no tokens stay held and nothing is sent."""
+    """The client leaves while the reservation's row is being written (by the ledger's
+    reserving thread): the call waits for the row and settles it as cancelled, so no tokens stay
+    held and nothing is sent."""
     who = caller("row-cancel-reserve", daily_tokens=5000)
     upstream.reset()
     with opened(upstream, database) as core:
         ledger = core.ledger
-        real = ledger.reserve
+        real = ledger._reserve_in
         writing = threading.Event()
 
-        def slow_reserve(**kwargs: Any) -> Any:
+        def slow_reserve(*args: Any) -> Any:
             writing.set()
             threading.Event().wait(0.5)  # the row is being written when the client leaves
-            return real(**kwargs)
+            return real(*args)
 
-        monkeypatch.setattr(ledger, "reserve", slow_reserve)
+        monkeypatch.setattr(ledger, "_reserve_in", slow_reserve)
 
         async def scenario() -> None:
             task = asyncio.ensure_future(chat(core.service, who, content="cancel-marker"))
