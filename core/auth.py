@@ -355,6 +355,8 @@ class Lockout:
         client = _bucket(client)
         now = time.time() if now is None else now
         self._share()
+        if client not in self._failures and client not in self._others:
+            return 0.0  # no failure from there: most calls, with no lock and nothing kept
         with self._lock:
             times = [t for t, _ in self._recent(client, now)]
             times += [t for t in self._others.get(client, ()) if t > now - self.window]
