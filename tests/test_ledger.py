@@ -1335,3 +1335,64 @@ def test_a_release_does_not_deadlock_with_a_writer_settling_the_same_user(databa
     finally:
         mine.dispose()
         theirs.dispose()
+
+
+def test_reservations_asked_together_are_one_transaction_and_one_failure_stays_its_own(
+    database,
+) -> None:
+    """Reservations asked while the reserving thread writes others go in one transaction,
+    checked in order against one budget (the last one that does not fit is refused); one
+    that fails for itself gets its error and the others their rows."""
+    db.migrate(database.engine)
+    ledger = Ledger(database.engine, prices=PriceTable())
+    gate, inside = threading.Event(), threading.Event()
+    real, begin = ledger._reserve_in, ledger._begin
+    transactions = []
+
+    def counted() -> Any:
+        transactions.append(1)
+        return begin()
+
+    def observed(conn: Any, ask: Any, *rest: Any) -> Any:
+        if ask.row["request_id"] == "req_gate":
+            inside.set()
+            gate.wait(10)  # the others queue up meanwhile
+        if ask.row["request_id"] == "req_broken":
+            raise ValueError("a row the database refuses")
+        return real(conn, ask, *rest)
+
+    ledger._reserve_in = observed  # type: ignore[method-assign]
+    ledger._begin = counted  # type: ignore[method-assign]
+    limits = Limits(daily_tokens=1000)
+
+    def ask(rid: str, estimate: int) -> Any:
+        try:
+            return ledger.reserve(user="batched", limits=limits, function="chat", model="m",
+                                  provider="openai", source="test", request_id=rid,
+                                  estimate=estimate, minimum=estimate)  # fmt: skip
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        first = pool.submit(ask, "req_gate", 100)
+        assert inside.wait(10)
+        later = [pool.submit(ask, rid, 400) for rid in ("req_a", "req_broken", "req_b", "req_c")]
+        time.sleep(0.3)  # all four are queued behind the first
+        gate.set()
+        names = ["a", "broken", "b", "c"]
+        answers = {rid: f.result(10) for rid, f in zip(names, later, strict=True)}
+    assert first.result().held == 100
+    assert answers["a"].held == 400 and answers["b"].held == 400
+    assert isinstance(answers["broken"], ValueError)
+    assert isinstance(answers["c"], errors.QuotaExceeded)  # 100 + 400 + 400 held: no room
+    # The first alone, the four together (undone by the broken one), then each alone.
+    assert len(transactions) == 1 + 1 + 4
+    ledger.flush()
+    rows = {r["request_id"]: r for r in database.usage(user="batched")}
+    assert "req_broken" not in rows
+    assert (rows["req_c"]["status"], rows["req_a"]["status"]) == ("refused", "pending")
+    with database.engine.connect() as conn:
+        held = conn.execute(
+            sa.select(db.quota_counters.c.held).where(db.quota_counters.c.user == "batched")
+        ).scalar()
+    assert held == 900
