@@ -110,9 +110,13 @@ class RateLimited(ServiceError):
         *,
         request_id: str | None = None,
         retry_after: float | None = None,
+        param: str | None = None,
         code: str | None = None,
+        error_type: str | None = None,
     ) -> None:
-        super().__init__(message, request_id=request_id, code=code)
+        super().__init__(
+            message, request_id=request_id, param=param, code=code, error_type=error_type
+        )
         self.retry_after = retry_after
 
 
@@ -149,6 +153,16 @@ class UpstreamUnavailable(UpstreamError):
 
     status = 503
     default_message = "Could not connect to the upstream. Check OPENAI_BASE_URL and the network."
+
+
+class UpstreamClosed(UpstreamError):
+    """The upstream closed a fresh connection without answering. It may have read the whole
+    request and done (and billed) the work, so it is not sent again, nor to a fallback."""
+
+    default_message = (
+        "The upstream closed the connection without answering. It may have processed the "
+        "request, so it was not sent again."
+    )
 
 
 class StreamInterrupted(UpstreamError):

@@ -141,3 +141,104 @@ def test_a_web_page_where_the_api_should_be_is_the_upstreams_fault(running_app, 
         client.predict(messages=hi, model="html-page", api_name="/chat")
     with pytest.raises(AppError, match="text/html"):
         client.predict(texts=["hi"], model="html-page", api_name="/embeddings")
+
+
+AUTH = {"authorization": f"Bearer {ACCESS_KEY}"}
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "kind", "code", "param", "words"),
+    [
+        ("error-429-quota", 429, "insufficient_quota", "insufficient_quota", None,
+         "exceeded your current quota"),
+        ("error-429", 429, "requests", "rate_limit_exceeded", None, "Rate limit reached"),
+        ("error-400-context", 400, "invalid_request_error", "context_length_exceeded",
+         "messages", "maximum context length is 8192"),
+        ("error-500-code", 502, "server_error", "internal_x", None, "status 500: Internal"),
+        ("error-404-param", 404, "invalid_request_error", "model_not_found", "model",
+         "The model does not exist."),
+        ("error-403-type", 403, "org_verification", "unverified_organization", None,
+         "must be verified"),
+    ],
+)  # fmt: skip
+def test_upstream_errors_keep_their_fields_over_v1(
+    running_app, model, status, kind, code, param, words
+) -> None:
+    """What a client acts on comes through as the upstream said it: type, code, param, the
+    message (a 5xx says its status), with our request id; out of quota, over the context and
+    rate limited stay apart."""
+    import httpx
+
+    for path, body in [
+        ("chat/completions", {"model": model, "messages": HI}),
+        ("chat/completions", {"model": model, "messages": HI, "stream": True}),
+        ("embeddings", {"model": model, "input": "hi"}),
+    ]:
+        answer = httpx.post(f"{running_app.url}/v1/{path}", headers=AUTH, json=body)
+        assert answer.status_code == status, (path, body, answer.text)
+        error = answer.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (kind, code, param), error
+        assert words in error["message"]
+        assert f"(request id: {answer.headers['x-request-id']})" in error["message"]
+        assert UPSTREAM_KEY not in answer.text
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ("malformed-cut", "not valid JSON"),
+        ("malformed-empty", "without the"),
+        ("malformed-nolist", "without the"),
+    ],
+)
+def test_a_malformed_answer_is_the_upstreams_fault(running_app, model: str, words: str) -> None:
+    """A 200 whose JSON is cut short, empty, or lacks its results list is not relayed: a 502
+    that says what was wrong."""
+    import httpx
+
+    for path, body, key in [
+        ("chat/completions", {"model": model, "messages": HI}, "choices"),
+        ("completions", {"model": model, "prompt": "hi"}, "choices"),
+        ("embeddings", {"model": model, "input": "hi"}, "data"),
+        ("images/generations", {"model": model, "prompt": "a cat"}, "data"),
+    ]:
+        answer = httpx.post(f"{running_app.url}/v1/{path}", headers=AUTH, json=body)
+        assert answer.status_code == 502, (path, answer.text)
+        message = answer.json()["error"]["message"]
+        assert f"The upstream answered /{path}" in message and words in message, message
+        if words == "without the":
+            assert f"'{key}' list" in message
+        assert "on our side" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "fine"),
+    [
+        (b'{"choices": []}', True),
+        (b'\xef\xbb\xbf {"choices": [{"index": 0}]}\n', True),
+        (b'{"id": "x", "choices": [', False),
+        (b'{"choices": {}}', False),
+        (b'{"error": {"message": "busy"}}', False),
+    ],
+)
+def test_the_answer_check_reads_small_answers_whole(content: bytes, fine: bool) -> None:
+    from core.providers.openai import _check_answer
+
+    if fine:
+        _check_answer("chat/completions", content)
+    else:
+        with pytest.raises(errors.UpstreamError, match="/chat/completions"):
+            _check_answer("chat/completions", content)
+
+
+def test_the_answer_check_of_a_large_answer_is_its_shape(monkeypatch) -> None:
+    """Past PARSED_UP_TO (a big batch of embeddings) it is not parsed, only looked at."""
+    from core.providers import openai as provider
+
+    monkeypatch.setattr(provider, "PARSED_UP_TO", 10)
+    provider._check_answer("embeddings", b'{"object": "list", "data": [{"embedding": [1]}]}')
+    with pytest.raises(errors.UpstreamError, match="not valid JSON"):
+        provider._check_answer("embeddings", b'{"object": "list", "data": [{"embedding": [1]')
+    with pytest.raises(errors.UpstreamError, match="'data' list"):
+        provider._check_answer("embeddings", b'{"object": "list", "model": "m"}')

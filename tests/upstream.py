@@ -43,6 +43,29 @@ ERRORS: dict[str, tuple[int, str, str, str | None, str | None]] = {
     "error-503": (503, "The engine is currently overloaded.", "server_error", None, None),
 }
 MODE_MODELS = [*ERRORS, "slow-1.0", "cut-stream", "error-stream"]
+# More failures in OpenAI's own words, not listed by /v1/models: each field must reach clients.
+QUOTA = "You exceeded your current quota, please check your plan and billing details."
+CONTEXT = "This model's maximum context length is 8192 tokens. Please reduce the length."
+MORE_ERRORS: dict[str, tuple[int, str, str, str | None, str | None]] = {
+    "error-429-quota": (429, QUOTA, "insufficient_quota", None, "insufficient_quota"),
+    "error-400-context": (400, CONTEXT, BAD_REQUEST, "messages", "context_length_exceeded"),
+    "error-500-code": (500, "Internal failure x.", "server_error", None, "internal_x"),
+    "error-404-param": (404, "The model does not exist.", BAD_REQUEST, "model", "model_not_found"),
+    "error-403-type": (403, "Your organization must be verified.", "org_verification", None,
+                       "unverified_organization"),
+}  # fmt: skip
+# 200 answers that are not the API's (not listed): cut short, empty, without their results list.
+MALFORMED = {
+    "malformed-cut": b'{"id":"x","object":"chat.completion","choi',
+    "malformed-empty": b"{}",
+    "malformed-nolist": b'{"id":"x","object":"list","model":"m","usage":{"total_tokens":1}}',
+}
+# OpenAI's reasoning models: they refuse max_tokens (on OpenAI and on Azure alike).
+REASONING = re.compile(r"(?:o[1-9]|gpt-5)(?:[-.].*)?")
+NO_MAX_TOKENS = (
+    "Unsupported parameter: 'max_tokens' is not supported with this model. "
+    "Use 'max_completion_tokens' instead."
+)
 
 
 class _StreamCut(Exception):
@@ -180,6 +203,12 @@ async def _model_gate(body: dict, known: list[str]) -> Response | None:
         return _error(400, "you must provide a model parameter", param="model")
     if model in ERRORS:
         return _error(*ERRORS[model])
+    if model in MORE_ERRORS:
+        return _error(*MORE_ERRORS[model])
+    if model in MALFORMED:
+        return Response(MALFORMED[model], media_type="application/json")
+    if REASONING.fullmatch(model) and model in known and body.get("max_tokens") is not None:
+        return _error(400, NO_MAX_TOKENS, param="max_tokens", code="unsupported_parameter")
     if model == "html-page":
         # A base URL that points at a web page (a dashboard, a login portal), not an API.
         page = "<!DOCTYPE html><html><body>Welcome to the portal</body></html>"
@@ -451,6 +480,100 @@ class FakeUpstream:
 
     def __enter__(self) -> FakeUpstream:
         return self if self._server else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class DroppingUpstream:
+    """A raw HTTP/1.1 upstream on 127.0.0.1 (an asyncio server in a daemon thread) that reads
+    each request whole, then either answers it (keeping the connection alive) or closes the
+    connection without a byte of answer, as `drops(connection, request)` says (both counted
+    from 1): a server that crashed on the request, or one at its keep-alive limit."""
+
+    def __init__(self, drops: Callable[[int, int], bool]) -> None:
+        self.drops = drops
+        self.api_key = DEFAULT_KEY  # not checked: only for the settings that point here
+        self.connections = 0
+        self.requests: list[dict] = []  # path, json, connection, dropped
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        connection, served = self.connections, 0
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the client closed its idle connection
+                lines = head.decode("latin-1").split("\r\n")
+                fields = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+                body = await reader.readexactly(int(fields.get("content-length", 0)))
+                served += 1
+                dropped = self.drops(connection, served)
+                path = lines[0].split(" ")[1]
+                record = {"path": path, "json": _json(body), "connection": connection}
+                self.requests.append({**record, "dropped": dropped})
+                if dropped:
+                    return
+                writer.write(self._answer(path, _json(body) or {}))
+                await writer.drain()
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _answer(path: str, body: dict) -> bytes:
+        usage = _usage(1, 2)
+        if path.endswith("/embeddings"):
+            item = {"object": "embedding", "index": 0, "embedding": [0.5, 0.5]}
+            answer = {"object": "list", "model": "m", "data": [item], "usage": usage}
+            content, kind = json.dumps(answer).encode(), "application/json"
+        elif body.get("stream"):
+            base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m"}
+            delta = {"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}
+            end = {"index": 0, "delta": {}, "finish_reason": "stop"}
+            events = [{**base, "choices": [delta]}, {**base, "choices": [end]}]
+            events.append({**base, "choices": [], "usage": usage})
+            content = "".join(map(_sse, [*events, "[DONE]"])).encode()
+            kind = "text/event-stream"
+        else:
+            message = {"role": "assistant", "content": "Hi"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            answer = {"id": "chatcmpl-1", "object": "chat.completion", "model": "m",
+                      "choices": [choice], "usage": usage}  # fmt: skip
+            content, kind = json.dumps(answer).encode(), "application/json"
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {len(content)}\r\n\r\n"
+        return head.encode() + content
+
+    def start(self) -> DroppingUpstream:
+        started = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            server = self._loop.run_until_complete(
+                asyncio.start_server(self._handle, "127.0.0.1", 0)
+            )
+            self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+            started.set()
+            self._loop.run_forever()
+            server.close()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="dropping-upstream", daemon=True)
+        self._thread.start()
+        started.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> DroppingUpstream:
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -3,7 +3,8 @@
 One client means one behaviour on every path (chat, embeddings, images, models, the /v1
 relay): the same URL and credentials, the same timeouts (REQUEST_TIMEOUT is a connect and
 idle-read limit, never a limit on a whole answer), and the same retries, made only before the
-first byte of an answer so a stream is never sent twice.
+first byte of an answer so a stream is never sent twice, and never once the upstream may have
+the request (a new connection it closed without answering).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import base64
 import logging
 import random
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
@@ -75,11 +77,14 @@ def _mapped(
 ) -> errors.ServiceError:
     message, kind, code, param = _error_fields(body)
     said = f": {message}" if message else "."
+    # What a client acts on, as the upstream said it (a class default only where it said none).
+    fields: dict[str, Any] = {"error_type": kind, "code": code, "param": param}
     if status == 401:
-        # OpenAI's 401 message quotes part of the key: never pass it on.
+        # OpenAI's 401 message quotes part of the key, and its fields are about our key,
+        # not the caller's: none of it is passed on.
         return errors.UpstreamAuthError()
     if status == 403:
-        return errors.UpstreamForbidden(f"The upstream refused the request{said}", code=code)
+        return errors.UpstreamForbidden(f"The upstream refused the request{said}", **fields)
     if status == 404:
         if code == "model_not_found" or (model and "model" in message.lower()):
             return errors.ModelNotFound(
@@ -87,29 +92,30 @@ def _mapped(
                 f"{said} Pick one from the Models tab."
                 if model
                 else None,
-                code="model_not_found",
+                **fields,
             )
         # No such route at all (llama.cpp's server has no images endpoint, for one).
         return errors.Unsupported(
             f"The upstream has no /{path} endpoint (it answered 404{said}): it cannot do this. "
-            "Point OPENAI_BASE_URL at a server that can."
+            "Point OPENAI_BASE_URL at a server that can.",
+            **fields,
         )
     if status == 429:
         try:
             seconds = float(retry_after) if retry_after else None
         except ValueError:
             seconds = None
-        if code == "insufficient_quota":
+        if "insufficient_quota" in (code, kind):
             text = f"The upstream account has no quota left{said}"
         else:
             text = f"The upstream is rate limiting requests{said} Wait a moment and try again."
-        return errors.RateLimited(text, retry_after=seconds, code=code or "rate_limit_exceeded")
+        return errors.RateLimited(text, retry_after=seconds, **fields)
     if status >= 500:
-        return errors.UpstreamError(f"The upstream failed with status {status}{said}")
+        return errors.UpstreamError(f"The upstream failed with status {status}{said}", **fields)
     if status == 413:
-        return errors.UpstreamTooLarge(f"The upstream found the request too large{said}")
+        return errors.UpstreamTooLarge(f"The upstream found the request too large{said}", **fields)
     return errors.UpstreamRejected(
-        f"The upstream rejected the request{said}", param=param, code=code, error_type=kind
+        f"The upstream rejected the request (status {status}){said}", **fields
     )
 
 
@@ -178,7 +184,8 @@ class OpenAIProvider:
         # The variables' backend has OpenAI's models as defaults; a file's backend has what
         # the file says (core.router picks them from its list).
         self.default_models = {**(DEFAULT_MODELS if backend.shorthand else {}), **spec.defaults}
-        # api.openai.com wants max_completion_tokens; compatible servers know max_tokens.
+        # api.openai.com wants max_completion_tokens; compatible servers know max_tokens (but
+        # OpenAI's reasoning models refuse it wherever they are served: see cap_param_for).
         self.cap_param = (
             "max_completion_tokens" if "api.openai.com" in self.base_url else "max_tokens"
         )
@@ -201,6 +208,11 @@ class OpenAIProvider:
 
     def describe(self) -> str:
         return f"OpenAI-compatible at {self.base_url}"
+
+    def cap_param_for(self, model: str | None) -> str:
+        """The parameter that caps `model`'s reply: max_completion_tokens for OpenAI's
+        reasoning models on any host (Azure OpenAI's refuse max_tokens too), else cap_param."""
+        return cap_param_for(model, self.cap_param)
 
     def _check_configured(self) -> None:
         if self.configured:
@@ -268,7 +280,7 @@ class OpenAIProvider:
             **_sampling(request, CHAT_FIELDS),
         }
         if request.max_tokens:
-            body[self.cap_param] = request.max_tokens
+            body[self.cap_param_for(request.model)] = request.max_tokens
         if request.stop:
             body["stop"] = request.stop
         async with aclosing(self._stream("chat/completions", body, request.model, True)) as chunks:
@@ -384,30 +396,48 @@ class OpenAIProvider:
             # A session belongs to one event loop; scripts and tests may run several.
             connector = aiohttp.TCPConnector(limit=1000, ttl_dns_cache=300)
             self._http = aiohttp.ClientSession(
-                headers=self._headers, timeout=self._timeout, connector=connector
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=connector,
+                trace_configs=[_CONNECTIONS],
             )
             self._http_loop = loop
         return self._http
 
     async def _open(self, method: str, url: str, payload: bytes | None) -> aiohttp.ClientResponse:
         """The upstream's answer, once its status and headers are in: retried up to
-        UPSTREAM_MAX_RETRIES times on 408/409/429/5xx and failed connections, and once on a
-        fresh connection when a reused keep-alive one turns out closed. Never after a byte of
-        the body has arrived: a stream is never sent twice."""
+        UPSTREAM_MAX_RETRIES times on 408/409/429/5xx and on a connection that could not be
+        made, and once when a reused keep-alive connection turns out closed. Never after a
+        byte of the body has arrived (a stream is never sent twice), and never when a fresh
+        connection is closed without an answer: the upstream may have done the work."""
         attempt = 0
+        stale_retried = False
         while True:
             wait: float | None = 0.0
+            connection = _Connection()
             try:
-                response = await self._session().request(method, url, data=payload)
+                response = await self._session().request(
+                    method, url, data=payload, trace_request_ctx=connection
+                )
             except aiohttp.ClientConnectorError:
                 if attempt >= self._retries:
                     raise
                 wait = _backoff(attempt)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                # The upstream closed an idle pooled connection as we reused it: try again at
-                # once on a fresh one (once even with UPSTREAM_MAX_RETRIES=0).
-                if attempt >= max(self._retries, 1):
-                    raise
+                # A pooled connection the upstream closed as we reused it (its idle limit): the
+                # request most likely never reached it, so it goes again at once, once, even
+                # with UPSTREAM_MAX_RETRIES=0. A new connection closed on us is another matter:
+                # the upstream had the whole request and may have processed (and billed) it.
+                if not connection.reused or stale_retried:
+                    log.warning(
+                        "upstream closed a %s connection without answering %s %s",
+                        "reused" if connection.reused else "new",
+                        method,
+                        url.removeprefix(self.base_url),
+                    )
+                    raise errors.UpstreamClosed() from None
+                stale_retried = True
+                continue
             else:
                 if response.status not in RETRY_STATUSES or attempt >= self._retries:
                     return response
@@ -476,6 +506,7 @@ class OpenAIProvider:
             content = await response.read()
         if content.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] != b"{":  # a BOM is still JSON
             raise _not_the_api(response, path, "a JSON object", empty=not content.strip())
+        _check_answer(path, content)
         return content
 
     async def forward_stream(
@@ -490,6 +521,31 @@ class OpenAIProvider:
                 yield chunk
 
 
+class _Connection:
+    """Whether a request went out on a pooled keep-alive connection (set by _CONNECTIONS)."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _reused(_: object, context: Any, __: object) -> None:
+    if isinstance(context.trace_request_ctx, _Connection):
+        context.trace_request_ctx.reused = True
+
+
+async def _created(_: object, context: Any, __: object) -> None:
+    if isinstance(context.trace_request_ctx, _Connection):
+        context.trace_request_ctx.reused = False
+
+
+_CONNECTIONS = aiohttp.TraceConfig()
+_CONNECTIONS.on_connection_reuseconn.append(_reused)
+_CONNECTIONS.on_connection_create_end.append(_created)
+_CONNECTIONS.freeze()
+
+
 def _not_the_api(
     response: aiohttp.ClientResponse, path: str, wanted: str, *, empty: bool = False
 ) -> errors.UpstreamError:
@@ -500,6 +556,45 @@ def _not_the_api(
     return errors.UpstreamError(
         f"The upstream answered /{path} with {got}, not {wanted}: check that OPENAI_BASE_URL "
         "is the API's address (usually ending in /v1) and that the server supports this call."
+    )
+
+
+# The list every answer of an endpoint has (its results); a 200 without it is no answer.
+ANSWER_LISTS = {"chat/completions": "choices", "completions": "choices"}
+# Answers up to this size are parsed whole (a chat answer in microseconds); larger ones (a
+# big batch of embeddings takes milliseconds to parse) are checked for their shape only.
+PARSED_UP_TO = 1 << 20
+
+
+def _check_answer(path: str, content: bytes) -> None:
+    """Refuse a 200 whose JSON is cut short or lacks the endpoint's results list, as the
+    upstream's fault, saying which."""
+    key = ANSWER_LISTS.get(path, "data")
+    body = content.strip(b"\xef\xbb\xbf \t\r\n")
+    if len(body) <= PARSED_UP_TO:
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            whole = False
+            reason = f"{exc}"
+        else:
+            whole, reason = True, ""
+            if isinstance(answer, dict) and isinstance(answer.get(key), list):
+                return
+    else:
+        answer, reason = None, ""
+        whole = body.endswith(b"}")
+        if whole and re.search(rb'"%s"\s*:\s*\[' % key.encode(), body):
+            return
+    if not whole:
+        raise errors.UpstreamError(
+            f"The upstream answered /{path} with a body that is not valid JSON ({len(content)} "
+            f"bytes, cut short or garbled{': ' + reason if reason else ''})."
+        )
+    message = _error_fields(answer)[0]  # a server that sends its errors with a 200
+    said = f" (it said: {message})" if message else ""
+    raise errors.UpstreamError(
+        f"The upstream answered /{path} without the {key!r} list every answer has{said}."
     )
 
 
@@ -525,6 +620,20 @@ def _list(answer: dict[str, Any], key: str) -> list[Any]:
     if not isinstance(items, list):
         raise errors.UpstreamError(f"The upstream's answer has no {key!r} list.")
     return items
+
+
+# OpenAI's reasoning models (o1, o3-mini, o4-mini, gpt-5, gpt-5.1-codex...), also under a
+# router's prefix (openai/o3): they take max_completion_tokens and refuse max_tokens.
+REASONING_MODELS = re.compile(r"(?:.*/)?(?:o[1-9]|gpt-[5-9])(?:[-.:].*)?", re.IGNORECASE)
+
+
+def cap_param_for(model: str | None, default: str = "max_tokens") -> str:
+    """The parameter that caps a chat reply of `model`, decided by its name (a host other
+    than api.openai.com, Azure's for one, serves reasoning models too): `default` unless
+    `model` is one of OpenAI's reasoning models."""
+    if model and REASONING_MODELS.fullmatch(model):
+        return "max_completion_tokens"
+    return default
 
 
 def _basic_auth(url: str) -> str | None:
