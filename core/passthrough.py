@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import orjson
 
 from core.schemas import Usage
 
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
-DONE = b"data: [DONE]"
+# A blank line ends an SSE event; a line ends in CRLF, LF or a lone CR (the spec's three).
+_LINE_END = rb"(?:\r\n|\n|\r(?!\n))"
+_BLANK_LINE = re.compile(_LINE_END + _LINE_END)
+END_MARKER = b"[DONE]"
 
 
 async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
@@ -19,11 +23,14 @@ async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
     One list per read from the upstream: the events that completed in it, passed on together
     rather than one send each.
     """
-    buffer = b""
+    buffer, carriage = b"", False
     async for chunk in chunks:
         buffer += chunk
+        # Most servers end lines in LF alone: a CR, once seen, switches to the general search.
+        carriage = carriage or b"\r" in chunk
+        end_of = _event_end_any if carriage else _event_end
         events = []
-        while (end := _event_end(buffer)) is not None:
+        while (end := end_of(buffer)) is not None:
             events.append(buffer[:end])
             buffer = buffer[end:]
         if events:
@@ -33,11 +40,19 @@ async def sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
 
 
 def _event_end(buffer: bytes) -> int | None:
-    for separator in (b"\n\n", b"\r\n\r\n"):
-        i = buffer.find(separator)
-        if i >= 0:
-            return i + len(separator)
-    return None
+    i = buffer.find(b"\n\n")
+    return i + 2 if i >= 0 else None
+
+
+def _event_end_any(buffer: bytes) -> int | None:
+    found = _BLANK_LINE.search(buffer)
+    return found.end() if found else None
+
+
+def is_done(event: bytes) -> bool:
+    """The stream's end marker, in any valid SSE framing ("data: [DONE]", "data:[DONE]",
+    CRLF line ends, a comment line before it)."""
+    return END_MARKER in event and event_data(event) == END_MARKER
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -85,7 +100,7 @@ def is_usage_only(event: bytes) -> bool:
 
 def error_in(event: bytes) -> str | None:
     """The message of an error event inside a stream, if this is one."""
-    payload = event.strip().removeprefix(b"data:").strip()
+    payload = event.strip().removeprefix(b"data:").strip()  # "data:" with a space or not
     if not payload.startswith(b'{"error"'):
         return None
     try:
@@ -93,3 +108,60 @@ def error_in(event: bytes) -> str | None:
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return "unreadable error event"
     return str(error.get("message", "unknown error"))[:300] if isinstance(error, dict) else None
+
+
+# A JSON string (escapes and all), or one of the characters that give a JSON text its shape.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],:]', re.S)
+_SPACE = b" \t\r\n"
+
+
+def with_fields(raw: bytes, body: dict[str, Any], changes: dict[str, Any]) -> bytes:
+    """The JSON object `raw` (parsed: `body`) with the top-level `changes` made, and every
+    other byte as it came: whitespace, escapes, numbers no parser would keep (2**70) and
+    fields no one here reads. A key it lacks is added at the front; a key it has (even
+    several times) gets the new value in each place."""
+    if not changes:
+        return raw
+    start = raw.find(b"{") + 1
+    added = [k for k in changes if k not in body]
+    head = b",".join(orjson.dumps(k) + b":" + orjson.dumps(changes[k]) for k in added)
+    replaced = [k for k in changes if k in body]
+    if not replaced:  # the usual case (stream_options, a cap): no need to read the rest
+        comma = b"," if added and body else b""
+        return raw[:start] + head + comma + raw[start:]
+    pieces, at = [raw[:start], head, b"," if added else b""], start
+    for key, (value_start, value_end) in _top_level_values(raw, start):
+        if key in changes:
+            pieces += [raw[at:value_start], orjson.dumps(changes[key])]
+            at = value_end
+    pieces.append(raw[at:])
+    return b"".join(pieces)
+
+
+def _top_level_values(raw: bytes, start: int) -> Iterator[tuple[str, tuple[int, int]]]:
+    """Each member of the object opened just before `start`: its key, and where its value
+    starts and ends (the whitespace around it left out)."""
+    depth, key, value_start = 1, None, 0
+    for token in _JSON_TOKENS.finditer(raw, start):
+        char = raw[token.start()]
+        if char == 0x22:  # a string: a key when one is expected at the top level
+            if depth == 1 and key is None:
+                key = orjson.loads(token.group())
+        elif char in (0x7B, 0x5B):  # { [
+            depth += 1
+        elif char == 0x3A:  # :
+            if depth == 1:
+                value_start = token.end()
+        elif char == 0x2C or char in (0x7D, 0x5D):  # , } ]
+            if depth == 1 and key is not None:
+                end = token.start()
+                while raw[value_start] in _SPACE:
+                    value_start += 1
+                while raw[end - 1] in _SPACE:
+                    end -= 1
+                yield key, (value_start, end)
+                key = None
+            if char != 0x2C:
+                depth -= 1
+                if depth == 0:
+                    return

@@ -25,7 +25,16 @@ from core.config import Settings
 from core.endpoints import ENDPOINTS, REPLY_LIMITS
 from core.ledger import QUOTA_FUNCTIONS, Ledger, Reservation
 from core.log import redact
-from core.passthrough import DONE, error_in, is_usage_only, sse_batches, usage_in
+from core.passthrough import (
+    END_MARKER,
+    error_in,
+    event_data,
+    is_done,
+    is_usage_only,
+    sse_batches,
+    usage_in,
+    with_fields,
+)
 from core.providers import build_provider, configured_backends
 from core.providers.base import Provider
 from core.router import Route, Router, Served
@@ -135,7 +144,8 @@ class Service:
             max_bytes=settings.cache_max_mb * 1_000_000,
         )
         keys = [settings.openai_api_key, settings.access_key]
-        keys += [getattr(s.provider, "api_key", None) for s in router.backends]
+        if provider is None:  # the configured backends (BACKENDS_FILE's): each one's key
+            keys += [b.api_key for b in configured_backends(settings, warn=False)]
         self._secrets = [k.get_secret_value() for k in keys if k]
         self._models: tuple[float, list[ModelInfo]] | None = None
         # Metric labels: only models configured or listed by the backends, so made-up names
@@ -325,16 +335,18 @@ class Service:
         request_id: str | None = None,
         cache: Use = "use",
         outcome: Outcome | None = None,
+        raw: bytes | None = None,
     ) -> bytes:
-        """Validate, reserve, send `body` upstream as it is, account for the answer's usage."""
+        """Validate, reserve, send `body` upstream as it is (`raw`: its bytes as the client
+        sent them, passed on byte for byte), account for the answer's usage."""
         async with self._pipeline(
             function, request, caller, source, request_id, body, cache, outcome, form="bytes"
         ) as (call, req):
             if call.lookup is not None and function == "embedding":
-                return await self._embed_bytes(call, req, body)
+                return await self._embed_bytes(call, req, body, raw)
             if call.cached:
                 return call.stored
-            content = await self._forward(call, req, body)
+            content = await self._forward(call, req, body, raw=raw)
             await self._keep_items(call, {call.lookup.keys[0]: content} if call.lookup else {})
             return content
 
@@ -344,21 +356,28 @@ class Service:
         req: FunctionRequest,
         body: dict[str, Any],
         fallback_body: dict[str, Any] | None = None,
+        *,
+        raw: bytes | None = None,
     ) -> bytes:
         """`body` sent upstream as it is (with the service's changes: model, cap); its answer
         accounted for. `fallback_body`: what a fallback gets instead (embeddings: the whole
-        batch, when `body` holds only the inputs the cache lacks)."""
+        batch, when `body` holds only the inputs the cache lacks). `raw`: the bytes the client
+        sent (of `fallback_body` when given, else of `body`)."""
         path = ENDPOINTS[call.function].path
         asked = _asked(call)
+        original = body if fallback_body is None else fallback_body
 
         def send(provider: Provider, r: FunctionRequest) -> Any:
             sent = body if fallback_body is None or asked(provider, r) else fallback_body
-            payload = _payload(sent, r, stream=False, cap_param=provider.cap_param)
+            as_sent = raw if sent is original else None
+            payload = _payload(sent, r, stream=False, cap_param=provider.cap_param, raw=as_sent)
             return provider.forward_json(path, payload, r.model)
 
         content = await self._first_answer(call, req, send, body, passthrough=True)
         call.usage = usage_in(content)
         call.reply_chars = len(content)  # if no usage came, the ledger estimates from it
+        if call.prompt_text is not None and ENDPOINTS[call.function].generates:
+            _note_reply(call, content)  # LOG_CONTENT: the reply's text too
         if call.function == "image":
             call.images = content.count(b'"b64_json"')
         if call.function == "embedding" and re.search(rb'"embedding"\s*:\s*\[\s*\[', content):
@@ -370,7 +389,9 @@ class Service:
             )
         return content
 
-    async def _embed_bytes(self, call: Call, req: EmbeddingRequest, body: dict[str, Any]) -> bytes:
+    async def _embed_bytes(
+        self, call: Call, req: EmbeddingRequest, body: dict[str, Any], raw: bytes | None
+    ) -> bytes:
         """OpenAI's embeddings answer with the cache on: the inputs it lacks are sent upstream
         (the rest of the body as it is), each vector is kept as the upstream wrote it (floats
         or base64), and the answer lists them in the caller's order."""
@@ -382,7 +403,7 @@ class Service:
         else:
             texts = [req.texts[i] for i in missing]
             part = req.model_copy(update={"texts": texts})
-            content = await self._forward(call, part, {**body, "input": texts}, body)
+            content = await self._forward(call, part, {**body, "input": texts}, body, raw=raw)
             if call.fell_back:
                 _missed(call)
                 return content  # another model's answer to the whole batch: not mixed, not kept
@@ -413,9 +434,11 @@ class Service:
         request_id: str | None = None,
         cache: Use = "use",
         outcome: Outcome | None = None,
+        raw: bytes | None = None,
     ) -> AsyncIterator[bytes]:
-        """Stream SSE events from upstream as they arrive; usage is always asked for (the
-        ledger needs it) and its chunk is passed on only when the client asked for it too.
+        """Stream SSE events from upstream as they arrive (`raw`: the body's bytes as the
+        client sent them, passed on but for what the service changes); usage is always asked
+        for (the ledger needs it) and its chunk is passed on only when the client asked too.
         An upstream that sends none (llama.cpp's server ignores stream_options) gets one made
         from our estimate, so a client that asked for usage always has it.
 
@@ -432,9 +455,10 @@ class Service:
                     yield piece.encode()
                 last = end.encode()
             else:
-                async with aclosing(self._forward_stream(call, req, body, include_usage)) as out:
+                relayed = self._forward_stream(call, req, body, include_usage, raw)
+                async with aclosing(relayed) as out:
                     async for piece in out:
-                        if piece.rstrip().endswith(DONE):
+                        if piece.rstrip().endswith(END_MARKER):
                             last = piece  # sent once the call is recorded (this block's end)
                         else:
                             yield piece
@@ -442,7 +466,12 @@ class Service:
             yield last
 
     async def _forward_stream(
-        self, call: Call, req: FunctionRequest, body: dict[str, Any], include_usage: bool
+        self,
+        call: Call,
+        req: FunctionRequest,
+        body: dict[str, Any],
+        include_usage: bool,
+        raw: bytes | None = None,
     ) -> AsyncIterator[bytes]:
         """The upstream's SSE events, as forward_stream sends them (kept in the cache once
         they all went through)."""
@@ -452,7 +481,7 @@ class Service:
         sent: list[bytes] = []
 
         def send(provider: Provider, r: FunctionRequest) -> AsyncIterator[bytes]:
-            payload = _payload(body, r, stream=True, cap_param=provider.cap_param)
+            payload = _payload(body, r, stream=True, cap_param=provider.cap_param, raw=raw)
             return provider.forward_stream(endpoint.path, payload, r.model)
 
         upstream = self._attempts(call, req, send, body, passthrough=True)
@@ -461,7 +490,7 @@ class Service:
             async for events in batches:
                 kept = []
                 for event in events:
-                    if event.startswith(DONE):
+                    if is_done(event):
                         finished = True
                         if include_usage and call.usage is None:
                             call.usage = _estimate(call)
@@ -478,6 +507,8 @@ class Service:
                     first = first or event
                     # About one token per chunk: an estimate for a stream cut short.
                     call.reply_chars += 4
+                    if call.prompt_text is not None:  # LOG_CONTENT: the reply's text too
+                        _note_reply(call, event_data(event))
                 if kept:
                     piece = b"".join(kept)
                     if call.lookup is not None:
@@ -539,7 +570,7 @@ class Service:
             status["upstream_key_set"] = None
             status["backends"] = [
                 {"name": s.name, "kind": s.kind, "upstream": s.provider.describe(),
-                 "key_set": getattr(s.provider, "api_key", None) is not None,
+                 "key_set": s.spec.api_key_env is not None,  # unset: refused at start
                  "reachable": reachable[s.name]}
                 for s in self.router.backends
             ]  # fmt: skip
@@ -888,6 +919,16 @@ class Service:
         limits = call.caller.limits
         if not (limits.rpm or limits.daily_tokens) or call.function not in QUOTA_FUNCTIONS:
             return req  # nothing to check: the outcome is written as one row afterwards
+        if limits.daily_tokens and (where := tokens.unbounded_part(req)) is not None:
+            # What it costs cannot be bounded, so no quota can hold it (the upstream reads the
+            # file from its own storage, whatever its size).
+            raise errors.InvalidRequest(
+                f"{where} names a file by its id, whose size (and cost) cannot be known here, "
+                "and your key has a daily token quota. Send the file's content instead "
+                '({"type": "file", "file": {"file_data": "data:...;base64,...", '
+                '"filename": "..."}}).',
+                param=where,
+            )
         # Off the event loop when long: a long prompt takes a while to tokenize (a short one
         # less than the hop to a thread would).
         if _rough_size(req, body) > INLINE_TOKENIZE:
@@ -901,6 +942,26 @@ class Service:
         wanted = n * worst if generates else 0
         if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):
             needed += req.n * IMAGE_TOKENS.get(req.quality, IMAGE_TOKENS["auto"])
+        minimum = needed + n if generates else needed  # a reply token for each choice
+        if limits.daily_tokens and minimum > limits.daily_tokens:
+            # It can never fit, whatever is spent or held: no Retry-After that says it will.
+            self.ledger.record(
+                user=call.caller.name,
+                function=call.function,
+                model=call.model,
+                provider=route.name,
+                source=call.source,
+                request_id=call.request_id,
+                status="refused",
+                ts=call.started_at,
+            )
+            raise errors.QuotaExceeded(
+                f"This request needs about {minimum:,} tokens at least, more than your whole "
+                f"daily quota of {limits.daily_tokens:,} tokens: it cannot run under this quota "
+                "at any time of day. Make it smaller (a shorter prompt, fewer choices or "
+                "parts), or ask an admin for a larger quota.",
+                code="insufficient_quota",
+            )
         hold = self.ledger.reserve_async(
             user=call.caller.name,
             limits=call.caller.limits,
@@ -910,7 +971,7 @@ class Service:
             source=call.source,
             request_id=call.request_id,
             estimate=needed + wanted,
-            minimum=needed + n if generates else needed,  # a reply token for each choice
+            minimum=minimum,
         )
         try:
             call.reservation = await asyncio.shield(hold)
@@ -942,6 +1003,11 @@ class Service:
                 if call.prompt_text is not None and chunk.text:
                     call.reply.append(chunk.text)
                 yield chunk
+        if call.usage is None and call.reply_chars and ENDPOINTS[call.function].generates:
+            # The backend reported no usage: the count the ledger records (_settle), so that
+            # the caller's usage says what it is billed, not zeros.
+            call.usage = _estimate(call)
+            yield StreamChunk(usage=call.usage)
 
     @asynccontextmanager
     async def _track(self, call: Call) -> AsyncIterator[Call]:
@@ -1078,7 +1144,7 @@ def falls_back(exc: errors.ServiceError) -> bool:
         return True
     if type(exc) is errors.StreamInterrupted:
         return True  # before the first byte: the connection failed
-    status = getattr(exc, "upstream_status", None)
+    status = exc.upstream_status
     return status is not None and (status == 429 or status >= 500)
 
 
@@ -1087,10 +1153,31 @@ def _estimate(call: Call) -> Usage:
     prompt_chars = len(call.request.prompt_text()) if call.request is not None else 0
     prompt, completion = prompt_chars // 4, call.reply_chars // 4
     if call.reply_cap:
-        completion = min(completion, call.reply_cap)  # it cannot have made more than that
+        # It cannot have made more than that for each of its replies.
+        replies = tokens.choices(call.request) if call.request is not None else 1
+        completion = min(completion, call.reply_cap * replies)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+def _note_reply(call: Call, data: bytes | None) -> None:
+    """Keep the reply text of an OpenAI chat or completions answer (or stream chunk): each
+    choice's message or delta content, or its text."""
+    if not data or data == END_MARKER:
+        return
+    try:
+        answer = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        said = choice.get("message") or choice.get("delta")
+        text = said.get("content") if isinstance(said, dict) else choice.get("text")
+        if isinstance(text, str) and text:
+            call.reply.append(text)
 
 
 def _usage_event(first: bytes, usage: Usage) -> bytes:
@@ -1111,23 +1198,39 @@ def _usage_event(first: bytes, usage: Usage) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def _payload(body: dict[str, Any], req: FunctionRequest, *, stream: bool, cap_param: str) -> bytes:
+def _payload(
+    body: dict[str, Any],
+    req: FunctionRequest,
+    *,
+    stream: bool,
+    cap_param: str,
+    raw: bytes | None = None,
+) -> bytes:
     """The client's body with what the service decided: the model, streaming, a quota cap
-    (under the parameter the client used, else the one the upstream's chat models take)."""
-    out = {**body, "model": req.model}
+    (under the parameter the client used, else the one the upstream's chat models take).
+    `raw`: the body's bytes as the client sent them, passed on as they are but for those
+    changes (without it, `body` is serialised anew)."""
+    changes: dict[str, Any] = {}
+    if body.get("model") != req.model:
+        changes["model"] = req.model
     if stream:
-        out["stream"] = True
-        out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        if body.get("stream") is not True:
+            changes["stream"] = True
+        options = body.get("stream_options") or {}
+        if options.get("include_usage") is not True:
+            changes["stream_options"] = {**options, "include_usage": True}
     cap = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
     if cap is not None:
         named = [k for k in REPLY_LIMITS if body.get(k) is not None]
         if named:
             for key in named:  # every name the upstream might read, not one of them
-                if body[key] != cap:
-                    out[key] = cap
+                if body[key] != cap or type(body[key]) is not int:
+                    changes[key] = cap
         else:
-            out[cap_param if isinstance(req, ChatRequest) else "max_tokens"] = cap
-    return orjson.dumps(out)
+            changes[cap_param if isinstance(req, ChatRequest) else "max_tokens"] = cap
+    if raw is not None:
+        return with_fields(raw, body, changes)
+    return orjson.dumps({**body, **changes})
 
 
 def _chunks_value(chunks: list[StreamChunk]) -> bytes:

@@ -6,7 +6,8 @@
 - Any other model (its tokenizer unknown): the text's UTF-8 bytes, which no byte-level
   tokenizer exceeds: conservative, and the ledger settles on the upstream's own count after.
 - What is not text: image parts at IMAGE_PART_TOKENS each, a file named by id at
-  FILE_PART_TOKENS, other parts and every field the service does not read (tools, response
+  FILE_PART_TOKENS (its size is unknown here: a caller with a daily quota is refused it, see
+  unbounded_part), other parts and every field the service does not read (tools, response
   formats, predictions, unknown ones) by the size of their JSON.
 - A reply: max_tokens if the client set one, else the model's largest reply (MAX_OUTPUT), times
   the number of replies (n or best_of, for each prompt of a completions call).
@@ -107,6 +108,22 @@ def prompt(request: FunctionRequest, body: dict[str, Any] | None = None) -> int:
     if isinstance(request, ImageRequest):
         return total + count(request.prompt, model)
     return total + request.prompt_bound()
+
+
+def unbounded_part(request: FunctionRequest) -> str | None:
+    """Where a request holds something whose size, and so whose cost, cannot be known here (a
+    file named by its id: the upstream reads it from its own storage), as a parameter path
+    ("messages[0].content[1].file.file_id"); None when every part can be counted."""
+    if not isinstance(request, ChatRequest):
+        return None
+    for i, message in enumerate(request.messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            file = (part.model_extra or {}).get("file") if part.type == "file" else None
+            if part.type == "file" and not (isinstance(file, dict) and "file_data" in file):
+                return f"messages[{i}].content[{j}].file.file_id"
+    return None
 
 
 def _tokens(value: Any, model: str | None) -> int:

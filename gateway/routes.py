@@ -172,7 +172,8 @@ def build_router(core: Core) -> Router:
             raise Refusal(json_error(body, 401))
         return principal
 
-    async def json_body(request: Request) -> dict[str, Any]:
+    async def json_body(request: Request) -> tuple[bytes, dict[str, Any]]:
+        """The body as it came (passed upstream byte for byte) and parsed."""
         raw = await request.body()
         try:
             body = orjson.loads(raw)
@@ -182,7 +183,7 @@ def build_router(core: Core) -> Router:
         if not isinstance(body, dict):
             message = "The request body must be a JSON object."
             raise Refusal(json_error(shapes.error_body(message, status=400), 400))
-        return body
+        return raw, body
 
     async def handle(function: str, request: Request) -> Response:
         """One /v1 call; its request id (in logs, the ledger and errors) is also a header."""
@@ -201,7 +202,7 @@ def build_router(core: Core) -> Router:
     async def answer(function: str, request: Request, request_id: str) -> Response:
         try:
             caller = await caller_of(request)
-            body = await json_body(request)
+            raw, body = await json_body(request)
         except Refusal as refusal:
             refused(request, request_id, refusal.response.status_code)
             return refusal.response
@@ -228,15 +229,14 @@ def build_router(core: Core) -> Router:
                     caller=caller,
                     include_usage=include_usage,
                     request_id=request_id,
+                    raw=raw,
                     **cached,
                 )
                 return await stream_response(watched(events, caller), params, outcome)
+            how = {"caller": caller, "request_id": request_id, "raw": raw, **cached}
             try:
                 content = await while_connected(
-                    request,
-                    service.forward_json(
-                        function, fields, body, caller=caller, request_id=request_id, **cached
-                    ),
+                    request, service.forward_json(function, fields, body, **how)
                 )
             except errors.ServiceError as exc:
                 return error_response(exc, params)
@@ -322,6 +322,8 @@ def build_router(core: Core) -> Router:
 
     for endpoint in ENDPOINTS.values():
         add(f"/v1/{endpoint.path}", ["POST"], endpoint.name)(route(endpoint.name))
+        # With a trailing slash too (some clients join base URL and path so): the same call.
+        add(f"/v1/{endpoint.path}/", ["POST"])(route(endpoint.name))
 
     async def listed(request: Request) -> list[ModelInfo] | Response:
         """The backend's models for an authenticated caller, or the answer that refuses."""
@@ -352,6 +354,8 @@ def build_router(core: Core) -> Router:
         found = await listed(request)
         if isinstance(found, Response):
             return found
+        if not model:  # /v1/models/
+            return Response(shapes.models_body(found), media_type=JSON)
         one = next((m for m in found if m.id == model), None)
         if one is None:
             message = f"The model '{model[:256]}' does not exist or you do not have access to it."

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
+from core import db
+from core.schemas import ModelInfo, StreamChunk
 from tests.conftest import ACCESS_KEY, Served, logged
+from tests.upstream import FakeUpstream
 
 AUTH = {"authorization": f"Bearer {ACCESS_KEY}"}
 
@@ -125,3 +136,276 @@ def test_an_unexpected_failure_is_a_500_in_openais_shape_and_the_server_keeps_se
     assert "GET /v1/models failed" in logged()[before:]
     monkeypatch.undo()
     assert httpx.get(served.url + "/v1/models", headers=AUTH).status_code == 200
+
+
+# ---- the wire: SSE framings, bytes as they came, reply text (LOG_CONTENT) ----------------------
+
+
+class Wire:
+    """Around the fake upstream's app: keeps each request body's bytes as they arrived, and
+    rewrites its event streams' framing when asked (`reframe`: bytes -> bytes)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.bodies: list[bytes] = []
+        self.reframe: Callable[[bytes], bytes] | None = None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+
+        async def recording() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    self.bodies.append(b"".join(chunks))
+            return message
+
+        streaming = False
+
+        async def reframing(message: dict) -> None:
+            nonlocal streaming
+            if message["type"] == "http.response.start":
+                kind = dict(message.get("headers", [])).get(b"content-type", b"")
+                streaming = kind.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and streaming and self.reframe:
+                message = {**message, "body": self.reframe(message.get("body", b""))}
+            await send(message)
+
+        await self.app(scope, recording, reframing)
+
+
+@dataclass
+class Wired:
+    url: str
+    core: Any
+    wire: Wire
+
+    def user(self, **limits: Any) -> tuple[str, dict[str, str]]:
+        name = f"wire-{uuid.uuid4().hex[:8]}"
+        _, key = self.core.users.add(name, **limits)
+        return name, {"authorization": f"Bearer {key}"}
+
+    def row(self, name: str) -> dict[str, Any]:
+        """The user's one ledger row once settled, with the reply text it stored."""
+        usage = db.usage.c
+        query = sa.select(usage).where(usage.user == name)
+        deadline = time.monotonic() + 15
+        while True:
+            self.core.ledger.flush()
+            with self.core.ledger.engine.connect() as conn:
+                rows = [r._asdict() for r in conn.execute(query)]
+            if (rows and rows[-1]["status"] != "pending") or time.monotonic() > deadline:
+                assert len(rows) == 1, rows
+                return rows[0]
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def wired(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wired]:
+    """The app in front of a fake upstream seen through a Wire, with LOG_CONTENT=true."""
+    from tests.conftest import UPSTREAM_KEY, app_settings, serve
+    from ui.server import create_app
+
+    upstream = FakeUpstream(api_key=UPSTREAM_KEY)
+    wire = Wire(upstream.app)
+    upstream.app = wire
+    upstream.start()
+    data_dir = tmp_path_factory.mktemp("wire-data")
+    app = create_app(app_settings(upstream, DATA_DIR=str(data_dir), LOG_CONTENT="true"))
+    served = serve(app)
+    yield Wired(url=served.url, core=app.state.core, wire=wire)
+    served.server.should_exit = served.server.force_exit = True
+    served.thread.join(timeout=10)
+    upstream.stop()
+
+
+FRAMINGS = {
+    "as the fake sends it": lambda b: b,
+    "no space after data:": lambda b: b.replace(b"data: ", b"data:"),
+    "CRLF line ends": lambda b: b.replace(b"\n", b"\r\n"),
+    "CR line ends, no space": lambda b: b.replace(b"data: ", b"data:").replace(b"\n", b"\r"),
+}
+
+
+@pytest.mark.parametrize("framing", list(FRAMINGS))
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_a_passed_through_stream_ends_in_any_valid_sse_framing(
+    wired: Wired, framing: str, include_usage: bool
+) -> None:
+    name, auth = wired.user()
+    wired.wire.reframe = FRAMINGS[framing]
+    body = {
+        "model": "gpt-4.1-mini",
+        "messages": [{"role": "user", "content": "one two three"}],
+        "stream": True,
+        "stream_options": {"include_usage": include_usage},
+    }
+    try:
+        answer = httpx.post(wired.url + "/v1/chat/completions", headers=auth, json=body)
+    finally:
+        wired.wire.reframe = None
+    assert answer.status_code == 200
+    text = answer.text
+    assert "error" not in text and "cut off" not in text
+    assert text.rstrip().endswith("[DONE]")
+    row = wired.row(name)
+    assert row["status"] == "ok"
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (3, 4)  # the upstream's count
+    assert row["completion_text"] == "Echo: one two three"
+
+
+def test_the_openai_sdk_reads_a_reframed_stream_whole(wired: Wired) -> None:
+    _, auth = wired.user()
+    sdk = openai.OpenAI(
+        base_url=wired.url + "/v1", api_key=auth["authorization"][7:], max_retries=0
+    )
+    wired.wire.reframe = FRAMINGS["CRLF line ends"]
+    try:
+        stream = sdk.chat.completions.create(
+            model="gpt-4.1-mini",
+            messages=[{"role": "user", "content": "four five"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    finally:
+        wired.wire.reframe = None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "Echo: four five"
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+# Odd whitespace, an escape, and an integer no 64-bit parser keeps, in a field nobody reads.
+ODD_BODY = (
+    b'{ "model" :"gpt-4.1-mini",\n\t"messages":[{"role":"user", "content":"caf\\u00e9 au lait"}]'
+    b',  "x_vendor_option" : {"seed_of_seeds": 1180591620717411303424, "note": "\\/ok"}%s }'
+)
+
+
+def test_a_body_that_needs_no_change_goes_upstream_byte_for_byte(wired: Wired) -> None:
+    name, auth = wired.user()
+    sent = ODD_BODY % b""
+    answer = httpx.post(wired.url + "/v1/chat/completions", headers=auth, content=sent)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "Echo: café au lait"
+    assert wired.wire.bodies[-1] == sent
+    # LOG_CONTENT keeps the reply of a call passed through, not streamed too.
+    assert wired.row(name)["completion_text"] == "Echo: café au lait"
+
+
+def test_a_changed_body_changes_only_what_the_service_must(wired: Wired) -> None:
+    # A stream: usage is asked for upstream; the rest as the client wrote it.
+    _, auth = wired.user()
+    sent = ODD_BODY % b', "stream": true'
+    answer = httpx.post(wired.url + "/v1/chat/completions", headers=auth, content=sent)
+    assert answer.status_code == 200 and answer.text.rstrip().endswith("[DONE]")
+    received = wired.wire.bodies[-1]
+    assert received.replace(b'"stream_options":{"include_usage":true},', b"", 1) == sent
+    # A quota that caps the reply: max_tokens changes, and nothing else.
+    _, auth = wired.user(daily_tokens=400)
+    sent = ODD_BODY % b',\n "max_tokens" : 100000 '
+    answer = httpx.post(wired.url + "/v1/chat/completions", headers=auth, content=sent)
+    assert answer.status_code == 200, answer.text
+    received = wired.wire.bodies[-1]
+    cap = json.loads(received)["max_tokens"]
+    assert cap < 400
+    assert received == sent.replace(b"100000", str(cap).encode())
+    assert json.loads(received)["x_vendor_option"]["seed_of_seeds"] == 2**70  # still an int
+
+
+# ---- answers the gateway builds: the usage the ledger records, never zeros -----------------------
+
+
+class Unmetered:
+    """A backend whose answers the gateway builds (like Anthropic's, Hugging Face's or the
+    embedded one), that reports no usage."""
+
+    name = "unmetered"
+    functions = frozenset({"chat", "completion"})
+    honours = None
+    supports_passthrough = False
+    cap_param = "max_tokens"
+    notice = None
+
+    def __init__(self) -> None:
+        self.default_models = {"chat": "plain-1", "completion": "plain-1"}
+
+    def describe(self) -> str:
+        return "a backend that reports no usage"
+
+    async def chat_stream(self, request: Any) -> AsyncIterator[StreamChunk]:
+        for word in ("Hello", " there,", " my", " good", " friend"):
+            yield StreamChunk(text=word)
+        yield StreamChunk(finish_reason="stop")
+
+    completion_stream = chat_stream
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo(id="plain-1", kinds=["chat"])]
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def unmetered(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wired]:
+    from core.context import open_core
+    from tests.conftest import app_settings, serve
+    from ui.server import create_app
+
+    settings = app_settings(upstream, DATA_DIR=str(tmp_path_factory.mktemp("unmetered")))
+    app = create_app(settings, open_core(settings, Unmetered()))  # type: ignore[arg-type]
+    served = serve(app)
+    yield Wired(url=served.url, core=app.state.core, wire=Wire(None))
+    served.server.should_exit = served.server.force_exit = True
+    served.thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_without_usage_gets_the_ledgers_count_not_zeros(
+    unmetered: Wired, stream: bool
+) -> None:
+    name, auth = unmetered.user()
+    sdk = openai.OpenAI(
+        base_url=unmetered.url + "/v1", api_key=auth["authorization"][7:], max_retries=0
+    )
+    messages = [{"role": "user", "content": "Please say hello to my good friend over there"}]
+    if stream:
+        chunks = list(
+            sdk.chat.completions.create(
+                model="plain-1",
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        usage = chunks[-1].usage
+    else:
+        usage = sdk.chat.completions.create(model="plain-1", messages=messages).usage
+    row = unmetered.row(name)
+    assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens > 0
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        row["prompt_tokens"],
+        row["completion_tokens"],
+    )
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+# ---- paths -------------------------------------------------------------------------------------
+
+
+def test_a_trailing_slash_is_the_same_call(running_app: Served) -> None:
+    body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "slash"}]}
+    answer = httpx.post(running_app.url + "/v1/chat/completions/", headers=AUTH, json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "Echo: slash"
+    listed = httpx.get(running_app.url + "/v1/models/", headers=AUTH)
+    assert listed.status_code == 200 and listed.json()["object"] == "list"

@@ -176,3 +176,57 @@ def test_extra_message_fields_reach_the_upstream(gateway, upstream) -> None:
     messages = [{"role": "assistant", "content": "hi", "reasoning_content": "thought"}, *HI]
     sdk.chat.completions.create(model="gpt-4.1-mini", messages=messages)
     assert last_upstream_body(upstream)["messages"][0]["reasoning_content"] == "thought"
+
+
+FILE_BY_ID = {"type": "file", "file": {"file_id": "file-abc"}}
+ASK = {"type": "text", "text": "What does this file say?"}
+
+
+def test_a_file_by_id_is_refused_under_a_daily_quota_naming_the_part(gateway, upstream) -> None:
+    sdk, _ = sdk_for(gateway, "quota-file-id", 1_000_000)
+    upstream.reset()
+    messages = [{"role": "user", "content": [ASK, FILE_BY_ID]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(model="gpt-4.1-mini", messages=messages)
+    assert info.value.param == "messages[0].content[1].file.file_id"
+    assert "file_data" in info.value.message
+    assert "retry-after" not in info.value.response.headers
+    assert upstream.requests == []
+    # Its content instead: counted by its size, and sent.
+    data = {"type": "file", "file": {"file_data": "data:text/plain;base64,aGk=", "filename": "a"}}
+    sdk.chat.completions.create(
+        model="gpt-4.1-mini", messages=[{"role": "user", "content": [ASK, data]}]
+    )
+    assert last_upstream_body(upstream)["messages"][0]["content"][1] == data
+
+
+def test_a_file_by_id_goes_through_for_a_caller_without_a_quota(gateway, upstream) -> None:
+    served, core = gateway
+    _, key = core.users.add("quota-none-file-id")
+    sdk = openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0)
+    messages = [{"role": "user", "content": [ASK, FILE_BY_ID]}]
+    reply = sdk.chat.completions.create(model="gpt-4.1-mini", messages=messages)
+    assert (reply.choices[0].message.content or "").startswith("Echo: What does this file say?")
+    assert last_upstream_body(upstream)["messages"][0]["content"][1] == FILE_BY_ID
+
+
+def test_a_call_bigger_than_the_whole_day_is_not_told_to_wait(gateway, upstream) -> None:
+    sdk, core = sdk_for(gateway, "quota-never-fits", 50)
+    upstream.reset()
+    with pytest.raises(openai.RateLimitError) as info:
+        sdk.chat.completions.create(model="gpt-4.1-mini", messages=HI, n=60)
+    assert "retry-after" not in info.value.response.headers
+    assert "daily quota of 50 tokens" in info.value.message and "00:00" not in info.value.message
+    assert upstream.requests == []
+    rows = core.ledger.rows(users=["quota-never-fits"])
+    assert list(rows["status"]) == ["refused"]
+
+
+def test_n_replies_without_usage_are_billed_for_each(gateway) -> None:
+    sdk, core = sdk_for(gateway, "quota-n-no-usage", 1_000_000)
+    reply = sdk.chat.completions.create(model="no-usage", messages=HI, n=2, max_tokens=5)
+    assert reply.usage is None
+    core.ledger.flush()
+    [row] = core.ledger.rows(users=["quota-n-no-usage"]).to_dict("records")
+    # Estimated from the answer's size, bounded by what n replies of max_tokens can be.
+    assert row["completion_tokens"] == 2 * 5

@@ -80,12 +80,13 @@ class TypedOnly:
     notice = None
     name: str
     kind_label: str  # "Anthropic", "Hugging Face"
+    base_url: str  # where it sends calls, without user or query (safe to show)
     key_hint = ""  # what the key is, when it needs saying
     api_key: SecretStr | None
     _key_env: str | None
 
     def describe(self) -> str:
-        return f"{self.kind_label} backend {self.name} at {self.base_url}"  # type: ignore[attr-defined]
+        return f"{self.kind_label} backend {self.name} at {self.base_url}"
 
     def _check_configured(self) -> None:
         if self.api_key is None:
