@@ -370,7 +370,9 @@ class Service:
         def send(provider: Provider, r: FunctionRequest) -> Any:
             sent = body if fallback_body is None or asked(provider, r) else fallback_body
             as_sent = raw if sent is original else None
-            payload = _payload(sent, r, stream=False, cap_param=provider.cap_param, raw=as_sent)
+            payload = _payload(
+                sent, r, stream=False, cap_param=provider.cap_param_for(r.model), raw=as_sent
+            )
             return provider.forward_json(path, payload, r.model)
 
         content = await self._first_answer(call, req, send, body, passthrough=True)
@@ -481,7 +483,9 @@ class Service:
         sent: list[bytes] = []
 
         def send(provider: Provider, r: FunctionRequest) -> AsyncIterator[bytes]:
-            payload = _payload(body, r, stream=True, cap_param=provider.cap_param, raw=raw)
+            payload = _payload(
+                body, r, stream=True, cap_param=provider.cap_param_for(r.model), raw=raw
+            )
             return provider.forward_stream(endpoint.path, payload, r.model)
 
         upstream = self._attempts(call, req, send, body, passthrough=True)

@@ -329,11 +329,13 @@ class Unmetered:
     functions = frozenset({"chat", "completion"})
     honours = None
     supports_passthrough = False
-    cap_param = "max_tokens"
     notice = None
 
     def __init__(self) -> None:
         self.default_models = {"chat": "plain-1", "completion": "plain-1"}
+
+    def cap_param_for(self, model: str | None) -> str:
+        return "max_tokens"
 
     def describe(self) -> str:
         return "a backend that reports no usage"

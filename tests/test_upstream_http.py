@@ -187,11 +187,6 @@ def test_a_reasoning_models_cap_is_max_completion_tokens_on_any_host() -> None:
             assert caps == {param: 3}, sent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the /v1 relay names the quota's cap by host (core/service.py _payload takes "
-    "provider.cap_param): it needs the provider's cap_param_for(model)",
-)
 def test_a_reasoning_models_quota_cap_over_v1_is_max_completion_tokens(tmp_path) -> None:
     """A user whose quota caps the reply, calling an OpenAI reasoning model that is not on
     api.openai.com (Azure OpenAI's, say): the cap must go as max_completion_tokens."""

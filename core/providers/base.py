@@ -34,13 +34,16 @@ class Provider(Protocol):
     # Takes OpenAI-shaped request bytes as they are (the /v1 gateway then relays the
     # upstream's bytes back); False: the gateway builds answers from the typed calls below.
     supports_passthrough: bool
-    # The parameter that caps a chat reply upstream: OpenAI's API wants max_completion_tokens
-    # (its reasoning models take nothing else); compatible servers know max_tokens.
-    cap_param: str
     default_models: dict[str, str]  # endpoint name (core.endpoints) -> model id, if served
     # What a person using this backend should know first, in Markdown (None: nothing): the
     # embedded demo model says what it is and how to point the app at a real one.
     notice: str | None
+
+    def cap_param_for(self, model: str | None) -> str:
+        """The parameter that caps a chat reply of `model` upstream: OpenAI's API wants
+        max_completion_tokens (its reasoning models take nothing else, on any host);
+        compatible servers know max_tokens."""
+        ...
 
     def describe(self) -> str:
         """A short, secret-free description for the header line and /health."""
@@ -76,7 +79,6 @@ class TypedOnly:
     bytes to pass through, and a key it cannot work without (named by its api_key_env)."""
 
     supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
-    cap_param = "max_tokens"
     notice = None
     name: str
     kind_label: str  # "Anthropic", "Hugging Face"
@@ -84,6 +86,9 @@ class TypedOnly:
     key_hint = ""  # what the key is, when it needs saying
     api_key: SecretStr | None
     _key_env: str | None
+
+    def cap_param_for(self, model: str | None) -> str:
+        return "max_tokens"  # the typed calls name their own
 
     def describe(self) -> str:
         return f"{self.kind_label} backend {self.name} at {self.base_url}"

@@ -225,7 +225,9 @@ class LocalProvider:
     functions = frozenset({"chat", "completion", "embedding"})
     honours = HONOURS
     supports_passthrough = False  # the gateway builds OpenAI's answers from the typed calls
-    cap_param = "max_tokens"
+
+    def cap_param_for(self, model: str | None) -> str:
+        return "max_tokens"
 
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         if backend is not None:

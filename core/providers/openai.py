@@ -76,7 +76,10 @@ def _mapped(
     status: int, body: object, *, retry_after: str | None, model: str | None, path: str
 ) -> errors.ServiceError:
     message, kind, code, param = _error_fields(body)
+    # The upstream's own words, ended as a sentence (ours may follow).
     said = f": {message}" if message else "."
+    if message and not message.rstrip().endswith((".", "!", "?")):
+        said += "."
     # What a client acts on, as the upstream said it (a class default only where it said none).
     fields: dict[str, Any] = {"error_type": kind, "code": code, "param": param}
     if status == 401:
