@@ -5,6 +5,7 @@ Migrations are an append-only list; each runs once, in order, recorded in schema
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -271,5 +272,12 @@ def lock_user(conn: Connection, *names: str) -> None:
     """Serialize quota checks and counter updates for these users, in one order (SQLite's
     BEGIN IMMEDIATE already serializes all)."""
     if conn.dialect.name == "postgresql":
-        for name in sorted(set(names)):
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": name})
+        # Ordered by the lock's own key, not the name: two names with one key (a collision)
+        # taken in name order by one transaction and the other way by another would deadlock.
+        for key in sorted({_lock_key(name) for name in names}):
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def _lock_key(name: str) -> int:
+    """A user's advisory lock: 63 bits of the name's SHA-256 (every process agrees)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -112,14 +113,27 @@ class Reservation:
 
 @dataclass
 class _Ask:
-    """A reservation asked of the writer thread, answered through `answer` (a Reservation,
-    or the exception: QuotaExceeded, or the database's)."""
+    """A reservation asked of the ledger, answered through `answer` (a Reservation, or the
+    exception: QuotaExceeded, or the database's)."""
 
     row: dict[str, Any]  # the call's ledger row, but its status and holding
     limits: Limits
     estimate: int
     minimum: int
     answer: Callable[[Reservation | BaseException], None]
+    waited: bool = False  # for this process's writer, once: see _reserve_in
+
+
+class _AskAgain:
+    """A flush marker (the writer calls set() once what was queued before it is written)
+    that hands an ask back to the reserving thread instead of waking a waiter: that thread
+    never waits for the writer itself."""
+
+    def __init__(self, asks: queue.SimpleQueue[_Ask | None], ask: _Ask) -> None:
+        self.asks, self.ask = asks, ask
+
+    def set(self) -> None:
+        self.asks.put(self.ask)
 
 
 _C = db.quota_counters.c
@@ -336,11 +350,15 @@ class Ledger:
         self._written = 0  # of those, how many are written (set by the writer only)
         self._writer: threading.Thread | None = None
         self._urgent = threading.Event()  # a flush waits: no lingering
-        # Reservations are written by a thread of their own, those asked meanwhile in one
-        # transaction: no thread per call, one BEGIN and COMMIT for the calls that arrived
-        # together, and none waits for the outcomes' writer (but for SQLite's one lock).
-        self._asks: queue.SimpleQueue[_Ask] = queue.SimpleQueue()
+        # On SQLite (one writer at a time, whoever asks), reservations are written by a thread
+        # of their own, those asked meanwhile in one transaction: no thread per call, one
+        # BEGIN and COMMIT for the calls that arrived together. On PostgreSQL each has a
+        # thread of the pool: users' locks are their own, and one user's wait is nobody
+        # else's.
+        self._batched = engine.dialect.name == "sqlite"
+        self._asks: queue.SimpleQueue[_Ask | None] = queue.SimpleQueue()
         self._reserver: threading.Thread | None = None
+        self._closed = False
         # This process, as it names itself in core.db.processes and on the rows it holds.
         self.process_id = uuid.uuid4().hex[:16]
         self._holder: str | None = None  # process_id once its heartbeat row is written
@@ -491,7 +509,12 @@ class Ledger:
         self._heart.start()
 
     def close(self) -> None:
-        """A clean stop: write what is queued, stop beating, leave nothing to replay."""
+        """A clean stop: finish the reservations under way (later ones are refused), write
+        what is queued, stop beating, leave nothing to replay."""
+        self._closed = True
+        if self._reserver is not None and self._reserver is not threading.current_thread():
+            self._asks.put(None)
+            self._reserver.join(timeout=10)
         self._stop.set()
         if self._heart is not None and self._heart is not threading.current_thread():
             self._heart.join(timeout=10)
@@ -663,14 +686,15 @@ class Ledger:
 
     def reserve(self, **call: Any) -> Reservation:
         """Check the user's quotas and insert a pending row, atomically; refuse with a row too
-        (QuotaExceeded is raised once that row is committed). Waits for the writer thread;
-        the arguments are reserve_async's."""
+        (QuotaExceeded is raised once that row is committed). Blocks; the arguments are
+        reserve_async's."""
         answered: concurrent.futures.Future[Reservation] = concurrent.futures.Future()
         self._ask(lambda outcome: _settle_future(answered, outcome), **call)
         return answered.result()
 
-    def reserve_async(self, **call: Any) -> Awaitable[Reservation]:
-        """reserve() for the event loop, with no thread of its own: the writer answers.
+    def reserve_async(self, **call: Any) -> asyncio.Future[Reservation]:
+        """reserve() for the event loop, answered from the reserving thread (SQLite) or a
+        thread of the pool (PostgreSQL); the caller must see it through (core.service).
 
         user, limits, function, model, provider, source, request_id: the call's; `estimate`
         is what the call may use at most; `minimum` what it needs at least (its prompt), so
@@ -708,64 +732,72 @@ class Ledger:
             "provider": _fit(provider, PROVIDER_CHARS),
             "request_id": request_id,
         }
-        if self._reserver is None:
-            with self._submitting:
-                if self._reserver is None:
-                    self._reserver = threading.Thread(
-                        target=_reserving,
-                        args=(weakref.ref(self), self._asks),
-                        name="reserver",
-                        daemon=True,
-                    )
-                    self._reserver.start()
-        self._asks.put(_Ask(row, limits, estimate, minimum, answer))
+        ask = _Ask(row, limits, estimate, minimum, answer)
+        if self._closed:
+            answer(RuntimeError("the ledger is closed"))
+        elif not self._batched:
+            _POOL.submit(self._reserve_batch, [ask])
+        else:
+            if self._reserver is None:
+                with self._submitting:
+                    if self._reserver is None:
+                        self._reserver = threading.Thread(
+                            target=_reserving,
+                            args=(weakref.ref(self), self._asks),
+                            name="reserver",
+                            daemon=True,
+                        )
+                        self._reserver.start()
+            self._asks.put(ask)
 
     def _reserve_batch(self, asks: list[_Ask]) -> None:
         """Reservations in one transaction, answered once it is committed. One refused for
         tokens held by calls that may have settled here already, their settlements still
-        queued: only then this process's writer is waited for, and that one asked again."""
-        waited = False
-        while asks:
-            later: list[_Ask] = []
-            answers: list[Reservation | QuotaExceeded | BaseException | None]
-            try:
-                with self._begin() as conn:
-                    db.lock_user(conn, *(ask.row["user"] for ask in asks))
-                    answers = [self._reserve_in(conn, ask, waited, later) for ask in asks]
-            except sa.exc.OperationalError as exc:  # the database is away: 503 for all
-                answers, later = [exc] * len(asks), []
-            except Exception as exc:
-                if len(asks) == 1:
-                    answers, later = [exc], []
-                else:  # one of them: each alone, so that the others go ahead
-                    for ask in asks:
-                        self._reserve_batch([ask])
-                    return
-            for ask, answer in zip(asks, answers, strict=True):
-                if answer is None:
-                    continue  # asked again below
-                if isinstance(answer, QuotaExceeded):  # raised once its row is committed
-                    answer.request_id = ask.row["request_id"]
-                    log.info(
-                        "request_id=%s quota refused for %s: %s",
-                        answer.request_id,
-                        ask.row["user"],
-                        answer.message,
-                    )
-                ask.answer(answer)
-            if later:
+        queued, is asked again once this process's writer has written them (on SQLite the
+        reserving thread does not wait for that meanwhile: a flush marker hands it back)."""
+        later: list[_Ask] = []
+        answers: list[Reservation | QuotaExceeded | BaseException | None]
+        try:
+            with self._begin() as conn:
+                db.lock_user(conn, *(ask.row["user"] for ask in asks))
+                answers = [self._reserve_in(conn, ask, later) for ask in asks]
+        except sa.exc.OperationalError as exc:  # the database is away: a 503 for each
+            answers, later = [exc, *(copy.copy(exc) for _ in asks[1:])], []
+        except Exception as exc:
+            if len(asks) > 1:  # one of them: each alone, so that the others go ahead
+                for ask in asks:
+                    self._reserve_batch([ask])
+                return
+            answers, later = [exc], []
+        for ask, answer in zip(asks, answers, strict=True):
+            if answer is None:
+                continue  # asked again below
+            if isinstance(answer, QuotaExceeded):  # raised once its row is committed
+                answer.request_id = ask.row["request_id"]
+                log.info(
+                    "request_id=%s quota refused for %s: %s",
+                    answer.request_id,
+                    ask.row["user"],
+                    answer.message,
+                )
+            ask.answer(answer)
+        for ask in later:
+            ask.waited = True
+            if self._batched:
+                self._queue.put(("flush", _AskAgain(self._asks, ask)))
+                self._urgent.set()
+            else:  # a thread of its own: it may wait
                 self.flush()
-                waited = True
-            asks = later
+                self._reserve_batch([ask])
 
     def _reserve_in(
-        self, conn: sa.Connection, ask: _Ask, waited: bool, later: list[_Ask]
+        self, conn: sa.Connection, ask: _Ask, later: list[_Ask]
     ) -> Reservation | QuotaExceeded | None:
         """One reservation, in the batch's transaction; None: to be asked again (`later`)."""
         user, limits, now = ask.row["user"], ask.limits, ask.row["ts"]
         today = self._counter(conn, user, now) if limits.daily_tokens else None
         refusal, held_up = self._check(conn, user, limits, now, ask.minimum, today)
-        if held_up and not waited and self._written < self._submitted:
+        if held_up and not ask.waited and self._written < self._submitted:
             later.append(ask)
             return None
         return self._reserve_row(conn, ask.row, limits, ask.estimate, refusal, today)
@@ -1057,8 +1089,13 @@ def _drain(ref: weakref.ref[Ledger], outcomes: queue.SimpleQueue[tuple[str, Any]
         del ledger
 
 
-def _reserving(ref: weakref.ref[Ledger], asks: queue.SimpleQueue[_Ask]) -> None:
-    """The reserving thread: every reservation asked while it wrote the last ones, at once."""
+# PostgreSQL's reservations, a call each (SQLite's go through a ledger's reserving thread).
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="reserve")
+
+
+def _reserving(ref: weakref.ref[Ledger], asks: queue.SimpleQueue[_Ask | None]) -> None:
+    """The reserving thread: every reservation asked while it wrote the last ones, at once;
+    until its ledger closes (None) or goes (what is still asked is answered with an error)."""
     while True:
         taken = [asks.get()]
         while len(taken) < 100:
@@ -1067,9 +1104,14 @@ def _reserving(ref: weakref.ref[Ledger], asks: queue.SimpleQueue[_Ask]) -> None:
             except queue.Empty:
                 break
         ledger = ref()
-        if ledger is None:
+        pending = [ask for ask in taken if ask is not None]
+        if ledger is None or ledger._closed:
+            for ask in pending:
+                ask.answer(RuntimeError("the ledger is closed"))
+        elif pending:
+            ledger._reserve_batch(pending)
+        if ledger is None or None in taken:
             return
-        ledger._reserve_batch(taken)
         del ledger
 
 

@@ -980,10 +980,14 @@ class Service:
         try:
             call.reservation = await asyncio.shield(hold)
         except asyncio.CancelledError:
-            # The client left while the row was being written: wait for it, so the call
-            # settles it as cancelled (_track) instead of its tokens staying held.
-            with contextlib.suppress(errors.ServiceError):
-                call.reservation = await hold
+            # The client left while the row was being written: wait for it however often
+            # this is cancelled meanwhile (wait() leaves `hold` be), so the call settles it as
+            # cancelled (_track) instead of its tokens staying held.
+            while not hold.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({hold})
+            if hold.exception() is None:
+                call.reservation = hold.result()
             raise
         budget = call.reservation.token_budget
         if budget is not None and generates:
