@@ -50,8 +50,10 @@ def _stop(value: Any) -> Any:
 REPLY_LIMITS = ("max_completion_tokens", "max_tokens", "n_predict")
 
 
-SAMPLING = ("temperature", "n", "top_p", "seed", "presence_penalty", "frequency_penalty")
-CHAT_EXTRAS = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice")
+SAMPLING = ("temperature", "n", "top_p", "seed", "presence_penalty", "frequency_penalty",
+            "stream", "stream_options")  # fmt: skip
+CHAT_EXTRAS = ("logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
+               "parallel_tool_calls")  # fmt: skip
 COMPLETION_EXTRAS = ("best_of", "logprobs")
 
 
@@ -94,7 +96,8 @@ def embedding_fields(body: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(texts, list) and texts and all(isinstance(t, int) for t in texts):
         texts = [texts]  # one prompt as token ids
     return {"model": body.get("model") or None, "texts": texts,
-            "dimensions": body.get("dimensions")}  # fmt: skip
+            "dimensions": body.get("dimensions"),
+            **_copied(body, ("encoding_format",))}  # fmt: skip
 
 
 def image_fields(body: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from core.errors import InvalidRequest
 
@@ -114,9 +114,28 @@ Penalty = float
 Seed = int
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options. Other keys are kept for an upstream that reads them (vLLM's
+    continuous_usage_stats); a backend that builds its own answers refuses them."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None
+
+
+# Read by the gateway from the body, typed here as OpenAI's spec types them, so that a wrong
+# type is refused by name (a "false" string must not stream); left out of dumps (cache keys).
+# Rules between fields that the spec does not state (stream_options only with stream) are the
+# backend's to apply: an OpenAI-compatible upstream applies its own.
+Flag = Annotated[StrictBool | None, Field(exclude=True)]
+
+
 class _Sampling(FunctionRequest):
     """What OpenAI's chat and completions both take to shape sampling. The OpenAI-compatible
     backend reads none of it (the body goes upstream as it is); the embedded one honours it."""
+
+    stream: Flag = None
+    stream_options: Annotated[StreamOptions | None, Field(exclude=True)] = None
 
     temperature: Temperature = 0.7
     max_tokens: MaxTokens | None = None
@@ -137,6 +156,7 @@ class ChatRequest(_Sampling):
     tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
     # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: Flag = None
 
     def prompt_text(self) -> str:
         # Everything the upstream reads counts: parts, tool calls, names (by their size).
@@ -175,6 +195,8 @@ class EmbeddingRequest(FunctionRequest):
         list[Prompt] | list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_TEXTS)
     ]
     dimensions: Annotated[int, Field(ge=1, le=MAX_DIMENSIONS)] | None = None
+    # The vectors' form in OpenAI's answer (read by the gateway): these two are OpenAI's.
+    encoding_format: Annotated[Literal["float", "base64"] | None, Field(exclude=True)] = None
 
     @field_validator("texts")
     @classmethod

@@ -556,13 +556,39 @@ def test_what_a_forced_tool_call_cannot_honour_is_refused(
 
 
 def test_a_tool_call_cut_short_says_length(local: LocalGateway) -> None:
-    reply = local.client.chat.completions.create(
-        model=MODEL_ID, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required", max_tokens=3
-    )
-    choice = reply.choices[0]
-    assert choice.finish_reason == "length"
-    [call] = choice.message.tool_calls or []
-    assert call.function.name in ("", "get_weather")
+    """Cut short by max_tokens: finish_reason "length", and a call only once its function is
+    named (a client can tell which was meant; the arguments are as far as they went)."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for stream in (False, True):
+        options = {"model": MODEL_ID, "messages": ASK_WEATHER, "tools": [WEATHER],
+                   "tool_choice": named, "max_tokens": 3}  # fmt: skip
+        if stream:
+            chunks = list(local.client.chat.completions.create(**options, stream=True))
+            calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            choice = local.client.chat.completions.create(**options).choices[0]
+            calls, finish = choice.message.tool_calls or [], choice.finish_reason
+        assert finish == "length"
+        [call] = calls
+        assert call.function.name == "get_weather"
+        with pytest.raises(ValueError):
+            json.loads(call.function.arguments or "")
+
+    # Before the function is named ('{"name": "get' at most): no call, nothing to act on.
+    for stream in (False, True):
+        body = {**CHAT, "messages": ASK_WEATHER, "tools": [WEATHER, TIME],
+                "tool_choice": "required", "max_tokens": 3, "stream": stream}  # fmt: skip
+        answer = post(local, "chat/completions", body)
+        assert answer.status_code == 200, answer.text
+        if stream:
+            events = [json.loads(x[6:]) for x in answer.text.split("\n\n") if x[6:11] == '{"id"']
+            assert not any(e["choices"][0]["delta"].get("tool_calls") for e in events)
+            assert events[-1]["choices"][0]["finish_reason"] == "length"
+        else:
+            choice = answer.json()["choices"][0]
+            assert choice["finish_reason"] == "length"
+            assert "tool_calls" not in choice["message"]
 
 
 @pytest.mark.parametrize(
@@ -606,3 +632,245 @@ def test_the_embedded_models_own_bounds(local: LocalGateway) -> None:
         path = "completions" if "prompt" in body else "chat/completions"
         answer = post(local, path, body)
         assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+
+
+# ---- from a fresh-eyes audit: every field read or refused, and the model freed at once --------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("chat/completions", {"model": MODEL_ID, "logprobs": True, "temperature": 1, "seed": 7,
+         "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 2000}),
+        ("completions", {"model": MODEL_ID, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 2000,
+         "temperature": 0, "logprobs": 1, "stream": True}),
+    ],
+    ids=["chat", "completions-stream"],
+)  # fmt: skip
+def test_a_client_that_leaves_a_logprobs_call_frees_the_model_at_once(
+    local: LocalGateway, path: str, body: dict
+) -> None:
+    """llama-cpp-python scores a generation after it ends, sorting the vocabulary for each
+    token (seconds that nothing interrupts): the scoring here stops between tokens. (Seed 7:
+    a story that goes on for the whole 2000 tokens; greedy, the count goes on too.)"""
+    import time
+
+    provider = local.core.service.provider
+    url, began = f"{local.url}/v1/{path}", time.monotonic()
+    if body.get("stream"):  # reads for 5 s (100 tokens or more), then hangs up
+        with httpx.stream("POST", url, headers=AUTH, json=body, timeout=60) as response:
+            assert response.status_code == 200
+            for _ in response.iter_lines():
+                if time.monotonic() - began > 5:
+                    break
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # waits 5 s for the answer, then hangs up
+            httpx.post(url, headers=AUTH, json=body, timeout=5.0)
+    deadline = time.monotonic() + 3
+    while provider.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not provider.busy
+    last = local.core.ledger.rows(users=["owner"]).iloc[-1]
+    assert last["status"] == "cancelled"
+    assert local.client.chat.completions.create(**CHAT).choices[0].message.content
+
+
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+def tool_with(parameters: dict) -> list[dict]:
+    return [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+
+
+IGNORED_KEYWORDS = [
+    ({"type": "integer", "minimum": 3}, "minimum"),
+    ({"type": "integer", "maximum": 3}, "maximum"),
+    ({"type": "number", "exclusiveMinimum": 0}, "exclusiveMinimum"),
+    ({"type": "number", "exclusiveMaximum": 1}, "exclusiveMaximum"),
+    ({"type": "integer", "multipleOf": 7}, "multipleOf"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 3}}, "contains"),
+    ({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}},
+      "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
+    ({"type": "object", "properties": {"a": {"type": "string"}},
+      "dependentSchemas": {"a": {"required": ["a"]}}}, "dependentSchemas"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "minProperties": 1},
+     "minProperties"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "maxProperties": 0},
+     "maxProperties"),
+    ({"type": "string", "format": "email"}, "format"),
+    ({"type": "string", "not": {"const": "a"}}, "not"),
+    ({"type": "string", "if": {"const": "a"}, "then": {"const": "b"}}, "if"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "maxLength"),
+    ({"type": ["string", "null"], "maxLength": 3}, "maxLength"),
+    ({"anyOf": [{"type": "string"}], "type": "integer"}, "type"),
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "oneOf"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "required"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1}}}, "minimum"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("schema", "keyword"), IGNORED_KEYWORDS, ids=[k for _, k in IGNORED_KEYWORDS]
+)
+def test_a_schema_keyword_the_grammar_would_not_enforce_is_refused_by_name(
+    local: LocalGateway, schema: dict, keyword: str
+) -> None:
+    for field, value, param in (
+        ("response_format", json_schema(schema), "response_format"),
+        ("tools", tool_with({"type": "object", "properties": {"v": schema}}), "tools"),
+    ):
+        body = {**CHAT, field: value}
+        if field == "tools":
+            body["tool_choice"] = "required"
+        answer = post(local, "chat/completions", body)
+        assert answer.status_code == 400, (field, answer.text)
+        error = answer.json()["error"]
+        assert error["param"] == param and repr(keyword) in error["message"], error
+
+
+def test_what_the_grammar_enforces_still_passes(local: LocalGateway) -> None:
+    schema = {
+        "type": "object",
+        "title": "Thing",
+        "properties": {
+            "when": {"type": "string", "format": "date", "description": "a day"},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+            "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{0,3}$"},
+            "name": {"anyOf": [{"type": "string", "maxLength": 8}, {"type": "null"}]},
+        },
+        "required": ["when", "code"],
+        "additionalProperties": False,
+    }
+    options = {**CHAT, "max_tokens": 60, "seed": 1, "response_format": json_schema(schema)}
+    answer = post(local, "chat/completions", options)
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+        ("chat/completions", {**CHAT, "logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+        ("chat/completions", {**CHAT, "stream": "false"}, "stream"),
+        ("completions", {**COMPLETION, "stream": "true"}, "stream"),
+        ("chat/completions", {**CHAT, "tools": [WEATHER], "tool_choice": "required",
+         "parallel_tool_calls": "banana"}, "parallel_tool_calls"),
+        ("chat/completions", {**CHAT, "stream": True,
+         "stream_options": {"include_usage": True, "weird": 1}}, "stream_options"),
+        ("chat/completions", {**CHAT, "stream_options": {"include_usage": True}},
+         "stream_options"),
+        ("chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": "yes"}},
+         "stream_options"),
+        ("completions", {**COMPLETION, "stream": True,
+         "stream_options": {"include_obfuscation": True}}, "stream_options"),
+        ("chat/completions", {**CHAT, "response_format": {"type": "json_object", "extra": 1}},
+         "response_format"),
+        ("chat/completions", {**CHAT, "response_format": {"type": "text", "extra": 1}},
+         "response_format"),
+        ("chat/completions", {**CHAT, "response_format": {"type": "json_schema",
+         "json_schema": {"schema": {"type": "string"}}}}, "response_format"),
+        ("chat/completions", {**CHAT, "response_format": {"type": "json_schema",
+         "json_schema": {"name": "x", "schema": {"type": "string"}, "strict": "yes"}}},
+         "response_format"),
+        ("completions", {**COMPLETION, "n": 2, "best_of": 1}, "best_of"),
+        ("embeddings", {**EMBEDDING, "encoding_format": "int8"}, "encoding_format"),
+        ("embeddings", {**EMBEDDING, "encoding_format": "binary"}, "encoding_format"),
+        ("embeddings", {**EMBEDDING, "encoding_format": 123}, "encoding_format"),
+        ("embeddings", {**EMBEDDING, "dimensions": 64}, "dimensions"),
+        ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi",
+         "weird": 1}]}, "messages.0.weird"),
+        ("chat/completions", {**CHAT, "messages": [*SAY_HELLO, {"role": "assistant",
+         "content": "Hi", "prefix": True}]}, "messages.1.prefix"),
+        ("chat/completions", {**CHAT, "messages": [*SAY_HELLO, {"role": "assistant",
+         "content": None, "audio": {"id": "audio_1"}}, *SAY_HELLO]}, "messages.1.audio"),
+        ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+         {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]},
+         "messages.0.content"),
+    ],
+)  # fmt: skip
+def test_loose_values_are_refused_by_name(
+    local: LocalGateway, path: str, body: dict, param: str
+) -> None:
+    answer = post(local, path, body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param, answer.json()
+
+
+def test_allowed_values_of_those_fields_still_pass(local: LocalGateway) -> None:
+    for path, body in (
+        ("chat/completions", {**CHAT, "stream": False, "parallel_tool_calls": False}),
+        ("chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": False}}),
+        ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 0}),
+        ("chat/completions", {**CHAT, "response_format": {"type": "text"}}),
+        ("completions", {**COMPLETION, "n": 2, "best_of": 2}),
+        ("embeddings", {**EMBEDDING, "encoding_format": "base64"}),
+    ):
+        answer = post(local, path, body)
+        assert answer.status_code == 200, (body, answer.text)
+
+
+def test_message_fields_are_read_not_dropped(local: LocalGateway) -> None:
+    def prompt_tokens(messages: list[dict]) -> int:
+        answer = post(local, "chat/completions", {**CHAT, "max_tokens": 1, "messages": messages})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens"]
+
+    plain = prompt_tokens(SAY_HELLO)
+    assert prompt_tokens([{**SAY_HELLO[0], "name": "Ada_Lovelace"}]) > plain
+
+    # A legacy function call and its result: both in the prompt.
+    result = {"role": "function", "name": "get_weather", "content": "Sunny"}
+    asked = {"role": "assistant", "content": None}
+    called = {**asked, "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert prompt_tokens([*ASK_WEATHER, called, result]) > prompt_tokens(
+        [*ASK_WEATHER, asked, result]
+    )
+
+    # A refusal (a content part, or the message's own field) is read as the assistant's words.
+    refusal = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]}
+    empty = {"role": "assistant", "content": ""}
+    assert prompt_tokens([*SAY_HELLO, refusal, *SAY_HELLO]) > prompt_tokens(
+        [*SAY_HELLO, empty, *SAY_HELLO]
+    )
+    field = {"role": "assistant", "content": None, "refusal": "I cannot."}
+    assert prompt_tokens([*SAY_HELLO, field, *SAY_HELLO]) > prompt_tokens(
+        [*SAY_HELLO, empty, *SAY_HELLO]
+    )
+
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    answer = post(local, "chat/completions", {**CHAT, "messages": [{"role": "user",
+                  "content": [{"type": "text", "text": "hi"}, audio]}]})  # fmt: skip
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["param"] == "messages.0.content" and "audio" in error["message"]
+    assert "image" not in error["message"]
+
+
+@pytest.mark.parametrize("prompt", ["", None, [""], ["a", ""]], ids=repr)
+def test_an_empty_prompt_starts_afresh(local: LocalGateway, prompt: object) -> None:
+    for stream in (False, True):
+        body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 4, "stream": stream}
+        answer = post(local, "completions", body)
+        assert answer.status_code == 200, (stream, answer.text)
+        if not stream:
+            choices = answer.json()["choices"]
+            assert len(choices) == (len(prompt) if isinstance(prompt, list) else 1)
+            assert all(c["finish_reason"] in ("stop", "length") for c in choices)
+    scored = post(local, "completions", {"model": MODEL_ID, "prompt": prompt, "max_tokens": 4,
+                  "logprobs": 1})  # fmt: skip
+    assert scored.status_code == 200, scored.text
+
+
+def test_a_prompt_longer_than_the_context_says_so_like_openai(local: LocalGateway) -> None:
+    long = "word " * 20_000
+    for path, body, param in (
+        ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": long}]},
+         "messages"),
+        ("completions", {**COMPLETION, "prompt": long}, "prompt"),
+    ):  # fmt: skip
+        answer = post(local, path, body)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert (error["param"], error["code"]) == (param, "context_length_exceeded"), error

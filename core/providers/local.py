@@ -9,8 +9,11 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import re
 import secrets
+import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +98,221 @@ MAX_SCHEMA_CHARS = 20_000
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
+# ---- what a JSON schema may ask of llama.cpp's grammar ------------------------------------------
+#
+# llama-cpp-python's converter (llama_cpp/llama_grammar.py, SchemaConverter.visit) takes the first
+# of these forms that a (sub)schema has and reads only that form's keywords: anything else in it
+# would be dropped quietly, and the answer could break the schema. So a schema is walked first,
+# the converter's way, and any keyword it would not enforce is refused by name.
+
+# Keywords that constrain nothing (the converter may ignore them).
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id",
+                         "$comment", "deprecated", "readOnly", "writeOnly", "$defs",
+                         "definitions"})  # fmt: skip
+JSON_TYPES = {"string", "number", "integer", "boolean", "null", "array", "object"}
+STRING_FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4",
+                  "uuid5"}  # fmt: skip
+# The converter writes a bound of n (maxLength, maxItems, a pattern's {m,n}) as n nested
+# groups, which llama.cpp's parser recurses into: 30,000 overflow its stack (a segfault), and
+# it refuses (printing the whole grammar) once a group holds about 2,000 rules.
+MAX_REPEAT = 500
+MAX_GRAMMAR_BULK = 1_200  # groups and repetitions inside one group of the grammar text
+MAX_GRAMMAR_CHARS = 200_000
+MAX_SCHEMA_DEPTH = 64
+QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def schema_refusal(schema: Any) -> str | None:
+    """What in a JSON schema the embedded model's grammar would not enforce, or could not
+    take (a bound too large for llama.cpp), said for a person; None if it can be honoured."""
+    return _refusal(schema, schema, "#", 0, set())
+
+
+def _refusal(schema: Any, root: Any, at: str, depth: int, seen: set[str]) -> str | None:
+    if not isinstance(schema, dict):
+        return f"the schema {json.dumps(schema)[:40]} at {at} (only object schemas are taken)"
+    if depth > MAX_SCHEMA_DEPTH:
+        return f"schemas nested more than {MAX_SCHEMA_DEPTH} deep (at {at})"
+    kind, subs = schema.get("type"), []
+    if "$ref" in schema:
+        honoured, ref = {"$ref"}, schema["$ref"]
+        target = _resolve(root, ref)
+        if target is None:
+            return f"the $ref {str(ref)[:60]!r} at {at} (only '#/...' inside the schema)"
+        if ref not in seen:
+            seen.add(ref)
+            subs = [(ref, target)]
+    elif "oneOf" in schema:
+        return (
+            f"the JSON schema keyword 'oneOf' at {at} (the grammar cannot make the choices "
+            "exclusive; use anyOf)"
+        )
+    elif "anyOf" in schema:
+        honoured, choices = {"anyOf"}, schema["anyOf"]
+        if not isinstance(choices, list) or not choices:
+            return f"anyOf at {at} that is not a list of schemas"
+        subs = [(f"{at}/anyOf/{i}", s) for i, s in enumerate(choices)]
+    elif isinstance(kind, list):
+        honoured = {"type"}
+        if not kind or not all(t in JSON_TYPES for t in kind):
+            return f"the type {kind!r} at {at}"
+    elif "const" in schema or "enum" in schema:
+        honoured = {"const", "enum", "type"}
+        values = [schema["const"]] if "const" in schema else schema["enum"]
+        if "const" in schema and "enum" in schema:
+            return f"'enum' beside 'const' at {at} (the grammar reads only const)"
+        if not isinstance(values, list) or not values:
+            return f"an enum at {at} that is not a list of values"
+        if kind is not None and not all(_has_type(v, kind) for v in values):
+            return f"'type' {kind!r} at {at}, which its const or enum values do not all have"
+    elif kind in (None, "object") and (
+        "properties" in schema or schema.get("additionalProperties", True) is not True
+    ):
+        honoured = {"type", "properties", "required", "additionalProperties"}
+        properties, required = schema.get("properties", {}), schema.get("required", [])
+        if not isinstance(properties, dict) or not isinstance(required, list):
+            return f"properties or required at {at} of the wrong type"
+        missing = [r for r in required if r not in properties]
+        if missing:
+            return (
+                f"'required' naming {str(missing[0])[:40]!r} at {at}, which is not in its "
+                "properties"
+            )
+        subs = [(f"{at}/properties/{k}", s) for k, s in properties.items()]
+        more = schema.get("additionalProperties")
+        if isinstance(more, dict):
+            subs.append((f"{at}/additionalProperties", more))
+        elif more not in (None, True, False):
+            return f"additionalProperties at {at} that is neither a boolean nor a schema"
+    elif kind in (None, "array") and ("items" in schema or "prefixItems" in schema):
+        items = schema.get("items") or schema.get("prefixItems")
+        if isinstance(items, list):  # a tuple: exactly these items
+            honoured = {"type", "items" if schema.get("items") else "prefixItems"}
+            subs = [(f"{at}/items/{i}", s) for i, s in enumerate(items)]
+        else:
+            honoured = {"type", "items", "minItems", "maxItems"}
+            subs = [(f"{at}/items", items)]
+            if problem := _bounds(schema, "minItems", "maxItems", at):
+                return problem
+    elif kind in (None, "string") and "pattern" in schema:
+        honoured, pattern = {"type", "pattern"}, schema["pattern"]
+        if not isinstance(pattern, str) or not (pattern.startswith("^") and pattern.endswith("$")):
+            return f"the pattern at {at}: it must be a text that starts with ^ and ends with $"
+        for match in QUANTIFIER.finditer(pattern):
+            if any(n and int(n) > MAX_REPEAT for n in match.groups()):
+                return (
+                    f"the repetition {match[0][:20]} in the pattern at {at} (at most "
+                    f"{MAX_REPEAT} in the embedded model's grammar)"
+                )
+    elif kind in (None, "string") and schema.get("format") in STRING_FORMATS:
+        honoured = {"type", "format"}
+    elif kind == "string" and ("minLength" in schema or "maxLength" in schema):
+        honoured = {"type", "minLength", "maxLength"}
+        if problem := _bounds(schema, "minLength", "maxLength", at):
+            return problem
+    elif kind == "object" or not schema or kind in JSON_TYPES:
+        honoured = {"type"}
+    else:
+        return f"the schema at {at}: it names no type (or one JSON Schema does not have)"
+    ignored = sorted(set(schema) - honoured - ANNOTATIONS)
+    if ignored:
+        return f"the JSON schema keyword {ignored[0]!r} at {at} (the grammar would not enforce it)"
+    for where, sub in subs:
+        if problem := _refusal(sub, root, where, depth + 1, seen):
+            return problem
+    return None
+
+
+def _resolve(root: Any, ref: Any) -> Any:
+    """The subschema a local $ref ('#/$defs/x') names, or None."""
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return None
+    target = root
+    for part in ref[2:].split("/"):
+        if not isinstance(target, dict) or part not in target:
+            return None
+        target = target[part]
+    return target
+
+
+def _has_type(value: Any, kind: Any) -> bool:
+    checks = {"string": str, "boolean": bool, "null": type(None), "array": list, "object": dict}
+    if kind in ("number", "integer"):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and (kind == "number" or float(value).is_integer())
+    return kind in checks and isinstance(value, checks[kind])
+
+
+def _bounds(schema: dict[str, Any], low: str, high: str, at: str) -> str | None:
+    values = [schema.get(low, 0), schema.get(high, 0)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return f"{low}/{high} at {at} that are not whole numbers of 0 or more"
+    if max(values) > MAX_REPEAT:
+        return (
+            f"{high if values[1] > MAX_REPEAT else low} {max(values):,} at {at} (at most "
+            f"{MAX_REPEAT} in the embedded model's grammar)"
+        )
+    if high in schema and values[0] > values[1]:
+        return f"{low} above {high} at {at}"
+    return None
+
+
+def grammar_bulk(grammar: str) -> int:
+    """The most groups and repetitions inside one parenthesised group of a GBNF grammar: what
+    llama.cpp's parser recurses into, and multiplies out, for that group."""
+    stack, most, i, n = [0], 0, 0, len(grammar)
+    while i < n:
+        c = grammar[i]
+        if c in '"[':  # a literal or a character class: skip it, escapes and all
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif c == "#":
+            while i < n and grammar[i] != "\n":
+                i += 1
+        elif c == "(":
+            stack.append(0)
+        elif c == ")" and len(stack) > 1:
+            inner = stack.pop() + 1
+            most = max(most, inner)
+            stack[-1] += inner
+        elif c in "?*+":
+            stack[-1] += 1
+        elif c == "{":  # {m,n}: n rules (the converter writes none, but a grammar may)
+            end = grammar.find("}", i)
+            numbers = [int(x) for x in re.findall(r"\d+", grammar[i:end])] if end > i else []
+            stack[-1] += max(numbers, default=1)
+            most = max(most, *numbers, 0)
+        i += 1
+    return most
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """llama.cpp prints a grammar it rejects, whole, to the process's stderr (C's fd 2, not
+    Python's sys.stderr): held back. Anything else written meanwhile is passed on."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            said = sink.read()
+    if b"error parsing grammar" in said:
+        log.debug("llama.cpp refused a grammar: %s", said.splitlines()[0][:300])
+    elif said:
+        os.write(2, said)
+
+
 @functools.lru_cache(maxsize=32)
 def grammar_for(schema: str | None) -> llama_cpp.LlamaGrammar:
     """llama.cpp's grammar for any JSON value (None) or for a JSON schema; built once each.
@@ -108,9 +326,10 @@ def grammar_loads(llm: llama_cpp.Llama, grammar: llama_cpp.LlamaGrammar) -> bool
     """Whether llama.cpp itself accepts the grammar: llama-cpp-python would hand a rejected
     one on as a null sampler, and the process would die in C (a segfault, not an exception)."""
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    sampler = llama_cpp.llama_sampler_init_grammar(
-        vocab, grammar._grammar.encode(), grammar._root.encode()
-    )
+    with _quiet_stderr():
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            vocab, grammar._grammar.encode(), grammar._root.encode()
+        )
     if not sampler:
         return False
     llama_cpp.llama_sampler_free(sampler)
@@ -144,18 +363,6 @@ def chat_logprobs(raw: Any, k: int) -> list[dict[str, Any]] | None:
         }
         for entry in raw["content"]
     ]
-
-
-def completion_logprobs(raw: Any, k: int) -> dict[str, Any] | None:
-    """OpenAI's legacy completions logprobs, with plain floats and exactly k top tokens."""
-    if not raw or not raw.get("tokens"):
-        return None
-    return {
-        "tokens": list(raw["tokens"]),
-        "token_logprobs": [float(p) for p in raw["token_logprobs"]],
-        "top_logprobs": [dict(_top(top or {}, k)) for top in raw["top_logprobs"]],
-        "text_offset": [int(o) for o in raw["text_offset"]],
-    }
 
 
 def bundled_model_path() -> Path:
@@ -265,11 +472,14 @@ class LocalProvider:
     def chat_stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
         n = self._choices("n", request.n or 1)
-        for i, message in enumerate(request.messages):
-            if message.has_media():
-                raise self._unsupported(f"messages.{i}.content", "images, audio or files")
+        self._check_messages(request.messages)
+        self._check_stream_options(request)
         tool = self._tool_plan(request)
         json_out, schema = self._format(request)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise errors.InvalidRequest(
+                "top_logprobs is only allowed when logprobs is true.", param="top_logprobs"
+            )
         k = (request.top_logprobs or 0) if request.logprobs else None
         self._bounded(request, "top_logprobs", request.top_logprobs, 20)
         if tool is not None:
@@ -291,7 +501,7 @@ class LocalProvider:
             llm = self._model_for(k)
             options = self._sampling(request, choice, llm) | {"grammar": grammars[0]}
             if k is not None and self._formatter is not None:
-                yield from self._chat_with_logprobs(llm, messages, options, k, stop)
+                yield from self._chat_with_logprobs(llm, messages, options, k)
                 return
             if k is not None:  # no template to render with: llama-cpp-python's own stream
                 options |= {"logprobs": True, "top_logprobs": max(k, 1) + SPARE_CANDIDATES}
@@ -314,54 +524,27 @@ class LocalProvider:
         messages: list[dict[str, str]],
         options: dict[str, Any],
         k: int,
-        stop: threading.Event,
     ) -> Pieces:
-        """A chat reply with log probabilities, generated whole: llama-cpp-python's streamed
-        logprobs drop characters that span tokens (emoji, most non-Latin scripts). The chat
-        template is applied here as its chat handler does, so that a stopping criterion can
-        still end the generation between tokens when the client leaves."""
+        """A chat reply with log probabilities (see _scored): the chat template applied here
+        as llama-cpp-python's chat handler does, the reply generated as a completion."""
         assert self._formatter is not None
         rendered = self._formatter(messages=messages)
         prompt = llm.tokenize(
             rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
         )
         extra = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
-        options = options | {
-            "stream": False,
-            "stop": options["stop"] + [s for s in extra if s],
-            "logprobs": max(k, 1) + SPARE_CANDIDATES,
-            "stopping_criteria": llama_cpp.StoppingCriteriaList([lambda *_: stop.is_set()]),
-        }
-        answer = llm.create_completion(prompt=prompt, **options)
-        step = answer["choices"][0]
-        raw = completion_logprobs(step.get("logprobs"), k)
-        exact = raw and _top_tokens(llm, len(prompt), len(raw["tokens"]), k)
-        tokens = raw and [
-            {
-                "token": token,
-                "logprob": logprob,
-                "bytes": list(token.encode()) if token else None,
-                "top_logprobs": exact[i]
-                if exact
-                else [
-                    {"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in top.items()
-                ],
-            }
-            for i, (token, logprob, top) in enumerate(
-                zip(raw["tokens"], raw["token_logprobs"], raw["top_logprobs"], strict=True)
-            )
-        ]
-        text = step["text"] or ""
-        if tokens:
-            _token_bytes(llm, text, tokens)
-        yield Piece(text, text, step["finish_reason"], tokens or None)
+        options = options | {"stop": options["stop"] + [s for s in extra if s]}
+        return _scored(llm, prompt, options, k)
 
     def completion_stream(self, request: CompletionRequest) -> AsyncIterator[StreamChunk]:
         self._check_model(request.model)
+        self._check_stream_options(request)
         prompts = _prompts(request.prompt)
         if prompts is None:
             raise self._unsupported("prompt", "token ids (they are another model's tokens)")
         n = request.n or 1
+        if request.best_of is not None and request.best_of < n:
+            raise errors.InvalidRequest(f"best_of must be at least n ({n}).", param="best_of")
         if request.best_of not in (None, 0, 1, n):
             raise self._unsupported("best_of", "best_of above n (it does not rank candidates)")
         self._choices("n" if len(prompts) == 1 else "prompt", len(prompts) * n)
@@ -370,29 +553,60 @@ class LocalProvider:
 
         def pieces(choice: int, stop: threading.Event) -> Pieces:
             llm = self._model_for(k)
-            asked = k + SPARE_CANDIDATES if k else k  # None: no log probabilities
-            options = self._sampling(request, choice, llm) | {"logprobs": asked}
+            options = self._sampling(request, choice, llm)
+            text = prompts[choice // n]
+            prompt = _empty_prompt(llm) if text == "" else text
             if k is not None:
-                # Generated whole: streamed logprobs drop characters that span tokens. The
-                # stopping criterion still ends it between tokens when the client leaves.
-                criteria = llama_cpp.StoppingCriteriaList([lambda *_: stop.is_set()])
-                options |= {"stream": False, "stopping_criteria": criteria}
-                step = llm.create_completion(prompt=prompts[choice // n], **options)["choices"][0]
-                text = step["text"] or ""
-                logprobs = completion_logprobs(step.get("logprobs"), k)
-                yield Piece(text, text, step["finish_reason"], logprobs)
+                tokens = prompt if isinstance(prompt, list) else llm.tokenize(
+                    prompt.encode("utf-8"), add_bos=llm._model.add_bos_token(), special=True
+                )  # fmt: skip
+                yield from _scored(llm, tokens, options, k, legacy=len(text))
                 return
-            chunks = llm.create_completion(prompt=prompts[choice // n], **options)
+            chunks = llm.create_completion(prompt=prompt, **options)
             for chunk in chunks:
                 step = chunk["choices"][0]
-                text = step["text"] or ""
-                logprobs = completion_logprobs(step.get("logprobs"), k) if k is not None else None
-                yield Piece(text, text, step["finish_reason"], logprobs)
+                said = step["text"] or ""
+                yield Piece(said, said, step["finish_reason"])
 
         def count() -> int:  # each prompt once, however many choices it has
-            return sum(len(self._tokenize(p, special=True)) for p in prompts)
+            return sum(len(self._tokenize(p, special=True)) or 1 for p in prompts)
 
         return self._stream(pieces, len(prompts) * n, count, request)
+
+    def _check_stream_options(self, request: ChatRequest | CompletionRequest) -> None:
+        """stream_options beyond include_usage would be dropped here: refused by name."""
+        options = request.stream_options
+        if options is None:
+            return
+        if not request.stream:
+            raise errors.InvalidRequest(
+                "stream_options is only allowed when stream is true.", param="stream_options"
+            )
+        extra = [k for k, v in (options.model_extra or {}).items() if v is not None]
+        if options.include_obfuscation:
+            extra.insert(0, "include_obfuscation")
+        if extra:
+            raise self._unsupported("stream_options", f"stream_options.{extra[0][:40]}")
+
+    def _check_messages(self, messages: list[ChatMessage]) -> None:
+        """Every field of every message is read (see _prompt_messages) or refused by name."""
+        for i, message in enumerate(messages):
+            extra = [k for k, v in (message.model_extra or {}).items() if v is not None]
+            if extra:
+                raise self._unsupported(
+                    f"messages.{i}.{extra[0]}", f"the message field {extra[0]!r}"
+                )
+            if message.audio is not None:
+                raise self._unsupported(f"messages.{i}.audio", "audio replies in the history")
+            for part in message.content if isinstance(message.content, list) else []:
+                fields = PART_FIELDS.get(part.type)
+                if fields is None:
+                    what = MEDIA.get(part.type, f"content parts of type {part.type[:40]!r}")
+                    raise self._unsupported(f"messages.{i}.content", what)
+                if extra := sorted(set(part.model_dump(exclude_none=True)) - fields):
+                    raise self._unsupported(
+                        f"messages.{i}.content", f"the content part field {extra[0][:40]!r}"
+                    )
 
     def _check_model(self, model: str | None) -> None:
         """Refuse other model names rather than silently answering with this one."""
@@ -459,9 +673,18 @@ class LocalProvider:
                     "A function's parameters must be a JSON schema object.",
                     param=f"tools.{i}.function.parameters",
                 )
+            extra = sorted(set(tool) - {"type", "function"}) or sorted(
+                set(function) - {"name", "description", "parameters", "strict"}
+            )
+            if extra:
+                raise errors.InvalidRequest(
+                    f"A tool takes no {extra[0][:40]!r} here.", param=f"tools.{i}"
+                )
             functions.append(function)
         if choice == "none":
             return None
+        for function in functions:  # what the grammar for the call would not enforce
+            self._checked_schema(_parameters(function), "tools", f" (function {function['name']})")
         if choice in (None, "auto"):
             raise self._unsupported(
                 "tool_choice",
@@ -514,30 +737,72 @@ class LocalProvider:
 
     def _format(self, request: ChatRequest) -> tuple[bool, str | None]:
         """response_format through grammar-constrained sampling: (whether the answer is JSON,
-        the schema it follows as JSON text, if any)."""
+        the schema it follows as JSON text, if any). Every key is read or refused."""
         fmt = request.response_format
         kind = fmt.get("type") if fmt else None
-        if kind in (None, "text"):
+        if fmt is None or (kind == "text" and set(fmt) == {"type"}):
             return False, None
+        wanted = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+        if kind not in wanted:
+            raise errors.InvalidRequest(
+                f"response_format type {str(kind)[:40]!r} is not one of text, json_object, "
+                "json_schema.",
+                param="response_format",
+            )
+        if extra := sorted(set(fmt) - wanted[kind]):
+            raise errors.InvalidRequest(
+                f"response_format of type {kind} takes no {extra[0][:40]!r}.",
+                param="response_format",
+            )
         if kind == "json_object":
             return True, None
-        if kind == "json_schema":
-            spec = fmt.get("json_schema") if fmt else None
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
-                raise errors.InvalidRequest(
-                    "response_format json_schema needs json_schema.schema, a JSON schema.",
-                    param="response_format",
-                )
-            return True, json.dumps(schema, sort_keys=True)
-        raise errors.InvalidRequest(
-            f"response_format type {kind!r} is not one of text, json_object, json_schema.",
-            param="response_format",
-        )
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise errors.InvalidRequest(
+                "response_format json_schema needs json_schema: {'name': ..., 'schema': {...}}.",
+                param="response_format",
+            )
+        if extra := sorted(set(spec) - {"name", "description", "schema", "strict"}):
+            raise errors.InvalidRequest(
+                f"response_format.json_schema takes no {extra[0][:40]!r}.", param="response_format"
+            )
+        name, strict = spec.get("name"), spec.get("strict")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise errors.InvalidRequest(
+                "response_format.json_schema.name is required: 1 to 64 letters, digits, _ or -.",
+                param="response_format",
+            )
+        if strict is not None and not isinstance(strict, bool):
+            raise errors.InvalidRequest(
+                "response_format.json_schema.strict must be true or false.",
+                param="response_format",
+            )
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise errors.InvalidRequest(
+                "response_format json_schema needs json_schema.schema, a JSON schema.",
+                param="response_format",
+            )
+        return True, self._checked_schema(schema, "response_format")
+
+    def _checked_schema(self, schema: Any, param: str, whose: str = "") -> str:
+        """A schema as JSON text, once it is known that the grammar can enforce all of it and
+        llama.cpp can take it; else a 400 naming `param` and what cannot be honoured."""
+        text = json.dumps(schema, sort_keys=True)
+        if len(text) > MAX_SCHEMA_CHARS:
+            raise errors.InvalidRequest(
+                f"The JSON schema{whose} is {len(text):,} characters; the embedded model takes "
+                f"schemas up to {MAX_SCHEMA_CHARS:,}.",
+                param=param,
+            )
+        if problem := schema_refusal(schema):
+            raise self._unsupported(param, problem + whose)
+        return text
 
     def _grammar(self, schema: str | None, param: str) -> llama_cpp.LlamaGrammar:
         """The grammar for a schema, or a 400 naming `param`. Slow for big schemas: called in a
-        thread (see _stream's `prepare`), never on the event loop."""
+        thread (see _stream's `prepare`), never on the event loop. Its size is bounded before
+        llama.cpp parses it: its recursive parser would overflow the stack (a segfault)."""
         if schema is not None and len(schema) > MAX_SCHEMA_CHARS:
             raise errors.InvalidRequest(
                 f"The JSON schema is {len(schema):,} characters; the embedded model takes "
@@ -548,6 +813,14 @@ class LocalProvider:
             grammar = grammar_for(schema)
         except Exception as exc:  # llama-cpp-python's converter: an unsupported schema feature
             raise self._unsupported(param, f"this JSON schema as a grammar ({exc})") from None
+        bulk, size = grammar_bulk(grammar._grammar), len(grammar._grammar)
+        if bulk > MAX_GRAMMAR_BULK or size > MAX_GRAMMAR_CHARS:
+            raise self._unsupported(
+                param,
+                f"this JSON schema: its grammar is {size:,} characters with {bulk:,} "
+                f"repetitions in one place (at most {MAX_GRAMMAR_CHARS:,} and "
+                f"{MAX_GRAMMAR_BULK:,}); lower its maxLength, maxItems or pattern repetitions",
+            )
         if not grammar_loads(self.llm, grammar):
             raise self._unsupported(
                 param, "this JSON schema (llama.cpp cannot parse the grammar made from it)"
@@ -643,7 +916,9 @@ class LocalProvider:
         try:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, Exception):
-                    raise self._failure(item)
+                    raise self._failure(
+                        item, "messages" if isinstance(request, ChatRequest) else "prompt"
+                    )
                 yield item
         finally:
             # The consumer may leave early (stop button -> CancelledError, disconnect ->
@@ -671,13 +946,16 @@ class LocalProvider:
         prompt = self._formatter(messages=messages).prompt
         return len(self._tokenize(prompt, add_bos=False, special=True))
 
-    def _failure(self, exc: Exception) -> errors.ServiceError:
+    def _failure(self, exc: Exception, param: str) -> errors.ServiceError:
+        """A worker's exception as the service's error; `param`: what holds the prompt."""
         if isinstance(exc, errors.ServiceError):
             return exc
         if "exceed context window" in str(exc):
             return errors.InvalidRequest(
                 f"The prompt is too long for the local model's context ({self._n_ctx} tokens, "
-                "LOCAL_CONTEXT_SIZE): shorten it or raise LOCAL_CONTEXT_SIZE."
+                "LOCAL_CONTEXT_SIZE): shorten it or raise LOCAL_CONTEXT_SIZE.",
+                param=param,
+                code="context_length_exceeded",  # as OpenAI says it
             )
         log.warning("local model failed: %r", exc)
         return errors.UpstreamError(f"The local model failed: {str(exc)[:300]}")
@@ -692,7 +970,8 @@ class LocalProvider:
         if request.dimensions is not None and request.dimensions != self.dimensions:
             raise errors.InvalidRequest(
                 f"The local model's embeddings have {self.dimensions} dimensions; "
-                "leave dimensions empty or set it to that."
+                "leave dimensions empty or set it to that.",
+                param="dimensions",
             )
 
         def work() -> tuple[list[list[float]], int]:
@@ -714,7 +993,7 @@ class LocalProvider:
         try:
             vectors, n_tokens = await asyncio.shield(future)
         except Exception as exc:
-            raise self._failure(exc) from None
+            raise self._failure(exc, "texts") from None
         usage = Usage(prompt_tokens=n_tokens, total_tokens=n_tokens)
         return EmbeddingResult(
             model=self.model_id, dimensions=self.dimensions, vectors=vectors, usage=usage
@@ -761,6 +1040,13 @@ class LocalProvider:
         self._executor.shutdown(wait=False)
 
 
+def _empty_prompt(llm: llama_cpp.Llama) -> list[int]:
+    """An empty prompt as OpenAI reads one: its end-of-text token (the model starts afresh),
+    else the model's first token; llama-cpp-python cannot start from nothing at all."""
+    ids = llm.tokenize(b"<|endoftext|>", add_bos=False, special=True)
+    return ids if len(ids) == 1 else [llm.token_bos()]
+
+
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     parameters = function.get("parameters")
     return parameters if isinstance(parameters, dict) and parameters else {"type": "object"}
@@ -779,6 +1065,19 @@ def _prompts(prompt: Any) -> list[str] | None:
 
 
 ROLES = {"developer": "system", "tool": "user", "function": "user"}
+# The content parts the model reads (as text), with their fields; what others are, in words.
+PART_FIELDS = {"text": {"type", "text"}, "refusal": {"type", "refusal"}}
+MEDIA = {"image_url": "images", "input_audio": "audio", "file": "files"}
+
+
+def _text(m: ChatMessage) -> str:
+    """A message's words: its content (text and refusal parts), else its refusal."""
+    if isinstance(m.content, list):
+        parts = [p.text if p.type == "text" else getattr(p, "refusal", None) for p in m.content]
+        text = "\n".join(p for p in parts if isinstance(p, str))
+    else:
+        text = m.content or ""
+    return text or m.refusal or ""
 
 
 def _prompt_messages(messages: list[ChatMessage], tool_note: str | None) -> list[dict[str, str]]:
@@ -786,10 +1085,16 @@ def _prompt_messages(messages: list[ChatMessage], tool_note: str | None) -> list
     calls and their results written out as text, and what the model is told about tools."""
     out = []
     for m in messages:
-        text = m.text()
+        text = _text(m)
         if m.role in ("tool", "function"):
             text = f"Result of {m.name or m.tool_call_id or 'the tool call'}: {text}"
-        for call in m.tool_calls or []:
+        elif m.name:  # who is speaking, as the chat templates have no place for it
+            text = f"{m.name}: {text}"
+        calls = [
+            *(m.tool_calls or []),
+            *([{"function": m.function_call}] if m.function_call else []),
+        ]
+        for call in calls:
             function = call.get("function") or {}
             written = json.dumps(
                 {"name": function.get("name"), "arguments": function.get("arguments")}
@@ -808,7 +1113,8 @@ def _tool_call(chunks: Iterator[dict[str, Any]], tool: ToolPlan) -> Pieces:
     """A grammar-constrained generation read as one tool call: nothing shown while it runs
     (an empty piece per token, so a stop is seen between tokens), then the whole call. It is
     a call (finish_reason "tool_calls") only when what was written parses as one; a call cut
-    short by max_tokens comes back as it stands, with finish_reason "length"."""
+    short by max_tokens comes back as it stands, with finish_reason "length", if its function
+    was named (else no call)."""
     written, finish = [], "length"
     for chunk in chunks:
         step = chunk["choices"][0]
@@ -823,8 +1129,12 @@ def _tool_call(chunks: Iterator[dict[str, Any]], tool: ToolPlan) -> Pieces:
         "type": "function",
         "function": {"name": name, "arguments": arguments},
     }
-    done = whole and finish == "stop"
-    yield Piece(spent=text, finish="tool_calls" if done else "length", tool_calls=[call])
+    if whole and finish == "stop":
+        yield Piece(spent=text, finish="tool_calls", tool_calls=[call])
+    elif name:  # cut short: the call as far as it went, as OpenAI gives it ("length")
+        yield Piece(spent=text, finish="length", tool_calls=[call])
+    else:  # cut before the function was named: no call a client could make
+        yield Piece(spent=text, finish="length")
 
 
 def _read_call(text: str, tool: ToolPlan) -> tuple[str, str, bool]:
@@ -860,44 +1170,97 @@ def _notice(model_id: str, *, bundled: bool) -> str:
     return f"**Embedded model.** You are using `{model_id}` from `LOCAL_MODEL_PATH`, in-process."
 
 
-def _top_tokens(
-    llm: llama_cpp.Llama, prompt: int, count: int, k: int
-) -> list[list[dict[str, Any]]] | None:
-    """The k likeliest tokens at each of the `count` positions after a `prompt` of that many
-    tokens, by token (with its bytes), from the logits llama.cpp kept (logits_all).
-    llama-cpp-python's own list is keyed by text: the byte-pieces of characters (an emoji,
-    most non-Latin scripts) all read "" there, and k of them leave one. None if a position's
-    logits are not there."""
-    if prompt + count - 1 > llm.n_tokens:
-        return None
-    tops = []
-    for row in range(prompt - 1, prompt - 1 + count):
-        # As llama-cpp-python computes them (float32), so the chosen token's match its own.
-        logprobs = llama_cpp.Llama.logits_to_logprobs(llm.scores[row])
-        ids = np.argpartition(-logprobs, k)[:k] if k else np.array([], dtype=int)
-        ranked = sorted(ids, key=lambda i: -logprobs[i])
-        tops.append(
-            [
-                {"token": raw.decode("utf-8", errors="backslashreplace"),
-                 "logprob": float(logprobs[i]), "bytes": list(raw)}
-                for i in ranked
-                for raw in [llm.detokenize([int(i)], special=True)]
-            ]
-        )  # fmt: skip
-    return tops
+def _scored(
+    llm: llama_cpp.Llama,
+    prompt: list[int],
+    options: dict[str, Any],
+    k: int,
+    legacy: int | None = None,
+) -> Pieces:
+    """A generation by llama-cpp-python, streamed (its text, stops and finish reason, the same
+    as without log probabilities), each piece with its tokens' log probabilities: chat's shape,
+    or (`legacy`: the prompt's length in characters) the completions' legacy one.
+
+    llama-cpp-python's own logprobs either drop characters that span tokens (streamed) or are
+    built after the generation, sorting the whole vocabulary for each token: seconds that no
+    stop can end. Here the tokens it samples are noted, and each one's log probabilities read
+    from the logits llama.cpp kept (logits_all) as its text comes out."""
+    sampled: list[int] = []
+    sample = llm.sample
+
+    def noting(*args: Any, **kwargs: Any) -> int:
+        token = sample(*args, **kwargs)
+        sampled.append(token)
+        return token
+
+    vocab, scored, shown, said = llm._model.vocab, 0, 0, b""
+    llm.sample = noting  # this context only, for this call (its slot serializes calls)
+    try:
+        options = options | {"stream": True, "logprobs": None}
+        with contextlib.closing(llm.create_completion(prompt=prompt, **options)) as chunks:
+            for chunk in chunks:
+                step = chunk["choices"][0]
+                text, finish = step["text"] or "", step["finish_reason"]
+                shown += len(text.encode())
+                tokens = []
+                # The tokens whose bytes the text so far holds (at the end: that it reaches).
+                while scored < len(sampled) and not llama_cpp.llama_vocab_is_eog(
+                    vocab, sampled[scored]
+                ):
+                    raw = llm.detokenize([sampled[scored]], prev_tokens=prompt + sampled[:scored])
+                    end = len(said) + len(raw)
+                    if end > shown and (finish is None or len(said) >= shown):
+                        break
+                    tokens.append(
+                        (raw, *_logprobs(llm, len(prompt) - 1 + scored, sampled[scored], k))
+                    )
+                    said, scored = said + raw, scored + 1
+                if legacy is None:
+                    logprobs: Any = [
+                        {**_named(raw, lp), "top_logprobs": [_named(r, p) for r, p in top]}
+                        for raw, lp, top in tokens
+                    ]
+                else:
+                    logprobs = _legacy_logprobs(said, tokens, legacy)
+                yield Piece(text, text, finish, logprobs if tokens else None)
+    finally:
+        del llm.sample
 
 
-def _token_bytes(llm: llama_cpp.Llama, text: str, tokens: list[dict[str, Any]]) -> None:
-    """Bytes for the tokens that hold part of a character (an emoji's first bytes): llama-cpp-
-    python names them "" and drops their bytes. The text tokenizes back to the same tokens (as
-    a rule); where it does, each token gets its own bytes, and the name OpenAI gives such a
-    token (the bytes escaped). Where it does not, those tokens keep null bytes."""
-    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-    if len(ids) != len(tokens):
-        return
-    for token, token_id in zip(tokens, ids, strict=True):
-        if token["token"]:
-            continue
-        raw = llm.detokenize([token_id], special=True)
-        token["bytes"] = list(raw)
-        token["token"] = raw.decode("utf-8", errors="backslashreplace")
+def _logprobs(
+    llm: llama_cpp.Llama, row: int, token: int, k: int
+) -> tuple[float, list[tuple[bytes, float]]]:
+    """A sampled token's log probability and the k likeliest tokens', from the logits of the
+    position it was sampled at, as llama-cpp-python computes them (float32)."""
+    logprobs = llama_cpp.Llama.logits_to_logprobs(llm.scores[row])
+    ids = np.argpartition(-logprobs, k)[:k] if k else np.array([], dtype=int)
+    ranked = sorted(ids, key=lambda i: -logprobs[i])
+    return float(logprobs[token]), [(llm.detokenize([int(i)]), float(logprobs[i])) for i in ranked]
+
+
+def _named(raw: bytes, logprob: float) -> dict[str, Any]:
+    """A token as OpenAI's chat logprobs name it: its text (a piece of a character's bytes
+    escaped), log probability and bytes."""
+    return {"token": raw.decode("utf-8", errors="backslashreplace"), "logprob": logprob,
+            "bytes": list(raw)}  # fmt: skip
+
+
+def _legacy_logprobs(
+    said: bytes, tokens: list[tuple[bytes, float, list[tuple[bytes, float]]]], offset: int
+) -> dict[str, Any]:
+    """OpenAI's legacy completions logprobs for the last `tokens` of the text `said` so far.
+    Each character goes to the token that completes it, so that the tokens put together are
+    the text; offsets count from the prompt's start."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                 "text_offset": []}  # fmt: skip
+    said = said[: len(said) - sum(len(raw) for raw, _, _ in tokens)]
+    for raw, logprob, top in tokens:
+        before = said.decode("utf-8", errors="ignore")
+        said += raw
+        out["tokens"].append(said.decode("utf-8", errors="ignore")[len(before) :])
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append(
+            {r.decode("utf-8", errors="backslashreplace"): p for r, p in top}
+        )
+        out["text_offset"].append(offset + len(before))
+    return out
