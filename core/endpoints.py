@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import tokens
 from core.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -29,6 +30,8 @@ class Endpoint:
     request: type[FunctionRequest]  # what the service validates
     path: str  # OpenAI's path, under /v1 for clients and under the base URL upstream
     fields: Fields  # an OpenAI request body -> the request model's fields
+    # What its prompt costs at most, in its model's tokens (core.tokens: its estimator).
+    prompt: Callable[[Any, tokens.Count], int]
     streams: bool = False  # takes stream=true and answers with server-sent events
     generates: bool = False  # a reply whose length max_tokens bounds (and the quota holds)
     # The request model's field names that OpenAI's clients know by another name.
@@ -122,6 +125,7 @@ ENDPOINTS: dict[str, Endpoint] = {
             ChatRequest,
             "chat/completions",
             chat_fields,
+            tokens.chat_prompt,
             streams=True,
             generates=True,
             renamed=_chat_renamed,
@@ -131,6 +135,7 @@ ENDPOINTS: dict[str, Endpoint] = {
             CompletionRequest,
             "completions",
             completion_fields,
+            tokens.completion_prompt,
             streams=True,
             generates=True,
         ),
@@ -139,6 +144,7 @@ ENDPOINTS: dict[str, Endpoint] = {
             EmbeddingRequest,
             "embeddings",
             embedding_fields,
+            tokens.embedding_prompt,
             renamed=lambda body: {"texts": "input"},
         ),
         Endpoint(
@@ -146,6 +152,7 @@ ENDPOINTS: dict[str, Endpoint] = {
             ImageRequest,
             "images/generations",
             image_fields,
+            tokens.image_prompt,
             unavailable=(
                 "The {backend} backend has no image model. To generate images, set "
                 "OPENAI_API_KEY (and IMAGE_MODEL), or OPENAI_BASE_URL to a server that serves "

@@ -59,9 +59,6 @@ log = logging.getLogger("core.service")
 access = logging.getLogger("access")
 RequestT = TypeVar("RequestT", bound=FunctionRequest)
 MODELS_TTL = 60.0
-# Output tokens of one gpt-image picture at most, by quality (the largest size; OpenAI's table).
-# An image cannot be cut short like a reply, so its whole bound must fit in the day's quota.
-IMAGE_TOKENS = {"low": 408, "medium": 1584, "high": 6240, "auto": 6240}
 PING_TTL = 15.0
 # Prompts up to about this many characters are counted on the event loop (some tens of µs);
 # longer ones in a thread, so that a long prompt never holds up other calls.
@@ -933,19 +930,23 @@ class Service:
                 '"filename": "..."}}).',
                 param=where,
             )
-        # Off the event loop when long: a long prompt takes a while to tokenize (a short one
-        # less than the hop to a thread would).
+        # Counted as its model counts (its backend's tokenizer, else core.tokens'); off the
+        # event loop when long: a long prompt takes a while to tokenize (a short one less
+        # than the hop to a thread would).
+        count = tokens.counter(req.model, route.provider.tokenizer(req.model))
+
+        def prompt() -> int:
+            return tokens.fields(body, count) + endpoint.prompt(req, count) + 1
+
         if _rough_size(req, body) > INLINE_TOKENIZE:
-            needed = await asyncio.to_thread(tokens.prompt, req, body) + 1
+            needed = await asyncio.to_thread(prompt)
         else:
-            needed = tokens.prompt(req, body) + 1
+            needed = prompt()
         generates = endpoint.generates
         n = tokens.choices(req)  # 1 but for n, best_of and lists of prompts
         asked = req.max_tokens if isinstance(req, ChatRequest | CompletionRequest) else None
         worst = asked or tokens.max_output(req.model)  # per choice
         wanted = n * worst if generates else 0
-        if isinstance(req, ImageRequest) and (req.model or "").startswith("gpt-image"):
-            needed += req.n * IMAGE_TOKENS.get(req.quality, IMAGE_TOKENS["auto"])
         minimum = needed + n if generates else needed  # a reply token for each choice
         if limits.daily_tokens and minimum > limits.daily_tokens:
             # It can never fit, whatever is spent or held: no Retry-After that says it will.

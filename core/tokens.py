@@ -1,5 +1,7 @@
 """How many tokens a request can cost, before it is sent: what the quota holds for it.
 
+- A model whose backend has its tokenizer at hand (the embedded model's own, read from its
+  GGUF file): counted with it.
 - OpenAI's models: counted with OpenAI's own tokenizer (tiktoken's cl100k_base, shipped in a
   package: nothing is downloaded; newer models' o200k_base makes fewer tokens of the same
   text, so the count is a little high for them, never low in practice).
@@ -10,13 +12,17 @@
   unbounded_part), other parts and every field the service does not read (tools, response
   formats, predictions, unknown ones) by the size of their JSON.
 - A reply: max_tokens if the client set one, else the model's largest reply (MAX_OUTPUT), times
-  the number of replies (n or best_of, for each prompt of a completions call).
+  the number of replies (n or best_of, for each prompt of a completions call); a gpt-image
+  picture: the most its quality can make (IMAGE_TOKENS), held whole since it cannot be cut.
+
+Each endpoint's estimator (its `prompt` in core.endpoints) takes the request and a Count.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -29,6 +35,8 @@ from core.schemas import (
     FunctionRequest,
     ImageRequest,
 )
+
+Count = Callable[[str], int]  # a text's tokens for one model
 
 IMAGE_PART_TOKENS = 4_000  # an image at the most a vision model of OpenAI's bills (~2.5-3.8k)
 FILE_PART_TOKENS = 100_000  # a file by id: its size is unknown here
@@ -44,6 +52,9 @@ MAX_OUTPUT = [
     (re.compile(r"^gpt-3\.5"), 4_096),
 ]
 DEFAULT_MAX_OUTPUT = 32_768
+# Output tokens of one gpt-image picture at most, by quality (the largest size; OpenAI's table).
+# An image cannot be cut short like a reply, so its whole bound must fit in the day's quota.
+IMAGE_TOKENS = {"low": 408, "medium": 1584, "high": 6240, "auto": 6240}
 # Fields whose value is read elsewhere (the prompt itself) or is a scalar setting.
 READ_ELSEWHERE = {"model", "messages", "prompt", "input", "stream_options"}
 
@@ -56,11 +67,23 @@ def _encoding() -> tiktoken.Encoding:
 
 def count(text: str, model: str | None) -> int:
     """Tokens of a text for `model`: OpenAI's tokenizer for its models, else UTF-8 bytes."""
-    if not text:
-        return 0
-    if model and OPENAI_MODEL.match(model):
-        return len(_encoding().encode(text, disallowed_special=()))
+    return counter(model)(text)
+
+
+def _utf8(text: str) -> int:
     return len(text.encode())
+
+
+def _openai(text: str) -> int:
+    return len(_encoding().encode(text, disallowed_special=())) if text else 0
+
+
+def counter(model: str | None, own: Count | None = None) -> Count:
+    """How to count `model`'s tokens: its backend's own tokenizer when it has one (`own`),
+    OpenAI's for OpenAI's models, else UTF-8 bytes."""
+    if own is not None:
+        return own
+    return _openai if model and OPENAI_MODEL.match(model) else _utf8
 
 
 def max_output(model: str | None) -> int:
@@ -84,30 +107,43 @@ def choices(request: FunctionRequest) -> int:
     return per_prompt * prompts
 
 
-def prompt(request: FunctionRequest, body: dict[str, Any] | None = None) -> int:
-    """At most how many prompt tokens `request` costs, with the fields of the client's `body`
-    (the /v1 pass-through sends them all) that the request model does not read."""
-    model = request.model
+def fields(body: dict[str, Any] | None, count: Count) -> int:
+    """The fields of the client's `body` (the /v1 pass-through sends them all) that no
+    request model reads (tools, response formats, predictions, unknown ones), by their JSON."""
     extra = {k: v for k, v in (body or {}).items() if k not in READ_ELSEWHERE}
     extra = {k: v for k, v in extra.items() if isinstance(v, dict | list | str)}
-    total = count(orjson.dumps(extra).decode(), model) if extra else 0
-    if isinstance(request, ChatRequest):
-        for message in request.messages:
-            # Everything in the message counts, by its JSON (every field, known or not: none
-            # can slip past); parts that are not text at their own rate.
-            data = message.model_dump(exclude_none=True)
-            parts = data.pop("content") if isinstance(message.content, list) else []
-            total += PER_MESSAGE + count(orjson.dumps(data).decode(), model)
-            for part in parts:
-                text = part.get("text") if part.get("type") == "text" else None
-                total += count(text, model) if isinstance(text, str) else _part(part, model)
-        return total + PER_REPLY
-    if isinstance(request, CompletionRequest | EmbeddingRequest):
-        value = request.prompt if isinstance(request, CompletionRequest) else request.texts
-        return total + _tokens(value, model)
-    if isinstance(request, ImageRequest):
-        return total + count(request.prompt, model)
-    return total + request.prompt_bound()
+    return count(orjson.dumps(extra).decode()) if extra else 0
+
+
+def chat_prompt(request: ChatRequest, count: Count) -> int:
+    """Every message whole, by its JSON (every field, known or not: none can slip past);
+    parts that are not text at their own rate."""
+    total = PER_REPLY
+    for message in request.messages:
+        data = message.model_dump(exclude_none=True)
+        parts = data.pop("content") if isinstance(message.content, list) else []
+        total += PER_MESSAGE + count(orjson.dumps(data).decode())
+        for part in parts:
+            text = part.get("text") if part.get("type") == "text" else None
+            total += count(text) if isinstance(text, str) else _part(part)
+    return total
+
+
+def completion_prompt(request: CompletionRequest, count: Count) -> int:
+    return _tokens(request.prompt, count)
+
+
+def embedding_prompt(request: EmbeddingRequest, count: Count) -> int:
+    return _tokens(request.texts, count)
+
+
+def image_prompt(request: ImageRequest, count: Count) -> int:
+    """The prompt, and what a gpt-image model makes of it at most: its pictures are counted
+    in tokens (dall-e's are priced per picture, not counted)."""
+    pictures = 0
+    if (request.model or "").startswith("gpt-image"):
+        pictures = request.n * IMAGE_TOKENS.get(request.quality, IMAGE_TOKENS["auto"])
+    return count(request.prompt) + pictures
 
 
 def unbounded_part(request: FunctionRequest) -> str | None:
@@ -126,16 +162,16 @@ def unbounded_part(request: FunctionRequest) -> str | None:
     return None
 
 
-def _tokens(value: Any, model: str | None) -> int:
+def _tokens(value: Any, count: Count) -> int:
     """A prompt given as text, texts, token ids or lists of token ids."""
     if isinstance(value, str):
-        return count(value, model)
+        return count(value)
     if isinstance(value, int):
         return 1
-    return sum(_tokens(item, model) for item in value) if isinstance(value, list) else 0
+    return sum(_tokens(item, count) for item in value) if isinstance(value, list) else 0
 
 
-def _part(part: dict[str, Any], model: str | None) -> int:
+def _part(part: dict[str, Any]) -> int:
     kind = part.get("type")
     if kind == "image_url":
         return IMAGE_PART_TOKENS

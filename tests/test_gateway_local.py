@@ -874,3 +874,20 @@ def test_a_prompt_longer_than_the_context_says_so_like_openai(local: LocalGatewa
         assert answer.status_code == 400, answer.text
         error = answer.json()["error"]
         assert (error["param"], error["code"]) == (param, "context_length_exceeded"), error
+
+
+def test_a_quota_counts_the_prompt_with_the_embedded_models_own_tokenizer(
+    local: LocalGateway,
+) -> None:
+    """A five-word question with 40 tokens of the day left fits (counted in UTF-8 bytes it
+    "needed about 59" and was refused): what is held is the model's own count, and the row
+    settles on what the model really read."""
+    question = [{"role": "user", "content": "What colour is the sky?"}]
+    name = f"local-small-{uuid.uuid4().hex[:8]}"
+    _, key = local.core.users.add(name, daily_tokens=40)
+    with openai.OpenAI(base_url=local.url + "/v1", api_key=key, max_retries=0) as client:
+        answer = client.chat.completions.create(model=MODEL_ID, messages=question, max_tokens=2)
+    assert answer.choices[0].message.content is not None
+    [row] = local.core.ledger.rows(users=[name]).to_dict("records")
+    assert row["status"] == "ok"
+    assert 0 < row["prompt_tokens"] + row["completion_tokens"] <= 40

@@ -337,6 +337,9 @@ class Unmetered:
     def cap_param_for(self, model: str | None) -> str:
         return "max_tokens"
 
+    def tokenizer(self, model: str | None) -> None:
+        return None
+
     def describe(self) -> str:
         return "a backend that reports no usage"
 

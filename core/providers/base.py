@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 from pydantic import SecretStr
@@ -43,6 +43,11 @@ class Provider(Protocol):
         """The parameter that caps a chat reply of `model` upstream: OpenAI's API wants
         max_completion_tokens (its reasoning models take nothing else, on any host);
         compatible servers know max_tokens."""
+        ...
+
+    def tokenizer(self, model: str | None) -> Callable[[str], int] | None:
+        """How `model` counts a text's tokens, when this backend has its tokenizer at hand
+        (the embedded model's own); None: core.tokens counts (OpenAI's, or UTF-8 bytes)."""
         ...
 
     def describe(self) -> str:
@@ -89,6 +94,9 @@ class TypedOnly:
 
     def cap_param_for(self, model: str | None) -> str:
         return "max_tokens"  # the typed calls name their own
+
+    def tokenizer(self, model: str | None) -> Callable[[str], int] | None:
+        return None
 
     def describe(self) -> str:
         return f"{self.kind_label} backend {self.name} at {self.base_url}"

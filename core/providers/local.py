@@ -436,6 +436,18 @@ class LocalProvider:
     def cap_param_for(self, model: str | None) -> str:
         return "max_tokens"
 
+    def tokenizer(self, model: str | None) -> Callable[[str], int] | None:
+        """The model's own tokenizer, for the quota's counts: a vocabulary-only load of the
+        same file (the generating Llama is not thread-safe), made at the first count."""
+        return self._count
+
+    def _count(self, text: str) -> int:
+        if self._vocab is None:
+            with self._vocab_lock:
+                if self._vocab is None:
+                    self._vocab = load_llama(self.path, vocab_only=True)
+        return len(self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         if backend is not None:
             self.name = backend.name
@@ -448,6 +460,8 @@ class LocalProvider:
         self.llm = load_llama(self.path, n_ctx=self._n_ctx, n_threads=self._threads)
         self.dimensions = self.llm.n_embd()
         self._embedder: llama_cpp.Llama | None = None  # loaded on the first embeddings call
+        self._vocab: llama_cpp.Llama | None = None  # loaded at the first quota count
+        self._vocab_lock = threading.Lock()
         # Log probabilities need llama.cpp to keep every position's logits (logits_all), which
         # costs memory and time: a second context, loaded on the first call that asks for them
         # (the weights are memory-mapped, so they are shared).

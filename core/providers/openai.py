@@ -14,7 +14,7 @@ import base64
 import logging
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -216,6 +216,9 @@ class OpenAIProvider:
         """The parameter that caps `model`'s reply: max_completion_tokens for OpenAI's
         reasoning models on any host (Azure OpenAI's refuse max_tokens too), else cap_param."""
         return cap_param_for(model, self.cap_param)
+
+    def tokenizer(self, model: str | None) -> Callable[[str], int] | None:
+        return None  # not at hand: core.tokens counts OpenAI's models with OpenAI's
 
     def _check_configured(self) -> None:
         if self.configured:
