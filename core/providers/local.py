@@ -119,6 +119,7 @@ MAX_REPEAT = 500
 MAX_GRAMMAR_BULK = 1_200  # groups and repetitions inside one group of the grammar text
 MAX_GRAMMAR_CHARS = 200_000
 MAX_SCHEMA_DEPTH = 64
+MAX_PATTERN_CHOICES = 16
 QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
@@ -198,6 +199,12 @@ def _refusal(schema: Any, root: Any, at: str, depth: int, seen: set[str]) -> str
         honoured, pattern = {"type", "pattern"}, schema["pattern"]
         if not isinstance(pattern, str) or not (pattern.startswith("^") and pattern.endswith("$")):
             return f"the pattern at {at}: it must be a text that starts with ^ and ends with $"
+        if (choices := pattern_choices(pattern)) > MAX_PATTERN_CHOICES:
+            return (
+                f"the pattern at {at}: it has {choices} optional or alternative parts once its "
+                f"repetitions are written out (at most {MAX_PATTERN_CHOICES}; llama.cpp tries "
+                "every way of splitting each token among them, and the model would hang)"
+            )
         for match in QUANTIFIER.finditer(pattern):
             if any(n and int(n) > MAX_REPEAT for n in match.groups()):
                 return (
@@ -221,6 +228,41 @@ def _refusal(schema: Any, root: Any, at: str, depth: int, seen: set[str]) -> str
         if problem := _refusal(sub, root, where, depth + 1, seen):
             return problem
     return None
+
+
+def pattern_choices(pattern: str) -> int:
+    """How many optional or alternative parts (?, *, +, |, {m,n}) a pattern has once the
+    repetitions of its groups are written out, as the converter writes them: ((a|b)?){32}
+    has 64. A token of several characters can be split among such parts in very many ways,
+    and llama.cpp's grammar tries each one (minutes per token)."""
+    stack, i = [[0, 1]], 0  # per open group: (its parts, the repetitions around it)
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 1
+        elif c == "[":
+            while i + 1 < len(pattern) and pattern[i + 1] != "]":
+                i += 2 if pattern[i + 1] == "\\" else 1
+            i += 1
+        elif c == "(":
+            stack.append([0, 1])
+        elif c == ")" and len(stack) > 1:
+            parts = stack.pop()[0]
+            match = QUANTIFIER.match(pattern, i + 1)
+            if match:  # the group written out that many times
+                low, high = match.groups()
+                times = int(high or low or 0) if high != "" else int(low or 0)
+                parts = parts * max(times, 1) + (high is not None and high != low)
+                i = match.end() - 1
+            stack[-1][0] += parts
+        elif c in "?*+|":
+            stack[-1][0] += 1
+        elif c == "{":
+            match = QUANTIFIER.match(pattern, i)
+            if match and match[2] is not None and match[2] != match[1]:
+                stack[-1][0] += 1
+        i += 1
+    return stack[0][0]
 
 
 def _resolve(root: Any, ref: Any) -> Any:
