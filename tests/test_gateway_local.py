@@ -706,6 +706,8 @@ IGNORED_KEYWORDS = [
     ({"type": ["string", "null"], "maxLength": 3}, "maxLength"),
     ({"anyOf": [{"type": "string"}], "type": "integer"}, "type"),
     ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "oneOf"),
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "maxProperties": 0}]},
+     "allOf"),
     ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "required"),
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1}}}, "minimum"),
 ]  # fmt: skip

@@ -148,6 +148,8 @@ def _refusal(schema: Any, root: Any, at: str, depth: int, seen: set[str]) -> str
             f"the JSON schema keyword 'oneOf' at {at} (the grammar cannot make the choices "
             "exclusive; use anyOf)"
         )
+    elif "allOf" in schema:  # the converter merges only the parts' properties
+        return f"the JSON schema keyword 'allOf' at {at} (write the properties out in one object)"
     elif "anyOf" in schema:
         honoured, choices = {"anyOf"}, schema["anyOf"]
         if not isinstance(choices, list) or not choices:
