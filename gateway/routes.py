@@ -56,9 +56,9 @@ class ClientGone(Exception):
 
 async def while_connected(request: Request, work: Awaitable[T]) -> T:
     """`work`'s result, unless the client hangs up first: then `work` is cancelled (the
-    upstream call is dropped, the embedded model stops) and ClientGone is raised. Streams need
-    no such thing: a closed connection already ends them. `work` runs in this task; only the
-    wait for a hang-up is a task of its own."""
+    upstream call is dropped, the embedded model stops) and ClientGone is raised. A stream
+    needs it until its first event (stream_response); after that, a closed connection ends
+    it. `work` runs in this task; only the wait for a hang-up is a task of its own."""
     me = asyncio.current_task()
     assert me is not None
     finished, left = False, False
@@ -232,7 +232,7 @@ def build_router(core: Core) -> Router:
                     raw=raw,
                     **cached,
                 )
-                return await stream_response(watched(events, caller), params, outcome)
+                return await stream_response(request, watched(events, caller), params, outcome)
             how = {"caller": caller, "request_id": request_id, "raw": raw, **cached}
             try:
                 content = await while_connected(
@@ -284,7 +284,7 @@ def build_router(core: Core) -> Router:
         if stream:
             events = _events(shape, chunks, include_usage)
             return await stream_response(
-                watched(events, kwargs["caller"]), params, kwargs["outcome"]
+                request, watched(events, kwargs["caller"]), params, kwargs["outcome"]
             )
 
         async def whole() -> bytes:
@@ -412,13 +412,16 @@ def cache_headers(outcome: Outcome | None) -> dict[str, str]:
 
 
 async def stream_response(
+    request: Request,
     events: AsyncIterator[bytes],
     params: dict[str, str] | None = None,
     outcome: Outcome | None = None,
 ) -> Response:
-    """Wait for the first event, so a refusal is a plain HTTP error, then stream the rest."""
+    """Wait for the first event, so a refusal is a plain HTTP error, then stream the rest. A
+    client that hangs up meanwhile ends the call (a forced tool call comes whole at the end:
+    nothing is sent before, and only the hang-up says the client left)."""
     try:
-        first = await anext(events)
+        first = await while_connected(request, anext(events))
     except StopAsyncIteration:
         first = b""
     except errors.ServiceError as exc:

@@ -893,3 +893,36 @@ def test_a_quota_counts_the_prompt_with_the_embedded_models_own_tokenizer(
     [row] = local.core.ledger.rows(users=[name]).to_dict("records")
     assert row["status"] == "ok"
     assert 0 < row["prompt_tokens"] + row["completion_tokens"] <= 40
+
+
+def test_a_client_that_leaves_a_streamed_tool_call_frees_the_model_at_once(
+    local: LocalGateway,
+) -> None:
+    """A forced tool call streams nothing until the call is whole: a client that hangs up
+    before the first event still ends it (400 numbers take the model many seconds)."""
+    import time
+
+    numbers = {"type": "array", "items": {"type": "integer"}, "minItems": 400}
+    body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Count to four hundred."}],
+        "max_tokens": 3000,
+        "stream": True,
+        "tools": tool_with({"type": "object", "properties": {"n": numbers}, "required": ["n"]}),
+        "tool_choice": "required",
+    }
+    provider = local.core.service.provider
+    with (
+        pytest.raises(httpx.ReadTimeout),
+        httpx.stream(
+            "POST", f"{local.url}/v1/chat/completions", headers=AUTH, json=body, timeout=3.0
+        ) as response,
+    ):
+        for _ in response.iter_lines():
+            pass
+    deadline = time.monotonic() + 3
+    while provider.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not provider.busy
+    last = local.core.ledger.rows(users=["owner"]).iloc[-1]
+    assert last["status"] == "cancelled"
