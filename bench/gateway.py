@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gateway.py [--latency-ms 20] [--requests 300] [--concurrency 32]
                                       [--total 2000] [--repeat 3] [--history 100000] [--v1-only]
+                                      [--client aiohttp|openai]
 
 Starts bench/upstream.py (fixed latency), the app (python app.py), two Gradio apps to compare
 with (bench/gradio_peers.py: Gradio's own gr.load_chat, and a bare gr.api relay), and LiteLLM's
@@ -10,13 +11,14 @@ process. Before the app starts, two users with quotas are put in its database: o
 with --history rows of today (a busy user's afternoon).
 
 /v1: a light aiohttp client (the openai SDK caps direct throughput near 430 req/s here and
-flatters every gateway) calls the upstream directly, /v1 with the owner key, /v1 with each
-quota'd user, and each peer gateway, in turn, --repeat times (interleaved: a noisy moment falls
-on all), streaming and not; one call at a time, then --concurrency callers. Prints the medians:
-p50/p99 latency, what each adds to direct, requests per second and the ratio to direct, and the
-CPU time (user+system, from /proc) each server process spends per call: the upstream's for
-direct calls, the gateway's for calls through it, i.e. what the gateway itself costs. That time
-includes what a process burns while idle; the idle rates are printed first.
+flatters every gateway; --client openai measures with it all the same) calls the upstream
+directly, /v1 with the owner key, /v1 with each quota'd user, and each peer gateway, in turn,
+--repeat times (interleaved: a noisy moment falls on all), streaming and not; one call at a
+time, then --concurrency callers. Prints the medians: p50/p99 latency, what each adds to
+direct, requests per second and the ratio to direct, and the CPU time (user+system, from /proc)
+each server process spends per call: the upstream's for direct calls, the gateway's for calls
+through it, i.e. what the gateway itself costs. That time includes what a process burns while
+idle; the idle rates are printed first.
 
 Gradio (unless --v1-only): gradio_client calling each Gradio app's chat endpoint, with its
 default settings and with one TLS context handed to it; then Gradio's queue protocol spoken
@@ -175,6 +177,30 @@ async def light_call(http, target: Target, stream: bool) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def sdk_call(target: Target, stream: bool) -> tuple[Callable[[], Awaitable[float]], object]:
+    """--client openai: the same call through the openai SDK (what issue 11's figures were
+    measured with; it caps direct throughput and flatters gateways). The call, and its client."""
+    key = target.headers.get("authorization", "Bearer none").removeprefix("Bearer ")
+    client = openai.AsyncOpenAI(
+        base_url=target.url,
+        api_key=key,
+        max_retries=0,
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=None)),
+    )
+
+    async def call() -> float:
+        started = time.perf_counter()
+        answer = await client.chat.completions.create(
+            model=target.model, messages=MESSAGES, stream=stream
+        )
+        if stream:
+            async for _ in answer:
+                pass
+        return (time.perf_counter() - started) * 1000
+
+    return call, client
+
+
 async def light_round(
     target: Target, stream: bool, args: argparse.Namespace, figures: Figures
 ) -> None:
@@ -183,12 +209,17 @@ async def light_round(
 
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as http:
+        sdk = sdk_call(target, stream) if args.client == "openai" else None
+
+        async def light_call_once() -> float:
+            return await (sdk[0]() if sdk else light_call(http, target, stream))
+
         for _ in range(10):  # warm-up: connections, caches
-            await light_call(http, target, stream)
+            await light_call_once()
         # ...and one connection per caller, before anything is measured.
-        await asyncio.gather(*(light_call(http, target, stream) for _ in range(args.concurrency)))
+        await asyncio.gather(*(light_call_once() for _ in range(args.concurrency)))
         cpu = cpu_ms(target.pid)
-        latencies = [await light_call(http, target, stream) for _ in range(args.requests)]
+        latencies = [await light_call_once() for _ in range(args.requests)]
         figures.seq_cpu.append((cpu_ms(target.pid) - cpu) / args.requests)
         figures.latencies += latencies
         remaining = args.total
@@ -197,13 +228,15 @@ async def light_round(
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                await light_call(http, target, stream)
+                await light_call_once()
 
         cpu, started = cpu_ms(target.pid), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         figures.rates.append(args.total / (time.perf_counter() - started))
         await asyncio.sleep(0.3)  # the ledger's writer finishes these calls' rows: theirs
         figures.rate_cpu.append((cpu_ms(target.pid) - cpu) / args.total)
+        if sdk:
+            await sdk[1].close()
 
 
 def median(values: list[float]) -> float:
@@ -221,8 +254,9 @@ async def measure_light(targets: list[Target], args: argparse.Namespace) -> None
         direct = figures[targets[0].name]
         d50, rate = pct(direct.latencies, 0.5), median(direct.rates)
         kind = "streaming (to the end)" if stream else "non-streaming"
+        client = "openai SDK" if args.client == "openai" else "aiohttp"
         print(
-            f"\n{kind}: aiohttp client, {args.requests} sequential calls then {args.total} from "
+            f"\n{kind}: {client} client, {args.requests} sequential calls then {args.total} from "
             f"{args.concurrency} callers, x{args.repeat} interleaved (medians)"
         )
         print(
@@ -509,6 +543,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--v1-only", "--sdk-only", action="store_true", help="only /v1 and peers, not Gradio's"
+    )
+    parser.add_argument(
+        "--client",
+        choices=("aiohttp", "openai"),
+        default="aiohttp",
+        help="the /v1 client: a light one (default), or the openai SDK (issue 11's figures)",
     )
     args = parser.parse_args()
 
