@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import orjson
 
 from core.schemas import Usage
+
+log = logging.getLogger("core.passthrough")
 
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 # A blank line ends an SSE event; a line ends in CRLF, LF or a lone CR (the spec's three).
@@ -66,12 +69,30 @@ def event_data(event: bytes) -> bytes | None:
 def usage_of(data: dict | None) -> Usage | None:
     """Usage from a parsed "usage" object. Chat, completions and embeddings say prompt and
     completion tokens; images say input and output tokens."""
-    if not data:
+    if not data or not isinstance(data, dict):
         return None
-    prompt = int(data.get("prompt_tokens") or data.get("input_tokens") or 0)
-    completion = int(data.get("completion_tokens") or data.get("output_tokens") or 0)
-    total = int(data.get("total_tokens") or prompt + completion)
+    prompt = _count(data.get("prompt_tokens") or data.get("input_tokens") or 0)
+    completion = _count(data.get("completion_tokens") or data.get("output_tokens") or 0)
+    total = _count(data.get("total_tokens") or 0)
+    if prompt is None or completion is None or total is None:
+        # Not a count (negative, fractional, text, past any real call): the upstream's usage
+        # says nothing, and the service counts the call itself rather than settle on it.
+        log.warning("the upstream's usage is not a count of tokens: %.200r", data)
+        return None
+    total = total or prompt + completion
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+MAX_COUNT = 10**9  # tokens of one call, far past any model's context and replies
+
+
+def _count(value: object) -> int | None:
+    """A token count as an upstream may write it (7, or 7.0), or None if it is none."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
+        return value
+    return None
 
 
 def usage_in(raw: bytes) -> Usage | None:

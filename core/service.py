@@ -1051,6 +1051,12 @@ class Service:
             if call.slot is not None:
                 call.slot.release()
             metrics.IN_FLIGHT.labels(call.function).dec()
+            # First the record (whatever goes wrong below, the call's hold is settled).
+            # Listing models costs nothing and a page load does it: no ledger row for it.
+            if self.ledger is not None and not call.refused and call.function in ENDPOINTS:
+                # No await: the ledger writes in its own thread, so a cancelled call is
+                # settled too and the answer does not wait for the database.
+                self._settle(call, "cached" if call.cached and status == "ok" else status)
             usage = call.usage
             seconds = time.perf_counter() - call.started
             metrics.observe(
@@ -1079,11 +1085,6 @@ class Service:
                     usage.prompt_tokens if usage else "-",
                     usage.completion_tokens if usage else "-",
                 )
-            # Listing models costs nothing and a page load does it: no ledger row for it.
-            if self.ledger is not None and not call.refused and call.function in ENDPOINTS:
-                # No await: the ledger writes in its own thread, so a cancelled call is
-                # settled too and the answer does not wait for the database.
-                self._settle(call, "cached" if call.cached and status == "ok" else status)
 
     def _settle(self, call: Call, status: str) -> None:
         assert self.ledger is not None

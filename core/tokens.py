@@ -157,7 +157,7 @@ def unbounded_part(request: FunctionRequest) -> str | None:
             continue
         for j, part in enumerate(message.content):
             file = (part.model_extra or {}).get("file") if part.type == "file" else None
-            if part.type == "file" and not (isinstance(file, dict) and "file_data" in file):
+            if part.type == "file" and not _has_data(file):
                 return f"messages[{i}].content[{j}].file.file_id"
     return None
 
@@ -175,6 +175,16 @@ def _part(part: dict[str, Any]) -> int:
     kind = part.get("type")
     if kind == "image_url":
         return IMAGE_PART_TOKENS
-    if kind == "file" and "file_data" not in (part.get("file") or {}):
+    if kind == "file" and not _has_data(part.get("file")):
         return FILE_PART_TOKENS
     return len(orjson.dumps(part))  # audio, a file's data, anything new: by its size
+
+
+def _has_data(file: object) -> bool:
+    """A file part that carries its content (counted by its size), not only an id: a
+    file_data that is null or empty is none (the upstream reads the file by its id)."""
+    return (
+        isinstance(file, dict)
+        and isinstance(file.get("file_data"), str)
+        and bool(file["file_data"])
+    )

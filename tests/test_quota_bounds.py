@@ -185,12 +185,15 @@ ASK = {"type": "text", "text": "What does this file say?"}
 def test_a_file_by_id_is_refused_under_a_daily_quota_naming_the_part(gateway, upstream) -> None:
     sdk, _ = sdk_for(gateway, "quota-file-id", 1_000_000)
     upstream.reset()
-    messages = [{"role": "user", "content": [ASK, FILE_BY_ID]}]
-    with pytest.raises(openai.BadRequestError) as info:
-        sdk.chat.completions.create(model="gpt-4.1-mini", messages=messages)
-    assert info.value.param == "messages[0].content[1].file.file_id"
-    assert "file_data" in info.value.message
-    assert "retry-after" not in info.value.response.headers
+    file_id = FILE_BY_ID["file"]
+    # A file_data that is null or empty carries nothing: the upstream reads the file by id.
+    for file in (file_id, {**file_id, "file_data": None}, {**file_id, "file_data": ""}):
+        messages = [{"role": "user", "content": [ASK, {"type": "file", "file": file}]}]
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.chat.completions.create(model="gpt-4.1-mini", messages=messages)
+        assert info.value.param == "messages[0].content[1].file.file_id"
+        assert "file_data" in info.value.message
+        assert "retry-after" not in info.value.response.headers
     assert upstream.requests == []
     # Its content instead: counted by its size, and sent.
     data = {"type": "file", "file": {"file_data": "data:text/plain;base64,aGk=", "filename": "a"}}
@@ -230,3 +233,26 @@ def test_n_replies_without_usage_are_billed_for_each(gateway) -> None:
     [row] = core.ledger.rows(users=["quota-n-no-usage"]).to_dict("records")
     # Estimated from the answer's size, bounded by what n replies of max_tokens can be.
     assert row["completion_tokens"] == 2 * 5
+
+
+@pytest.mark.parametrize("model", ["usage-negative", "usage-huge", "usage-text"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_that_is_no_count_is_not_believed(gateway, upstream, model, stream) -> None:
+    """An upstream's usage with a negative count, one past any column, or text: the call is
+    answered, settled on our own count (its hold released), and the user's next call fits."""
+    name = f"quota-bad-usage-{model}-{stream}"
+    sdk, core = sdk_for(gateway, name, 2_000)
+    for _ in range(2):  # the second would be refused if the first still held its tokens
+        if stream:
+            chunks = sdk.chat.completions.create(
+                model=model, messages=HI, max_tokens=1_500, stream=True
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            reply = sdk.chat.completions.create(model=model, messages=HI, max_tokens=1_500)
+            assert reply.choices[0].message.content
+    core.ledger.flush()
+    rows = core.ledger.rows(users=[name]).to_dict("records")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(0 < r["prompt_tokens"] + r["completion_tokens"] < 1_000 for r in rows)
+    assert 0 < spent(core, name) < 2_000

@@ -226,6 +226,8 @@ async def _model_gate(body: dict, known: list[str]) -> Response | None:
         pass  # answers embeddings with one vector per word (see embeddings)
     elif re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model):
         pass  # streams its words slowly (see _stream)
+    elif model in BAD_USAGE:
+        pass  # answers with usage that is no count (see chat_completions)
     elif model not in known + MODE_MODELS:
         message = f"The model `{model}` does not exist or you do not have access to it."
         return _error(404, message, code="model_not_found")
@@ -254,6 +256,14 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
+# Usage no count can be taken from: a negative count, one past any integer column, text.
+BAD_USAGE = {
+    "usage-negative": {"prompt_tokens": 3, "completion_tokens": -2, "total_tokens": 1},
+    "usage-huge": {"prompt_tokens": 10**23, "completion_tokens": 1, "total_tokens": 10**23 + 1},
+    "usage-text": {"prompt_tokens": "12abc", "completion_tokens": [1], "total_tokens": None},
+}
+
+
 @_endpoint
 def chat_completions(body: dict) -> Response:
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
@@ -261,6 +271,7 @@ def chat_completions(body: dict) -> Response:
     reply, finish = _shape_reply("Echo: " + (users[-1] if users else ""), body)
     pieces = _words(reply)
     usage = _usage(sum(len(_text_of(m.get("content")).split()) for m in messages), len(pieces))
+    usage = BAD_USAGE.get(body["model"], usage)
     base = dict(
         id="chatcmpl-" + secrets.token_hex(12), created=int(time.time()), model=body["model"]
     )
