@@ -936,7 +936,11 @@ class Service:
         count = tokens.counter(req.model, route.provider.tokenizer(req.model))
 
         def prompt() -> int:
-            return tokens.fields(body, count) + endpoint.prompt(req, count) + 1
+            # A chat as the model reads it, where its backend can render it (a template's
+            # system prompt and markers), else the endpoint's estimator.
+            rendered = route.provider.count_prompt(req) if isinstance(req, ChatRequest) else None
+            made = endpoint.prompt(req, count) if rendered is None else rendered + tokens.PER_REPLY
+            return tokens.fields(body, count) + made + 1
 
         if _rough_size(req, body) > INLINE_TOKENIZE:
             needed = await asyncio.to_thread(prompt)

@@ -878,21 +878,24 @@ def test_a_prompt_longer_than_the_context_says_so_like_openai(local: LocalGatewa
         assert (error["param"], error["code"]) == (param, "context_length_exceeded"), error
 
 
-def test_a_quota_counts_the_prompt_with_the_embedded_models_own_tokenizer(
+def test_a_quota_counts_the_prompt_as_the_embedded_model_reads_it(
     local: LocalGateway,
 ) -> None:
-    """A five-word question with 40 tokens of the day left fits (counted in UTF-8 bytes it
-    "needed about 59" and was refused): what is held is the model's own count, and the row
-    settles on what the model really read."""
-    question = [{"role": "user", "content": "What colour is the sky?"}]
+    """The prompt is counted as the model reads it: its own tokenizer over its chat template
+    (with the template's system prompt and markers). A question of 30 words fits a day of 100
+    tokens (in UTF-8 bytes it needed over 200), and the day is never overspent: the reply is
+    capped at what is left after what the model really reads."""
+    words = "Please write me a very long story about a fox who lives in a quiet green wood "
+    question = [{"role": "user", "content": words + "and never stop telling it to me here."}]
     name = f"local-small-{uuid.uuid4().hex[:8]}"
-    _, key = local.core.users.add(name, daily_tokens=40)
+    _, key = local.core.users.add(name, daily_tokens=100)
     with openai.OpenAI(base_url=local.url + "/v1", api_key=key, max_retries=0) as client:
-        answer = client.chat.completions.create(model=MODEL_ID, messages=question, max_tokens=2)
-    assert answer.choices[0].message.content is not None
+        answer = client.chat.completions.create(model=MODEL_ID, messages=question, seed=1)
+        assert answer.choices[0].finish_reason == "length"  # it ran to the cap
+        assert answer.usage is not None and answer.usage.total_tokens <= 100
     [row] = local.core.ledger.rows(users=[name]).to_dict("records")
     assert row["status"] == "ok"
-    assert 0 < row["prompt_tokens"] + row["completion_tokens"] <= 40
+    assert 0 < row["prompt_tokens"] + row["completion_tokens"] <= 100
 
 
 def test_a_client_that_leaves_a_streamed_tool_call_frees_the_model_at_once(

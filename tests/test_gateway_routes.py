@@ -340,6 +340,9 @@ class Unmetered:
     def tokenizer(self, model: str | None) -> None:
         return None
 
+    def count_prompt(self, request: object) -> None:
+        return None
+
     def describe(self) -> str:
         return "a backend that reports no usage"
 

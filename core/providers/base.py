@@ -50,6 +50,12 @@ class Provider(Protocol):
         (the embedded model's own); None: core.tokens counts (OpenAI's, or UTF-8 bytes)."""
         ...
 
+    def count_prompt(self, request: ChatRequest) -> int | None:
+        """A chat's prompt as the model will read it, counted (the embedded model renders
+        its chat template: a default system prompt, role markers); None: core.tokens'
+        estimator counts it."""
+        ...
+
     def describe(self) -> str:
         """A short, secret-free description for the header line and /health."""
         ...
@@ -96,6 +102,9 @@ class TypedOnly:
         return "max_tokens"  # the typed calls name their own
 
     def tokenizer(self, model: str | None) -> Callable[[str], int] | None:
+        return None
+
+    def count_prompt(self, request: ChatRequest) -> int | None:
         return None
 
     def describe(self) -> str:

@@ -485,12 +485,20 @@ class LocalProvider:
         same file (the generating Llama is not thread-safe), made at the first count."""
         return self._count
 
-    def _count(self, text: str) -> int:
+    def count_prompt(self, request: ChatRequest) -> int | None:
+        """The chat as its template renders it (what a tool call adds to the system prompt
+        is counted with the request's other fields, by their size)."""
+        if self._formatter is None:
+            return None  # no template in the GGUF: the estimator counts the messages
+        prompt = self._formatter(messages=_prompt_messages(request.messages, None)).prompt
+        return self._count(prompt, special=True)
+
+    def _count(self, text: str, special: bool = False) -> int:
         if self._vocab is None:
             with self._vocab_lock:
                 if self._vocab is None:
                     self._vocab = load_llama(self.path, vocab_only=True)
-        return len(self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        return len(self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=special))
 
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         if backend is not None:

@@ -220,6 +220,9 @@ class OpenAIProvider:
     def tokenizer(self, model: str | None) -> Callable[[str], int] | None:
         return None  # not at hand: core.tokens counts OpenAI's models with OpenAI's
 
+    def count_prompt(self, request: ChatRequest) -> int | None:
+        return None
+
     def _check_configured(self) -> None:
         if self.configured:
             return
