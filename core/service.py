@@ -63,6 +63,8 @@ PING_TTL = 15.0
 # Prompts up to about this many characters are counted on the event loop (some tens of µs);
 # longer ones in a thread, so that a long prompt never holds up other calls.
 INLINE_TOKENIZE = 4_000
+# After a passed-through stream's [DONE], how long its upstream may take to end the response.
+DONE_GRACE = 0.5
 
 
 def new_request_id() -> str:
@@ -491,6 +493,8 @@ class Service:
             async for events in batches:
                 kept = []
                 for event in events:
+                    if finished:
+                        break  # nothing counts after [DONE]
                     if is_done(event):
                         finished = True
                         if include_usage and call.usage is None:
@@ -515,6 +519,15 @@ class Service:
                     if call.lookup is not None:
                         sent.append(piece)
                     yield piece
+                if finished:
+                    # [DONE] ends it. The upstream's end of the response follows at once as a
+                    # rule (read, so that its connection is kept alive); one that holds the
+                    # response open is not waited for.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(DONE_GRACE):
+                            async for _ in batches:
+                                pass
+                    break
         if not finished:
             raise errors.StreamInterrupted()
         if call.lookup is not None:

@@ -152,6 +152,8 @@ HI = [{"role": "user", "content": "hi"}]
     [
         ("error-429-quota", 429, "insufficient_quota", "insufficient_quota", None,
          "exceeded your current quota"),
+        ("error-429-quota-type", 429, "insufficient_quota", "insufficient_quota", None,
+         "exceeded your current quota"),
         ("error-429", 429, "requests", "rate_limit_exceeded", None, "Rate limit reached"),
         ("error-400-context", 400, "invalid_request_error", "context_length_exceeded",
          "messages", "maximum context length is 8192"),

@@ -417,3 +417,22 @@ def test_a_trailing_slash_is_the_same_call(running_app: Served) -> None:
     assert answer.json()["choices"][0]["message"]["content"] == "Echo: slash"
     listed = httpx.get(running_app.url + "/v1/models/", headers=AUTH)
     assert listed.status_code == 200 and listed.json()["object"] == "list"
+
+
+def test_done_ends_a_passed_through_stream_though_the_upstream_keeps_it_open(
+    running_app: Served,
+) -> None:
+    """An upstream that sends [DONE] and keeps the response open (20 s here): the client gets
+    [DONE] at once, and the call is recorded, rather than both waiting for the upstream."""
+    body = {"model": "done-then-hold", "messages": [{"role": "user", "content": "hi"}]}
+    started = time.monotonic()
+    with httpx.stream(
+        "POST",
+        f"{running_app.url}/v1/chat/completions",
+        headers=AUTH,
+        json=body | {"stream": True},
+        timeout=30,
+    ) as answer:
+        lines = [line for line in answer.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    assert time.monotonic() - started < 10  # not the upstream's 20 s

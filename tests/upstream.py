@@ -48,6 +48,8 @@ QUOTA = "You exceeded your current quota, please check your plan and billing det
 CONTEXT = "This model's maximum context length is 8192 tokens. Please reduce the length."
 MORE_ERRORS: dict[str, tuple[int, str, str, str | None, str | None]] = {
     "error-429-quota": (429, QUOTA, "insufficient_quota", None, "insufficient_quota"),
+    # Out of quota said by its type alone (code null), as some servers do.
+    "error-429-quota-type": (429, QUOTA, "insufficient_quota", None, None),
     "error-400-context": (400, CONTEXT, BAD_REQUEST, "messages", "context_length_exceeded"),
     "error-500-code": (500, "Internal failure x.", "server_error", None, "internal_x"),
     "error-404-param": (404, "The model does not exist.", BAD_REQUEST, "model", "model_not_found"),
@@ -188,6 +190,9 @@ async def _stream(
     if usage is not None:
         yield _sse({**chunk("", None), "choices": [], "usage": usage})
     yield _sse("[DONE]")
+    if model == "done-then-hold":  # keeps the response open after [DONE] (some servers do)
+        yield ": still here\n\n"
+        await asyncio.sleep(20)
 
 
 def _streaming(body: dict, *args: Any) -> StreamingResponse:
@@ -224,6 +229,8 @@ async def _model_gate(body: dict, known: list[str]) -> Response | None:
         pass  # answers chat without a usage object (some servers never send one)
     elif model == "embed-per-token":
         pass  # answers embeddings with one vector per word (see embeddings)
+    elif model == "done-then-hold":
+        pass  # holds its stream open after [DONE] (see _stream)
     elif re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model):
         pass  # streams its words slowly (see _stream)
     elif model in BAD_USAGE:

@@ -110,6 +110,9 @@ def _mapped(
             seconds = None
         if "insufficient_quota" in (code, kind):
             text = f"The upstream account has no quota left{said}"
+            # Said by its type only: the code says it too, or a client that retries on
+            # rate_limit_exceeded (the default) would retry a hard quota error.
+            fields["code"] = code or "insufficient_quota"
         else:
             text = f"The upstream is rate limiting requests{said} Wait a moment and try again."
         return errors.RateLimited(text, retry_after=seconds, **fields)
@@ -444,6 +447,14 @@ class OpenAIProvider:
                         method,
                         url.removeprefix(self.base_url),
                     )
+                    if stale_retried:  # sent twice: once on a kept-alive connection it closed
+                        raise errors.UpstreamClosed(
+                            "The upstream closed the connection without answering, twice: once "
+                            "a kept-alive one (the request was sent again on a new one, as "
+                            "such a close usually comes before the request is read), then the "
+                            "new one. It may have processed the request; it was not sent a "
+                            "third time."
+                        ) from None
                     raise errors.UpstreamClosed() from None
                 stale_retried = True
                 continue
