@@ -31,7 +31,7 @@ from core.pricing import PriceTable
 from core.schemas import Usage
 from core.service import Service
 from tests.conftest import ACCESS_KEY, Served, app_settings, logged, serve
-from tests.db_fixtures import BACKENDS, Database, fresh_database
+from tests.db_fixtures import BACKENDS, Database, fresh_database, needs_postgresql
 from tests.upstream import FakeUpstream
 
 # Five words, so the upstream reports 5 prompt tokens; the reply "Echo: ..." is 6 tokens.
@@ -1345,14 +1345,17 @@ def test_a_release_does_not_deadlock_with_a_writer_settling_the_same_user(databa
 
 
 def test_reservations_asked_together_are_one_transaction_and_one_failure_stays_its_own(
-    database,
+    tmp_path: Path,
 ) -> None:
     """Reservations asked while the reserving thread writes others go in one transaction,
     checked in order against one budget (the last one that does not fit is refused); one
     that fails for itself gets its error and the others their rows. (SQLite: PostgreSQL
     reserves each call in a thread of its own.)"""
-    if database.engine.dialect.name != "sqlite":
-        pytest.skip("batched on SQLite only")
+    with fresh_database("sqlite", tmp_path) as database:
+        _reservations_asked_together(database)
+
+
+def _reservations_asked_together(database: Database) -> None:
     db.migrate(database.engine)
     ledger = Ledger(database.engine, prices=PriceTable())
     gate, inside = threading.Event(), threading.Event()
@@ -1453,13 +1456,17 @@ def test_a_closed_ledger_refuses_reservations_at_once(database) -> None:
         _reserve(ledger, "after-close", "req_ac1")
 
 
+@needs_postgresql
 def test_one_users_lock_held_elsewhere_holds_up_no_other_user_on_postgresql(
-    database,
+    tmp_path: Path,
 ) -> None:
     """Another process holds one user's lock (PostgreSQL): that user's check waits for it,
     another user's does not."""
-    if database.engine.dialect.name != "postgresql":
-        pytest.skip("advisory locks are PostgreSQL's")
+    with fresh_database("postgresql", tmp_path) as database:
+        _one_users_lock_held_elsewhere(database)
+
+
+def _one_users_lock_held_elsewhere(database: Database) -> None:
     db.migrate(database.engine)
     ledger = Ledger(database.engine, prices=PriceTable())
     with database.engine.begin() as conn:
