@@ -929,3 +929,157 @@ def test_a_client_that_leaves_a_streamed_tool_call_frees_the_model_at_once(
     assert not provider.busy
     last = local.core.ledger.rows(users=["owner"]).iloc[-1]
     assert last["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_list_of_prompts_is_refused(local: LocalGateway, stream: bool) -> None:
+    """OpenAI refuses `prompt: []`; it was answered as one empty prompt (<|endoftext|>)."""
+    answer = post(local, "completions", {**COMPLETION, "prompt": [], "stream": stream})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "prompt" and "empty list" in error["message"], error
+
+
+TOOL_CALL = {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+CALLED = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([{**SAY_HELLO[0], "tool_call_id": "call_1"}], "messages.0.tool_call_id"),
+        ([{**SAY_HELLO[0], "tool_calls": []}], "messages.0.tool_calls"),
+        ([{**SAY_HELLO[0], "tool_calls": [TOOL_CALL]}], "messages.0.tool_calls"),
+        ([{**SAY_HELLO[0], "function_call": TOOL_CALL["function"]}], "messages.0.function_call"),
+        ([{"role": "system", "content": "Be brief.", "refusal": "No."}, *SAY_HELLO],
+         "messages.0.refusal"),
+        ([*ASK_WEATHER, CALLED, {"role": "tool", "tool_call_id": "call_1", "content": "Sunny",
+          "refusal": "No."}], "messages.2.refusal"),
+        ([*ASK_WEATHER, {"role": "assistant", "content": "Sunny.", "tool_call_id": "call_1"}],
+         "messages.1.tool_call_id"),
+    ],
+    ids=["user-tool_call_id", "user-empty-tool_calls", "user-tool_calls", "user-function_call",
+         "system-refusal", "tool-refusal-beside-content", "assistant-tool_call_id"],
+)  # fmt: skip
+def test_a_message_field_on_the_wrong_role_is_refused_by_name(
+    local: LocalGateway, messages: list[dict], param: str
+) -> None:
+    answer = post(local, "chat/completions", {**CHAT, "messages": messages})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and "takes no" in error["message"], error
+
+
+def test_a_refusal_beside_content_and_a_tool_call_id_beside_a_name_are_read(
+    local: LocalGateway,
+) -> None:
+    def prompt_tokens(messages: list[dict]) -> int:
+        answer = post(local, "chat/completions", {**CHAT, "max_tokens": 1, "messages": messages})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens"]
+
+    said = {"role": "assistant", "content": "Maybe."}
+    assert prompt_tokens([*SAY_HELLO, {**said, "refusal": "I cannot say more."}, *SAY_HELLO]) > (
+        prompt_tokens([*SAY_HELLO, said, *SAY_HELLO])
+    )
+    result = {"role": "tool", "name": "get_weather", "content": "Sunny"}
+    assert prompt_tokens([*ASK_WEATHER, CALLED, {**result, "tool_call_id": "call_1"}]) > (
+        prompt_tokens([*ASK_WEATHER, CALLED, result])
+    )
+    # An assistant's empty list of tool calls is no call: nothing to honour, nothing refused.
+    assert prompt_tokens([*SAY_HELLO, {**said, "tool_calls": []}, *SAY_HELLO]) == (
+        prompt_tokens([*SAY_HELLO, said, *SAY_HELLO])
+    )
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        {"type": "array", "items": {}, "maxItems": 3},
+        {"type": "array", "items": {"description": "anything"}, "maxItems": 3},
+        {"type": "array", "items": {"type": "integer"}, "uniqueItems": False, "maxItems": 3},
+    ],
+    ids=["empty-items", "annotated-items", "uniqueItems-false"],
+)
+def test_a_schema_that_allows_any_item_is_honoured(local: LocalGateway, items: dict) -> None:
+    """An empty schema means any value (the converter alone would make it an object, and the
+    checks refused `items: {}` as "the schema null"); uniqueItems false constrains nothing."""
+    schema = {"type": "object", "properties": {"xs": items}, "required": ["xs"],
+              "additionalProperties": False}  # fmt: skip
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "List three numbers."}],
+            "max_tokens": 120, "seed": 1, "response_format": json_schema(schema)}  # fmt: skip
+    answer = post(local, "chat/completions", body)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    xs = json.loads(choice["message"]["content"])["xs"]
+    assert isinstance(xs, list) and 0 < len(xs) <= 3
+    if "integer" not in json.dumps(items):  # any value: numbers here, not objects only
+        assert not all(isinstance(x, dict) for x in xs), xs
+
+
+PATTERNS = [r"^\d+$", r"^(\w+\s?)+$", r"^[\d\s-]{3,12}$", r"^\w{1,6}\.\w{1,3}$",
+            r"^[A-Z]\d{2}(-\d{1,3})?$"]  # fmt: skip
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_pattern_with_class_escapes_is_honoured(local: LocalGateway, pattern: str) -> None:
+    """\\d, \\w and \\s (and escaped punctuation) were copied into the grammar as they are,
+    which llama.cpp cannot parse: a generic 400. The answer now matches the pattern."""
+    import re
+
+    schema = {"type": "object", "properties": {"v": {"type": "string", "pattern": pattern}},
+              "required": ["v"], "additionalProperties": False}  # fmt: skip
+    matched = 0
+    for seed in (1, 2):
+        body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Give a code."}],
+                "max_tokens": 60, "seed": seed, "response_format": json_schema(schema)}  # fmt: skip
+        answer = post(local, "chat/completions", body)
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        if choice["finish_reason"] == "length":
+            continue  # cut short (an unbounded pattern): no whole value to match
+        value = json.loads(choice["message"]["content"])["v"]
+        assert re.fullmatch(pattern[1:-1], value), (pattern, value)
+        matched += 1
+    assert matched, pattern
+
+
+@pytest.mark.parametrize("escape", [r"\b", r"\D", r"\n", r"\\", r"\p"])
+def test_a_pattern_escape_the_grammar_cannot_take_is_refused_by_name(
+    local: LocalGateway, escape: str
+) -> None:
+    schema = {"type": "string", "pattern": f"^a{escape}b$"}
+    answer = post(local, "chat/completions", {**CHAT, "response_format": json_schema(schema)})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "response_format", error
+    assert f"the escape {escape[:2]} in the pattern" in error["message"], error
+
+
+def test_n_predict_caps_the_reply_like_max_tokens(local: LocalGateway) -> None:
+    """llama.cpp's server's name for the reply's length is honoured (the README lists it)."""
+    for path, body in (
+        ("chat/completions", {"model": MODEL_ID, "messages": SAY_HELLO, "n_predict": 2}),
+        ("completions", {"model": MODEL_ID, "prompt": "Once upon a time", "n_predict": 2}),
+    ):
+        answer = post(local, path, {**body, "seed": 1})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] <= 2, answer.json()
+        assert answer.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_tool_whose_parameters_allow_anything_is_called_with_an_object(
+    local: LocalGateway,
+) -> None:
+    """Parameters of annotations only allow any arguments: an object, as a call's are."""
+    tools = tool_with({"description": "anything at all"})
+    body = {**CHAT, "max_tokens": 60, "seed": 1, "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}  # fmt: skip
+    answer = post(local, "chat/completions", body)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    if choice["finish_reason"] == "tool_calls":
+        [call] = choice["message"]["tool_calls"]
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)

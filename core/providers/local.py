@@ -121,6 +121,87 @@ MAX_GRAMMAR_CHARS = 200_000
 MAX_SCHEMA_DEPTH = 64
 MAX_PATTERN_CHOICES = 16
 QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+# Keyword values that constrain nothing, read as annotations.
+NEUTRAL = {"uniqueItems": False}
+# Any JSON value, as the converter can be asked for it (it reads an empty schema as an object).
+ANY_VALUE = {"type": ["object", "array", "string", "number", "boolean", "null"]}
+# A pattern's escapes for classes of characters, as llama.cpp's grammar can take them: the
+# converter copies \d, \w and \s into the grammar, which llama.cpp cannot parse. \s is a space:
+# the only white space a JSON string holds as it is (a tab or a line break is escaped in it).
+CLASS_ESCAPES = {"d": "0-9", "w": "A-Za-z0-9_", "s": " "}
+# Escaped characters the converter itself reads as the character (outside a class).
+CONVERTER_ESCAPES = frozenset("[]()|{}*+?")
+
+
+def is_any(schema: Any) -> bool:
+    """Whether a schema allows any value: empty, only annotations, or `true`."""
+    if not isinstance(schema, dict):
+        return schema is True
+    return not set(schema) - ANNOTATIONS - _neutral(schema)
+
+
+def _neutral(schema: dict[str, Any]) -> set[str]:
+    """The keywords of a schema that constrain nothing with the values they have."""
+    return {k for k, v in NEUTRAL.items() if k in schema and schema[k] is v}
+
+
+def convertible(schema: Any) -> Any:
+    """A schema the way llama-cpp-python's converter reads what it means (it reads an empty
+    schema as an object): a subschema that allows anything made any JSON value, and a
+    pattern's escapes written as classes (grammar_pattern). Given what schema_refusal took."""
+    if is_any(schema):
+        return ANY_VALUE
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {k: convertible(v) for k, v in schema[key].items()}
+    for key in ("anyOf", "prefixItems", "items"):
+        if isinstance(schema.get(key), list):
+            out[key] = [convertible(v) for v in schema[key]]
+    if isinstance(schema.get("items"), dict) or schema.get("items") is True:
+        out["items"] = convertible(schema["items"])
+    more = schema.get("additionalProperties")
+    if isinstance(more, dict) or (more is True and "properties" in schema):
+        out["additionalProperties"] = convertible(more)
+    if isinstance(schema.get("pattern"), str):
+        out["pattern"] = grammar_pattern(schema["pattern"])
+    return out
+
+
+def grammar_pattern(pattern: str) -> str:
+    """A pattern with its escapes written as the converter can take them: \\d, \\w and \\s as
+    classes (inside a class, their characters), an escaped punctuation mark as a class of that
+    one character. A ValueError names any other escape (\\b, \\D, \\n, \\\\, \\"...): the
+    converter would break it, or the JSON string that holds it."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c != "\\" or i + 1 == len(pattern):
+            if c == "[":
+                in_class = True
+            elif c == "]":  # a class ends at its first unescaped ], as the converter reads it
+                in_class = False
+            out.append(c)
+            i += 1
+            continue
+        x = pattern[i + 1]
+        if x in CLASS_ESCAPES and in_class:
+            out.append(CLASS_ESCAPES[x])
+            if pattern[i + 2 : i + 3] == "-":  # a hyphen after a class is itself, no range
+                out.append("\\x2D")
+                i += 1
+        elif x in CLASS_ESCAPES:
+            out.append(f"[{CLASS_ESCAPES[x]}]")
+        elif x in ("[]" if in_class else CONVERTER_ESCAPES):
+            out.append("\\" + x)
+        elif x.isascii() and x.isprintable() and not x.isalnum() and x not in ' \\"':
+            out.append(f"\\x{ord(x):02X}" if in_class else f"[\\x{ord(x):02X}]")
+        else:
+            raise ValueError(f"\\{x}")
+        i += 2
+    return "".join(out)
 
 
 def schema_refusal(schema: Any) -> str | None:
@@ -130,6 +211,8 @@ def schema_refusal(schema: Any) -> str | None:
 
 
 def _refusal(schema: Any, root: Any, at: str, depth: int, seen: set[str]) -> str | None:
+    if is_any(schema):  # anything: nothing for the grammar to enforce but JSON itself
+        return None
     if not isinstance(schema, dict):
         return f"the schema {json.dumps(schema)[:40]} at {at} (only object schemas are taken)"
     if depth > MAX_SCHEMA_DEPTH:
@@ -188,9 +271,12 @@ def _refusal(schema: Any, root: Any, at: str, depth: int, seen: set[str]) -> str
         elif more not in (None, True, False):
             return f"additionalProperties at {at} that is neither a boolean nor a schema"
     elif kind in (None, "array") and ("items" in schema or "prefixItems" in schema):
-        items = schema.get("items") or schema.get("prefixItems")
+        key = "items" if "items" in schema else "prefixItems"
+        items = schema[key]
         if isinstance(items, list):  # a tuple: exactly these items
-            honoured = {"type", "items" if schema.get("items") else "prefixItems"}
+            honoured = {"type", key}
+            if not items:
+                return f"an empty list of {key} at {at}"
             subs = [(f"{at}/items/{i}", s) for i, s in enumerate(items)]
         else:
             honoured = {"type", "items", "minItems", "maxItems"}
@@ -206,6 +292,13 @@ def _refusal(schema: Any, root: Any, at: str, depth: int, seen: set[str]) -> str
                 f"the pattern at {at}: it has {choices} optional or alternative parts once its "
                 f"repetitions are written out (at most {MAX_PATTERN_CHOICES}; llama.cpp tries "
                 "every way of splitting each token among them, and the model would hang)"
+            )
+        try:
+            grammar_pattern(pattern)
+        except ValueError as exc:
+            return (
+                f"the escape {exc} in the pattern at {at} (the embedded model's grammar takes "
+                '\\d, \\w, \\s and escaped punctuation other than \\\\ and \\")'
             )
         for match in QUANTIFIER.finditer(pattern):
             if any(n and int(n) > MAX_REPEAT for n in match.groups()):
@@ -223,7 +316,7 @@ def _refusal(schema: Any, root: Any, at: str, depth: int, seen: set[str]) -> str
         honoured = {"type"}
     else:
         return f"the schema at {at}: it names no type (or one JSON Schema does not have)"
-    ignored = sorted(set(schema) - honoured - ANNOTATIONS)
+    ignored = sorted(set(schema) - honoured - ANNOTATIONS - _neutral(schema))
     if ignored:
         return f"the JSON schema keyword {ignored[0]!r} at {at} (the grammar would not enforce it)"
     for where, sub in subs:
@@ -363,7 +456,8 @@ def grammar_for(schema: str | None) -> llama_cpp.LlamaGrammar:
     Check it with `grammar_loads` before sampling with it."""
     if schema is None:
         return llama_cpp.LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-    return llama_cpp.LlamaGrammar.from_json_schema(schema, verbose=False)
+    converted = json.dumps(convertible(json.loads(schema)))
+    return llama_cpp.LlamaGrammar.from_json_schema(converted, verbose=False)
 
 
 def grammar_loads(llm: llama_cpp.Llama, grammar: llama_cpp.LlamaGrammar) -> bool:
@@ -608,6 +702,11 @@ class LocalProvider:
         prompts = _prompts(request.prompt)
         if prompts is None:
             raise self._unsupported("prompt", "token ids (they are another model's tokens)")
+        if not prompts:
+            raise errors.InvalidRequest(
+                'prompt is an empty list: send at least one prompt ("" is an empty one).',
+                param="prompt",
+            )
         n = request.n or 1
         if request.best_of is not None and request.best_of < n:
             raise errors.InvalidRequest(f"best_of must be at least n ({n}).", param="best_of")
@@ -664,6 +763,13 @@ class LocalProvider:
                 )
             if message.audio is not None:
                 raise self._unsupported(f"messages.{i}.audio", "audio replies in the history")
+            for field, roles in ROLE_FIELDS.items():
+                if getattr(message, field) is not None and message.role not in roles:
+                    raise errors.InvalidRequest(
+                        f"A {message.role} message takes no {field} (only "
+                        f"{' or '.join(roles)} messages do); it would mean nothing here.",
+                        param=f"messages.{i}.{field}",
+                    )
             for part in message.content if isinstance(message.content, list) else []:
                 fields = PART_FIELDS.get(part.type)
                 if fields is None:
@@ -1114,19 +1220,19 @@ def _empty_prompt(llm: llama_cpp.Llama) -> list[int]:
 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
-    parameters = function.get("parameters")
-    return parameters if isinstance(parameters, dict) and parameters else {"type": "object"}
+    parameters = function.get("parameters")  # arguments are an object, whatever else they are
+    return {"type": "object"} if is_any(parameters) or parameters is None else parameters
 
 
 def _prompts(prompt: Any) -> list[str] | None:
-    """A completion's prompts as texts (None, "" and a list of texts are valid), or None for
-    token ids, which belong to another model's tokenizer."""
+    """A completion's prompts as texts (None, "" and a list of texts are valid; [] is none),
+    or None for token ids, which belong to another model's tokenizer."""
     if prompt is None:
         return [""]
     if isinstance(prompt, str):
         return [prompt]
     if all(isinstance(p, str) for p in prompt):
-        return list(prompt) or [""]
+        return list(prompt)  # [] is no prompt at all: refused, as OpenAI does
     return None
 
 
@@ -1134,16 +1240,23 @@ ROLES = {"developer": "system", "tool": "user", "function": "user"}
 # The content parts the model reads (as text), with their fields; what others are, in words.
 PART_FIELDS = {"text": {"type", "text"}, "refusal": {"type", "refusal"}}
 MEDIA = {"image_url": "images", "input_audio": "audio", "file": "files"}
+# The message fields that belong to some roles only: on another role they would mean nothing.
+ROLE_FIELDS = {
+    "tool_calls": ("assistant",),
+    "function_call": ("assistant",),
+    "refusal": ("assistant",),
+    "tool_call_id": ("tool", "function"),
+}
 
 
 def _text(m: ChatMessage) -> str:
-    """A message's words: its content (text and refusal parts), else its refusal."""
+    """A message's words: its content (text and refusal parts), then its refusal."""
     if isinstance(m.content, list):
         parts = [p.text if p.type == "text" else getattr(p, "refusal", None) for p in m.content]
         text = "\n".join(p for p in parts if isinstance(p, str))
     else:
         text = m.content or ""
-    return text or m.refusal or ""
+    return "\n".join(t for t in (text, m.refusal) if t)
 
 
 def _prompt_messages(messages: list[ChatMessage], tool_note: str | None) -> list[dict[str, str]]:
@@ -1153,7 +1266,8 @@ def _prompt_messages(messages: list[ChatMessage], tool_note: str | None) -> list
     for m in messages:
         text = _text(m)
         if m.role in ("tool", "function"):
-            text = f"Result of {m.name or m.tool_call_id or 'the tool call'}: {text}"
+            call = " ".join(t for t in (m.name, m.tool_call_id and f"({m.tool_call_id})") if t)
+            text = f"Result of {call or 'the tool call'}: {text}"
         elif m.name:  # who is speaking, as the chat templates have no place for it
             text = f"{m.name}: {text}"
         calls = [
