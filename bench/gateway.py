@@ -184,7 +184,9 @@ def sdk_call(target: Target, stream: bool) -> tuple[Callable[[], Awaitable[float
     client = openai.AsyncOpenAI(
         base_url=target.url,
         api_key=key,
-        max_retries=0,
+        # The SDK's own default: a kept-alive connection the server closed meanwhile (idle
+        # through the sequential calls) is tried again, as in any real use.
+        max_retries=2,
         http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=None)),
     )
 
