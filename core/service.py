@@ -509,6 +509,8 @@ class Service:
                             yield b"".join(kept)
                         raise errors.StreamInterrupted(f"The upstream reported an error: {message}")
                     kept.append(event)
+                    if b"data:" not in event:
+                        continue  # a comment (": keep-alive"): passed on, not a reply's chunk
                     first = first or event
                     # About one token per chunk: an estimate for a stream cut short.
                     call.reply_chars += 4

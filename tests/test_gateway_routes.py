@@ -436,3 +436,25 @@ def test_done_ends_a_passed_through_stream_though_the_upstream_keeps_it_open(
         lines = [line for line in answer.iter_lines() if line.startswith("data:")]
     assert lines[-1] == "data: [DONE]"
     assert time.monotonic() - started < 10  # not the upstream's 20 s
+
+
+def test_usage_made_up_for_a_stream_that_begins_with_a_comment_is_in_its_own_id(
+    running_app: Served,
+) -> None:
+    """An upstream that sends ": keep-alive" first and no usage: the usage chunk the gateway
+    adds carries the stream's id and model (not blanks), and the comment is no reply text."""
+    body = {"model": "comment-first", "messages": [{"role": "user", "content": "hi there"}]}
+    with httpx.stream(
+        "POST",
+        f"{running_app.url}/v1/chat/completions",
+        headers=AUTH,
+        json=body | {"stream": True, "stream_options": {"include_usage": True}},
+        timeout=30,
+    ) as answer:
+        data = [line[5:].strip() for line in answer.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    assert usage["id"] == chunks[0]["id"] and usage["id"].startswith("chatcmpl-")
+    assert usage["model"] == "comment-first"

@@ -170,6 +170,9 @@ async def _stream(
     model: str, first: Any, pieces: list[str], chunk: Callable, finish: str, usage: Any
 ) -> AsyncIterator[str]:
     """SSE body: optional first chunk, one chunk per word, finish chunk, usage, [DONE]."""
+    if model == "comment-first":  # a comment before anything, and no usage at all
+        yield ": keep-alive\n\n"
+        usage = None
     if first is not None:
         yield _sse(first)
     if model == "cut-stream":
@@ -229,7 +232,7 @@ async def _model_gate(body: dict, known: list[str]) -> Response | None:
         pass  # answers chat without a usage object (some servers never send one)
     elif model == "embed-per-token":
         pass  # answers embeddings with one vector per word (see embeddings)
-    elif model == "done-then-hold":
+    elif model in ("done-then-hold", "comment-first"):
         pass  # holds its stream open after [DONE] (see _stream)
     elif re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model):
         pass  # streams its words slowly (see _stream)
