@@ -655,7 +655,6 @@ def test_a_client_that_leaves_a_logprobs_call_frees_the_model_at_once(
     a story that goes on for the whole 2000 tokens; greedy, the count goes on too.)"""
     import time
 
-    provider = local.core.service.provider
     url, began = f"{local.url}/v1/{path}", time.monotonic()
     if body.get("stream"):  # reads for 5 s (100 tokens or more), then hangs up
         with httpx.stream("POST", url, headers=AUTH, json=body, timeout=60) as response:
@@ -666,12 +665,7 @@ def test_a_client_that_leaves_a_logprobs_call_frees_the_model_at_once(
     else:
         with pytest.raises(httpx.ReadTimeout):  # waits 5 s for the answer, then hangs up
             httpx.post(url, headers=AUTH, json=body, timeout=5.0)
-    deadline = time.monotonic() + 3
-    while provider.busy and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not provider.busy
-    last = local.core.ledger.rows(users=["owner"]).iloc[-1]
-    assert last["status"] == "cancelled"
+    assert_freed_and_cancelled(local)
     assert local.client.chat.completions.create(**CHAT).choices[0].message.content
 
 
@@ -903,7 +897,6 @@ def test_a_client_that_leaves_a_streamed_tool_call_frees_the_model_at_once(
 ) -> None:
     """A forced tool call streams nothing until the call is whole: a client that hangs up
     before the first event still ends it (400 numbers take the model many seconds)."""
-    import time
 
     numbers = {"type": "array", "items": {"type": "integer"}, "minItems": 400}
     body = {
@@ -914,7 +907,6 @@ def test_a_client_that_leaves_a_streamed_tool_call_frees_the_model_at_once(
         "tools": tool_with({"type": "object", "properties": {"n": numbers}, "required": ["n"]}),
         "tool_choice": "required",
     }
-    provider = local.core.service.provider
     with (
         pytest.raises(httpx.ReadTimeout),
         httpx.stream(
@@ -923,12 +915,7 @@ def test_a_client_that_leaves_a_streamed_tool_call_frees_the_model_at_once(
     ):
         for _ in response.iter_lines():
             pass
-    deadline = time.monotonic() + 3
-    while provider.busy and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not provider.busy
-    last = local.core.ledger.rows(users=["owner"]).iloc[-1]
-    assert last["status"] == "cancelled"
+    assert_freed_and_cancelled(local)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -1083,3 +1070,16 @@ def test_a_tool_whose_parameters_allow_anything_is_called_with_an_object(
     if choice["finish_reason"] == "tool_calls":
         [call] = choice["message"]["tool_calls"]
         assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+def assert_freed_and_cancelled(local: LocalGateway) -> None:
+    """The model is free within 3 s of a client leaving, and its call is recorded cancelled."""
+    import time
+
+    provider = local.core.service.provider
+    deadline = time.monotonic() + 3
+    while provider.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not provider.busy
+    last = local.core.ledger.rows(users=["owner"]).iloc[-1]
+    assert last["status"] == "cancelled"

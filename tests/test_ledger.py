@@ -1151,15 +1151,7 @@ def test_a_quota_check_does_not_wait_for_unrelated_ledger_writes(database) -> No
     quota is far from spent goes ahead instead of waiting for the queue to drain."""
     db.migrate(database.engine)
     ledger = Ledger(database.engine, prices=PriceTable())
-    stuck, release = threading.Event(), threading.Event()
-    write = ledger._write_batch
-
-    def slow(batch: Any) -> None:
-        stuck.set()
-        release.wait(30)
-        write(batch)
-
-    ledger._write_batch = slow  # type: ignore[method-assign]
+    stuck, release = _stuck_writer(ledger)
     try:
         ledger.record(user="other-user", function="chat", model="m", provider="openai",
                       source="test", request_id="req_other", status="ok",
@@ -1420,15 +1412,7 @@ def test_a_check_waiting_for_this_processs_settlements_holds_up_no_other_user(
     db.migrate(database.engine)
     ledger = Ledger(database.engine, prices=PriceTable())
     held = _reserve(ledger, "held-up", "req_hu1", estimate=1000)  # all of the day's 1000
-    stuck, release = threading.Event(), threading.Event()
-    write = ledger._write_batch
-
-    def slow(batch: Any) -> None:
-        stuck.set()
-        release.wait(30)
-        write(batch)
-
-    ledger._write_batch = slow  # type: ignore[method-assign]
+    stuck, release = _stuck_writer(ledger)
     try:
         _settle(ledger, held, 10, 10)  # queued: the writer is stuck on it
         assert stuck.wait(10)
@@ -1481,3 +1465,17 @@ def _one_users_lock_held_elsewhere(database: Database) -> None:
         assert not blocked.done()
     assert blocked.result(10).held == 100
     ledger.close()
+
+
+def _stuck_writer(ledger: Ledger) -> tuple[threading.Event, threading.Event]:
+    """Make `ledger`'s writer stick on its next batch: (stuck: it is, release: let it go)."""
+    stuck, release = threading.Event(), threading.Event()
+    write = ledger._write_batch
+
+    def slow(batch: Any) -> None:
+        stuck.set()
+        release.wait(30)
+        write(batch)
+
+    ledger._write_batch = slow  # type: ignore[method-assign]
+    return stuck, release
