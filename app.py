@@ -51,7 +51,6 @@ def main() -> None:
         log_level=settings.log_level.lower(),
         # One worker: Gradio keeps sessions in process memory.
         workers=1,
-        timeout_graceful_shutdown=5,
         # Uvicorn's records go through our handler too, so the secret filter covers them.
         log_config=None,
         **server_options(),

@@ -370,3 +370,37 @@ def test_a_stream_sends_done_only_once_its_call_is_in_the_journal(
                     raise AssertionError("no [DONE]")
     finally:
         served.stop()
+
+
+def test_sigterm_with_a_stream_still_open_stops_in_time_and_writes_the_ledger(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A stream that would run for a minute does not hold the shutdown: the process ends
+    well inside Docker's 10 s before SIGKILL, with the ledger written, the cut call in it."""
+    with launched(upstream, {"DATA_DIR": str(tmp_path)}, tmp_path / "app.log") as app:
+        words = " ".join(["word"] * 60)  # drip-1.0: one word a second
+        body = {
+            "model": "drip-1.0",
+            "stream": True,
+            "messages": [{"role": "user", "content": words}],
+        }
+        auth = {"Authorization": f"Bearer {ACCESS_KEY}"}
+        with httpx.stream(
+            "POST", app.url + "/v1/chat/completions", headers=auth, json=body, timeout=90
+        ) as streamed:
+            assert streamed.status_code == 200
+            request_id = streamed.headers["x-request-id"]
+            lines = streamed.iter_lines()
+            while "Echo" not in next(lines):  # the reply has begun
+                pass
+            app.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            app.process.wait(timeout=30)
+            stopped_after = time.monotonic() - started
+    assert stopped_after < 9.0, f"shutdown took {stopped_after:.1f} s"
+    assert "ledger written before shutdown" in (tmp_path / "app.log").read_text()
+    with sqlite3.connect(tmp_path / "dashboard.db") as conn:
+        rows = conn.execute(
+            "SELECT status FROM usage WHERE request_id = ?", (request_id,)
+        ).fetchall()
+    assert len(rows) == 1 and rows[0][0] != "ok", rows

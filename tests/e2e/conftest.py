@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from playwright.sync_api import (
     expect,
     sync_playwright,
 )
+from starlette.routing import Mount
 
 from tests.conftest import ACCESS_KEY, Served
 
@@ -73,6 +75,9 @@ def new_context(browser: Browser, running_app: Served) -> Iterator[Callable[...,
         made.append(context)
         if user is not None and fresh:
             # Saved chats outlive a test (the latest opens on load): each test starts with none.
+            # The last test's events may still be running (a chat is saved after its reply
+            # shows, and a closed page does not cancel that), so wait for them first.
+            wait_for_idle_queue(running_app)
             store = running_app.server.config.app.state.core.conversations
             for chat in store.list(user, limit=10_000):
                 store.delete(user, chat.id)
@@ -86,6 +91,21 @@ def new_context(browser: Browser, running_app: Served) -> Iterator[Callable[...,
     yield make
     for context in made:
         context.close()
+
+
+def wait_for_idle_queue(running_app: Served, timeout: float = 30.0) -> None:
+    """Until Gradio's queue has had no event waiting or running for 0.3 s (a request sent
+    just before a page closed may still be on its way)."""
+    dashboard = running_app.server.config.app.dashboard
+    mount = next(r for r in dashboard.routes if isinstance(r, Mount))
+    queue = mount.app.get_blocks()._queue
+    deadline = time.monotonic() + timeout
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < 0.3:
+        assert time.monotonic() < deadline, "the last test's events are still running"
+        if len(queue) or queue.get_active_worker_count():
+            idle_since = time.monotonic()
+        time.sleep(0.05)
 
 
 def open_dashboard(context: BrowserContext) -> Page:
