@@ -52,8 +52,9 @@ RECENT = timedelta(days=2)
 JOURNAL_BYTES = 256 * 1024
 # Once an outcome arrives, the writer gathers what comes in the next LINGER seconds into the
 # same transaction: under load, one transaction per few dozen calls instead of per call or two
-# (the journal keeps them meanwhile; a flush still waits at most this much longer).
-LINGER = 0.005
+# (the journal keeps them meanwhile; a flush, and so a quota check that needs this process's
+# rows, does not wait for it). 5 ms cost 74 us of CPU per call at 1,000 calls/s, 20 ms 43 us.
+LINGER = 0.02
 QUOTA_FUNCTIONS = tuple(ENDPOINTS)  # every function is counted against the quota
 COLUMNS = [
     "ts",
@@ -73,6 +74,12 @@ COLUMNS = [
 
 # Built once (SQLAlchemy memoizes their cache keys); executed many rows at a time.
 _INSERT = db.usage.insert()
+# Many rows in one statement (SQLAlchemy's "insertmanyvalues", which RETURNING turns on), not
+# a statement per row: sqlite3 lets go of the GIL around each statement's every step, and
+# taking it back from a busy event loop waits up to its switch interval (5 ms). Measured with
+# the event loop busy, 20 rows: 37 us of CPU a row against 62, and 0.8 ms of wall time
+# against 3.1.
+_INSERT_MANY = db.usage.insert().returning(db.usage.c.id)
 _SETTLE = (
     db.usage.update()
     # The request id too: a journal replayed into another database changes no other row.
@@ -342,6 +349,8 @@ class Ledger:
         # SQLite allows one writer; waiting writers poll with sleeps of up to 100 ms. Queueing
         # this process's writers on a lock instead hands the database over at once.
         self._write = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        # SQLite before 3.35 has no RETURNING: a statement per row there.
+        self._insert_many = _INSERT_MANY if engine.dialect.insert_executemany_returning else _INSERT
         # Outcomes are written by one thread, in batches, off the request path; reads flush it.
         # The writer never takes the submitters' lock, so handing an outcome over never waits.
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -412,17 +421,18 @@ class Ledger:
         # One settlement per row (the last): the counter statements all run before the rows'.
         updates = list({(p["row_id"], p["rid"]): p for p in updates}.values())
         settled = [params for params in updates if "c_user" in params]
-        spent = [
-            {"c_user": p["user"], "c_day": p["ts"].astimezone(UTC).date(),
-             "c_tokens": p["prompt_tokens"] + p["completion_tokens"]}
-            for p in inserts
-            if p["prompt_tokens"] or p["completion_tokens"]
-        ]  # fmt: skip
+        # One counter change per user and day, however many of their rows the batch holds.
+        tokens: dict[tuple[str, date], int] = {}
+        for p in inserts:
+            if p["prompt_tokens"] or p["completion_tokens"]:
+                key = (p["user"], p["ts"].astimezone(UTC).date())
+                tokens[key] = tokens.get(key, 0) + p["prompt_tokens"] + p["completion_tokens"]
+        spent = [{"c_user": user, "c_day": day, "c_tokens": n} for (user, day), n in tokens.items()]
         with self._begin() as conn:
             # Against a quota check rebuilding a counter meanwhile (PostgreSQL).
             db.lock_user(conn, *(p["c_user"] for p in [*settled, *spent]))
             if inserts:
-                conn.execute(_INSERT, inserts)
+                conn.execute(self._insert_many, inserts)
             if spent:
                 conn.execute(_SPEND_COUNTER, spent)
             if settled:
@@ -641,7 +651,7 @@ class Ledger:
             if inserts:
                 inserts = self._unwritten(conn, inserts)
             if inserts:
-                conn.execute(_INSERT, inserts)
+                conn.execute(self._insert_many, inserts)
             if updates:
                 conn.execute(_SETTLE, updates)
             # Rare (a process died): the counters are rebuilt from the rows at the next check;

@@ -24,6 +24,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from core import db, errors, tokens
+from core import ledger as ledger_module
 from core.auth import Principal
 from core.context import Core, open_core
 from core.ledger import Ledger, Limits
@@ -393,6 +394,39 @@ def test_a_read_sees_every_outcome_handed_over_from_many_threads(upstream, datab
 
         with ThreadPoolExecutor(max_workers=6) as pool:
             assert list(pool.map(hand_over, range(6))) == [60] * 6
+
+
+@pytest.mark.parametrize("statement", ["many rows at once", "a row at a time"])
+def test_rows_written_together_are_each_recorded_and_counted(
+    upstream, database, statement: str
+) -> None:
+    """The writer puts a batch's rows in one INSERT (a row at a time where the database has
+    no RETURNING, SQLite before 3.35) and changes each user's counter once per batch: every
+    row is there, and the counter holds what the rows add up to."""
+    user = f"batch-{statement.split()[0]}"
+    with opened(upstream, database) as core:
+        ledger = core.ledger
+        if statement == "a row at a time":
+            ledger._insert_many = ledger_module._INSERT  # what an old SQLite gets
+        # A quota'd call makes the user's counter for today.
+        run(core, chat(core.service, caller(user, daily_tokens=100_000)))
+        ledger.flush()
+        for i in range(40):  # handed over together: one or two batches
+            for who in (user, f"{user}-other"):
+                ledger.record(
+                    user=who, function="chat", model="gpt-4.1-mini", provider="openai",
+                    source="v1", request_id=f"req_{user}_{who}_{i}", status="ok",
+                    prompt_tokens=i, completion_tokens=1,
+                )  # fmt: skip
+        ledger.flush()
+        with ledger.engine.connect() as conn:
+            c = db.quota_counters.c
+            spent = conn.execute(sa.select(c.spent).where(c.user == user)).scalar_one()
+    rows = database.usage(user=user)
+    assert len(rows) == 41 and len({r["request_id"] for r in rows}) == 41
+    assert len(database.usage(user=f"{user}-other")) == 40
+    assert spent == sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    assert spent == tokens_today(database, user) > sum(range(40)) + 40
 
 
 @pytest.mark.parametrize("cancels", [1, 3])
