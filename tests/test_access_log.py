@@ -4,11 +4,14 @@ for the setting, and in-process (with the test session's log buffer) for the lin
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from pathlib import Path
 
 import httpx
 
+from core.log import Formatter
 from tests.conftest import ACCESS_KEY, Served, logged
 from tests.processes import launched
 from tests.upstream import FakeUpstream
@@ -39,6 +42,24 @@ def test_a_call_logs_one_structured_line(running_app: Served) -> None:
     assert int(fields["prompt_tokens"]) > 0 and float(fields["latency_ms"]) >= 0
     # uvicorn's own line per request is off: no second line for the same call.
     assert not any('"POST /v1/chat/completions' in x for x in logged()[before:].splitlines())
+
+
+def test_a_key_a_caller_puts_in_a_logged_field_is_redacted(running_app: Served) -> None:
+    """The model name goes into the access line as the caller sent it: one shaped like a key
+    is scrubbed there (the filter looks for the shapes' markers before it runs its regex)."""
+    leaked = "sk-proj-" + secrets.token_urlsafe(40)
+    before = len(logged())
+    answer = httpx.post(
+        running_app.url + "/v1/chat/completions",
+        json={**BODY, "model": leaked},
+        headers={"Authorization": f"Bearer {ACCESS_KEY}"},
+        timeout=30,
+    )
+    request_id = answer.headers["x-request-id"]
+    time.sleep(0.2)
+    mine = [x for x in logged()[before:].splitlines() if request_id in x and " access: " in x]
+    assert len(mine) == 1 and "model=[redacted]" in mine[0], mine
+    assert leaked not in logged() and leaked[8:30] not in logged()
 
 
 def test_access_log_false_logs_no_line_per_call(upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -89,3 +110,14 @@ def test_a_failure_on_the_backends_side_is_a_warning(running_app: Served) -> Non
     request_id = answer.headers["x-request-id"]
     mine = [x for x in logged()[before:].splitlines() if request_id in x and " access: " in x]
     assert len(mine) == 1 and " WARNING access: " in mine[0], mine
+
+
+def test_the_time_formatted_once_a_second_is_the_time_of_each_record() -> None:
+    """core.log's formatter keeps the formatted second; each line still shows its own time."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    ours, stdlib = Formatter(fmt), logging.Formatter(fmt)
+    start = time.time()
+    for created in (start, start + 0.25, start + 0.999, start + 1.0, start + 61.5, start - 3600):
+        record = logging.LogRecord("access", logging.INFO, "", 0, "x=%s", ("y",), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert ours.format(record) == stdlib.format(record)
