@@ -400,33 +400,48 @@ def test_a_read_sees_every_outcome_handed_over_from_many_threads(upstream, datab
 def test_rows_written_together_are_each_recorded_and_counted(
     upstream, database, statement: str
 ) -> None:
-    """The writer puts a batch's rows in one INSERT (a row at a time where the database has
-    no RETURNING, SQLite before 3.35) and changes each user's counter once per batch: every
-    row is there, and the counter holds what the rows add up to."""
+    """The writer puts a batch's rows in one INSERT (SQLAlchemy's insertmanyvalues; a row at a
+    time where the database has no RETURNING, SQLite before 3.35) and changes each user's
+    counter once per batch: every row is there as it was handed over, and the counter holds
+    what the rows add up to."""
     user = f"batch-{statement.split()[0]}"
+    at = datetime.now(UTC).replace(microsecond=123456)
     with opened(upstream, database) as core:
         ledger = core.ledger
         if statement == "a row at a time":
-            ledger._insert_many = ledger_module._INSERT  # what an old SQLite gets
+            ledger._insert_many = ledger_module._INSERT
         # A quota'd call makes the user's counter for today.
         run(core, chat(core.service, caller(user, daily_tokens=100_000)))
         ledger.flush()
-        for i in range(40):  # handed over together: one or two batches
+        for i in range(120):  # handed over together: a batch or a few
             for who in (user, f"{user}-other"):
                 ledger.record(
-                    user=who, function="chat", model="gpt-4.1-mini", provider="openai",
+                    user=who, function="chat", model=f"model-{i % 3}", provider="openai",
                     source="v1", request_id=f"req_{user}_{who}_{i}", status="ok",
-                    prompt_tokens=i, completion_tokens=1,
+                    prompt_tokens=i, completion_tokens=1, latency_ms=i / 10,
+                    ts=at + timedelta(microseconds=i),
                 )  # fmt: skip
         ledger.flush()
         with ledger.engine.connect() as conn:
             c = db.quota_counters.c
             spent = conn.execute(sa.select(c.spent).where(c.user == user)).scalar_one()
+        read = ledger.rows(users=[user])
     rows = database.usage(user=user)
-    assert len(rows) == 41 and len({r["request_id"] for r in rows}) == 41
-    assert len(database.usage(user=f"{user}-other")) == 40
+    assert len(rows) == 121 and len({r["request_id"] for r in rows}) == 121
+    assert len(database.usage(user=f"{user}-other")) == 120
     assert spent == sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
-    assert spent == tokens_today(database, user) > sum(range(40)) + 40
+    assert spent == tokens_today(database, user) > sum(range(120)) + 120
+    # Each value reads back as it was handed over: the time to the microsecond, the numbers.
+    by_id = {r["request_id"]: r for r in rows}
+    for i in (0, 7, 119):
+        row = by_id[f"req_{user}_{user}_{i}"]
+        assert _aware(row["ts"]) == at + timedelta(microseconds=i)
+        assert (row["model"], row["prompt_tokens"], row["latency_ms"]) == (
+            f"model-{i % 3}",
+            i,
+            i / 10,
+        )
+    assert len(read) == 121 and read["ts"].is_monotonic_increasing
 
 
 @pytest.mark.parametrize("cancels", [1, 3])
