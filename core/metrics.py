@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
@@ -36,6 +39,14 @@ IN_FLIGHT = Gauge(
 )
 
 
+@cache
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: prometheus_client checks the labels and takes
+    a lock on every call, and each call through the service does six. The labels' values are
+    bounded (models outside the configured ones are "other"), and so is this cache."""
+    return metric.labels(*labels)
+
+
 def observe(
     *,
     function: str,
@@ -48,11 +59,11 @@ def observe(
 ) -> None:
     """Record one finished call."""
     model = model or ""
-    REQUESTS.labels(function, model, source, status).inc()
+    child(REQUESTS, function, model, source, status).inc()
     if status != "ok":
-        ERRORS.labels(function, model, status).inc()
-    LATENCY.labels(function, source).observe(seconds)
+        child(ERRORS, function, model, status).inc()
+    child(LATENCY, function, source).observe(seconds)
     if prompt_tokens:
-        TOKENS.labels(function, model, "prompt").inc(prompt_tokens)
+        child(TOKENS, function, model, "prompt").inc(prompt_tokens)
     if completion_tokens:
-        TOKENS.labels(function, model, "completion").inc(completion_tokens)
+        child(TOKENS, function, model, "completion").inc(completion_tokens)

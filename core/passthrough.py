@@ -95,6 +95,9 @@ def _count(value: object) -> int | None:
     return None
 
 
+_BRACES = re.compile(rb"[{}]")
+
+
 def usage_in(raw: bytes) -> Usage | None:
     """The last "usage" object in a JSON body or SSE event, parsed on its own."""
     at = raw.rfind(b'"usage"')
@@ -104,11 +107,11 @@ def usage_in(raw: bytes) -> Usage | None:
     if start < 0 or raw[at + 7 : start].strip(b" :\t\r\n"):
         return None  # "usage": null
     depth = 0
-    for end in range(start, len(raw)):
-        depth += {123: 1, 125: -1}.get(raw[end], 0)  # { and }
+    for brace in _BRACES.finditer(raw, start):  # only the braces, not every byte
+        depth += 1 if brace[0] == b"{" else -1
         if depth == 0:
             try:
-                return usage_of(orjson.loads(raw[start : end + 1]))
+                return usage_of(orjson.loads(raw[start : brace.end()]))
             except orjson.JSONDecodeError:
                 return None
     return None

@@ -1042,7 +1042,7 @@ class Service:
         """Log, meter and record a call; stamp errors with its request id; hide internal ones."""
         status = "ok"
         level = logging.INFO  # WARNING for a failure on our side or the backend's
-        metrics.IN_FLIGHT.labels(call.function).inc()
+        metrics.child(metrics.IN_FLIGHT, call.function).inc()
         try:
             yield call
         except errors.ServiceError as exc:
@@ -1069,7 +1069,7 @@ class Service:
         finally:
             if call.slot is not None:
                 call.slot.release()
-            metrics.IN_FLIGHT.labels(call.function).dec()
+            metrics.child(metrics.IN_FLIGHT, call.function).dec()
             # First the record (whatever goes wrong below, the call's hold is settled).
             # Listing models costs nothing and a page load does it: no ledger row for it.
             if self.ledger is not None and not call.refused and call.function in ENDPOINTS:

@@ -66,7 +66,9 @@ class BodyLimit:
                 return await receive()
             try:
                 left = min(self.idle, deadline - time.monotonic())
-                message = await asyncio.wait_for(receive(), max(left, 0.001))
+                # A timer, not wait_for's task around each piece (every /v1 call reads one).
+                async with asyncio.timeout(max(left, 0.001)):
+                    message = await receive()
             except TimeoutError:
                 if not disconnect:
                     raise
