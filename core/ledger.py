@@ -432,7 +432,7 @@ class Ledger:
             # Against a quota check rebuilding a counter meanwhile (PostgreSQL).
             db.lock_user(conn, *(p["c_user"] for p in [*settled, *spent]))
             if inserts:
-                conn.execute(self._insert_many, inserts)
+                conn.execute(self._insert_many, inserts).close()  # its ids unread
             if spent:
                 conn.execute(_SPEND_COUNTER, spent)
             if settled:
@@ -651,7 +651,7 @@ class Ledger:
             if inserts:
                 inserts = self._unwritten(conn, inserts)
             if inserts:
-                conn.execute(self._insert_many, inserts)
+                conn.execute(self._insert_many, inserts).close()  # its ids unread
             if updates:
                 conn.execute(_SETTLE, updates)
             # Rare (a process died): the counters are rebuilt from the rows at the next check;

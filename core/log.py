@@ -78,10 +78,13 @@ class Formatter(logging.Formatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
-        if self._second[0] != second:
+        cached_second, cached = self._second  # read once: another thread may replace it
+        if cached_second == second:
+            stamp = cached
+        else:
             stamp = time.strftime(self.default_time_format, self.converter(record.created))
             self._second = (second, stamp)
-        return self.default_msec_format % (self._second[1], record.msecs)
+        return self.default_msec_format % (stamp, record.msecs)
 
 
 def configure_logging(
