@@ -1087,9 +1087,9 @@ def test_a_tool_whose_parameters_allow_anything_is_called_with_an_object(
     answer = post(local, "chat/completions", body)
     assert answer.status_code == 200, answer.text
     choice = answer.json()["choices"][0]
-    if choice["finish_reason"] == "tool_calls":
-        [call] = choice["message"]["tool_calls"]
-        assert isinstance(json.loads(call["function"]["arguments"]), dict)
+    assert choice["finish_reason"] == "tool_calls", choice  # the forced call, whole
+    [call] = choice["message"]["tool_calls"]
+    assert isinstance(json.loads(call["function"]["arguments"]), dict)
 
 
 def assert_freed_and_cancelled(local: LocalGateway) -> None:

@@ -233,7 +233,7 @@ async def _model_gate(body: dict, known: list[str]) -> Response | None:
     elif model == "embed-per-token":
         pass  # answers embeddings with one vector per word (see embeddings)
     elif model in ("done-then-hold", "comment-first"):
-        pass  # holds its stream open after [DONE] (see _stream)
+        pass  # a comment first, or held open after [DONE] (see _stream)
     elif re.fullmatch(r"drip-(\d+(?:\.\d*)?)", model):
         pass  # streams its words slowly (see _stream)
     elif model in BAD_USAGE:
